@@ -1,0 +1,28 @@
+"""mtp-megatron: Multi-Token Prediction and Encode-Think-Decode pretraining recipes on megatron-core."""
+
+import warnings
+
+# megatron-core warns at import that Transformer Engine / Apex are absent; we do not use them.
+warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
+
+from mtp_megatron.config import ConfigError, ModelConfig, MTPConfig  # noqa: E402
+from mtp_megatron.model import (  # noqa: E402
+    DecoderTrunk,
+    MTPModel,
+    MTPOutput,
+    build_model,
+    wrap_model_with_mtp,
+)
+
+__all__ = [
+    "ConfigError",
+    "DecoderTrunk",
+    "MTPConfig",
+    "MTPModel",
+    "MTPOutput",
+    "ModelConfig",
+    "build_model",
+    "wrap_model_with_mtp",
+]
+__version__ = "0.1.0"

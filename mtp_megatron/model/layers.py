@@ -1,0 +1,255 @@
+"""Decoder building blocks on megatron-core tensor-parallel layers.
+
+Notation: b batch, s sequence, h hidden, p tensor-parallel size, n query heads, g key/value heads,
+d head dim, f SwiGLU inner width. Tensors are batch-first ([b, s, h]); megatron's linear layers
+act on the last dimension, so they are indifferent to the order of the leading ones.
+
+Weights are always initialised on the CPU from the full master weight and then sliced
+(``use_cpu_initialization=True``), so the same seed gives the same model at every TP size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core.model_parallel_config import ModelParallelConfig
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.utils import init_method_normal, scaled_init_method_normal
+from torch import nn
+
+from mtp_megatron.config import ModelConfig
+
+
+def megatron_parallel_config(tensor_parallel_size: int) -> ModelParallelConfig:
+    """The ModelParallelConfig every TP layer of ours is built with."""
+    return ModelParallelConfig(
+        tensor_model_parallel_size=tensor_parallel_size,
+        use_cpu_initialization=True,
+        perform_initialization=True,
+        params_dtype=torch.float32,
+    )
+
+
+@dataclass
+class LayerContext:
+    """What every TP layer needs besides its sizes: megatron's config and the init methods."""
+
+    cfg: ModelConfig
+    """The model's hyperparameters."""
+    megatron: ModelParallelConfig
+    """Passed to every megatron layer."""
+    tp_group: torch.distributed.ProcessGroup
+    """The tensor-parallel group, passed explicitly to every megatron layer."""
+
+    @property
+    def tp_size(self) -> int:
+        return self.megatron.tensor_model_parallel_size
+
+    @property
+    def init(self):
+        return init_method_normal(self.cfg.init_std)
+
+    @property
+    def output_init(self):
+        return scaled_init_method_normal(self.cfg.init_std, self.cfg.num_layers)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dimension; ``affine=False`` gives the parameter-free form."""
+
+    def __init__(self, dim: int, eps: float, affine: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return out * self.weight if self.weight is not None else out
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE (rotate-half convention) with a precomputed cos/sin table up to ``max_seq_len``."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)  # [S, d/2]
+        angles = torch.cat([angles, angles], dim=-1)  # [S, d]
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: [b, heads, s, d]; positions: [s] or [b, s] absolute positions."""
+        cos = self.cos[positions].to(x.dtype)  # [s, d] or [b, s, d]
+        sin = self.sin[positions].to(x.dtype)
+        if cos.dim() == 3:
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [b, 1, s, d]
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class SelfAttention(nn.Module):
+    """Causal self-attention with per-head QK-norm, RoPE, GQA; heads sharded over TP ranks.
+
+    q/k/v are column-parallel (each rank owns n/p query heads and g/p kv heads), the output
+    projection row-parallel (one all-reduce). Separate q, k, v weights keep the TP slicing of the
+    CPU-initialised master weights aligned with whole heads.
+    """
+
+    def __init__(self, ctx: LayerContext):
+        super().__init__()
+        cfg = ctx.cfg
+        d = cfg.head_dim
+        self.local_heads = cfg.num_attention_heads // ctx.tp_size
+        self.local_kv_heads = cfg.kv_heads // ctx.tp_size
+        self.head_dim = d
+
+        def column(out_features: int) -> ColumnParallelLinear:
+            return ColumnParallelLinear(
+                cfg.hidden_size,
+                out_features,
+                config=ctx.megatron,
+                init_method=ctx.init,
+                bias=False,
+                gather_output=False,
+                tp_group=ctx.tp_group,
+            )
+
+        self.q_proj = column(cfg.num_attention_heads * d)
+        self.k_proj = column(cfg.kv_heads * d)
+        self.v_proj = column(cfg.kv_heads * d)
+        self.o_proj = RowParallelLinear(
+            cfg.num_attention_heads * d,
+            cfg.hidden_size,
+            config=ctx.megatron,
+            init_method=ctx.output_init,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=False,
+            tp_group=ctx.tp_group,
+        )
+        self.q_norm = RMSNorm(d, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(d, cfg.norm_eps) if cfg.qk_norm else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: RotaryEmbedding,
+        positions: torch.Tensor,
+        kv_cache: KVCacheLayer | None = None,
+    ) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.q_proj(x)[0].view(b, s, self.local_heads, self.head_dim)  # [b, s, n/p, d]
+        k = self.k_proj(x)[0].view(b, s, self.local_kv_heads, self.head_dim)  # [b, s, g/p, d]
+        v = self.v_proj(x)[0].view(b, s, self.local_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = rope(q.transpose(1, 2), positions)  # [b, n/p, s, d]
+        k = rope(k.transpose(1, 2), positions)  # [b, g/p, s, d]
+        v = v.transpose(1, 2)
+        if kv_cache is None:
+            out = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, enable_gqa=self.local_heads != self.local_kv_heads
+            )
+        else:
+            k, v, mask = kv_cache.append(k, v)  # all cached keys; mask [b, 1, s, S]
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, enable_gqa=self.local_heads != self.local_kv_heads
+            )
+        out = out.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim)  # [b, s, n d/p]
+        return self.o_proj(out)[0]
+
+
+class KVCacheLayer:
+    """Interface of one layer's KV cache (the decoding package implements it)."""
+
+    def append(
+        self, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)); gate/up fused and column-parallel, down row-parallel.
+
+    ``stride=2`` makes megatron slice the fused [gate; up] master weight as [gate_r; up_r] per
+    rank, so each rank's chunk(2) splits its own shard into gate and up.
+    """
+
+    def __init__(self, ctx: LayerContext):
+        super().__init__()
+        cfg = ctx.cfg
+        self.gate_up = ColumnParallelLinear(
+            cfg.hidden_size,
+            2 * cfg.ffn_size,
+            config=ctx.megatron,
+            init_method=ctx.init,
+            bias=False,
+            gather_output=False,
+            stride=2,
+            tp_group=ctx.tp_group,
+        )
+        self.down = RowParallelLinear(
+            cfg.ffn_size,
+            cfg.hidden_size,
+            config=ctx.megatron,
+            init_method=ctx.output_init,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=False,
+            tp_group=ctx.tp_group,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x)[0].chunk(2, dim=-1)  # [b, s, f/p] each
+        return self.down(F.silu(gate) * up)[0]
+
+
+class Residual(nn.Module):
+    """One residual sub-block with the configured norm placement.
+
+    post (OLMo-2): x + norm(f(x)); pre (GPT / Megatron): x + f(norm(x)).
+    """
+
+    def __init__(self, inner: nn.Module, cfg: ModelConfig):
+        super().__init__()
+        self.inner = inner
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.pre = cfg.norm_placement == "pre"
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.pre:
+            return x + self.inner(self.norm(x), *args, **kwargs)
+        return x + self.norm(self.inner(x, *args, **kwargs))
+
+
+class TransformerLayer(nn.Module):
+    """Attention block then SwiGLU block, each residual. x: [b, s, h] -> [b, s, h]."""
+
+    def __init__(self, ctx: LayerContext):
+        super().__init__()
+        self.attention = Residual(SelfAttention(ctx), ctx.cfg)
+        self.mlp = Residual(SwiGLU(ctx), ctx.cfg)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: RotaryEmbedding,
+        positions: torch.Tensor,
+        kv_cache: KVCacheLayer | None = None,
+    ) -> torch.Tensor:
+        x = self.attention(x, rope, positions, kv_cache)
+        return self.mlp(x)
+
+
+class MLPLayer(nn.Module):
+    """The SwiGLU block alone (the 'mlp' MTP head): no attention, so no KV cache."""
+
+    def __init__(self, ctx: LayerContext):
+        super().__init__()
+        self.mlp = Residual(SwiGLU(ctx), ctx.cfg)
+
+    def forward(self, x, rope=None, positions=None, kv_cache=None) -> torch.Tensor:
+        return self.mlp(x)

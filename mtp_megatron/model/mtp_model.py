@@ -1,0 +1,101 @@
+"""The language model with MTP heads: ``wrap_model_with_mtp`` and its output.
+
+Notation: b batch, s sequence, h hidden, V padded vocabulary, p tensor-parallel size.
+
+loss = main + w(step) * sum_k alpha_k CE_k   (w: MTP weight after warm-up, alpha: step weights)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from mtp_megatron.config import ModelConfig, MTPConfig
+from mtp_megatron.model.loss import labels_from_input_ids, masked_cross_entropy, step_targets
+from mtp_megatron.model.mtp import MTPBlock
+from mtp_megatron.model.trunk import DecoderTrunk
+
+
+@dataclass
+class MTPOutput:
+    """What one forward pass returns (the guide's ``outputs``)."""
+
+    loss: torch.Tensor
+    """main_loss + mtp_weight * mtp_loss: the quantity to backpropagate."""
+    main_loss: torch.Tensor
+    """Next-token CE of the main head."""
+    logits: torch.Tensor
+    """Main-head logits [b, s, V/p]: this rank's vocabulary shard (all of V at TP=1)."""
+    mtp_loss: torch.Tensor | None = None
+    """sum_k alpha_k CE_k, before the MTP weight (None for an NTP model)."""
+    mtp_step_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    """CE_k per step, keyed 'mtp_step_1'..'mtp_step_K' (detached, for logging)."""
+    mtp_weight: float = 0.0
+    """w used for this step (after warm-up)."""
+
+
+class MTPModel(nn.Module):
+    """A decoder trunk with K MTP heads on its final stage (none: plain next-token model)."""
+
+    def __init__(self, trunk: DecoderTrunk, mtp: MTPConfig | None):
+        super().__init__()
+        self.trunk = trunk
+        self.mtp_cfg = mtp
+        self.mtp = MTPBlock(trunk.ctx, mtp) if mtp is not None else None
+        self._step_weights = mtp.step_weights() if mtp is not None else []
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self.trunk.cfg
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        step: int | None = None,
+    ) -> MTPOutput:
+        """input_ids, labels: [b, s]; labels[:, i] = t_{i+1} (derived from input_ids if None).
+
+        ``step`` is the optimizer step, for the MTP weight warm-up (None: full weight).
+        """
+        if labels is None:
+            labels = labels_from_input_ids(input_ids)
+        trunk = self.trunk
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        hidden = trunk.run_layers(trunk.embed(input_ids), positions)  # h^0 [b, s, h]
+        logits = trunk.output_logits(hidden)  # [b, s, V/p]
+        main_loss = masked_cross_entropy(logits, labels)
+        if self.mtp is None:
+            return MTPOutput(loss=main_loss, main_loss=main_loss, logits=logits)
+
+        mtp_loss = torch.zeros((), device=main_loss.device)
+        step_losses: dict[str, torch.Tensor] = {}
+        steps = self.mtp.iter_steps(hidden, input_ids, trunk.embed, trunk.rope, positions)
+        for k, hidden_k in steps:
+            logits_k = trunk.output_logits(hidden_k, norm=self.mtp.head(k).final_norm)
+            ce_k = masked_cross_entropy(logits_k, step_targets(labels, k))
+            mtp_loss = mtp_loss + self._step_weights[k - 1] * ce_k
+            step_losses[f"mtp_step_{k}"] = ce_k.detach()
+        weight = self.mtp_cfg.mtp_weight(step)
+        return MTPOutput(
+            loss=main_loss + weight * mtp_loss,
+            main_loss=main_loss,
+            logits=logits,
+            mtp_loss=mtp_loss,
+            mtp_step_losses=step_losses,
+            mtp_weight=weight,
+        )
+
+
+def wrap_model_with_mtp(model: DecoderTrunk, cfg: MTPConfig) -> MTPModel:
+    """Add MTP heads (on the model's final stage) to a trunk: the guide's entry point."""
+    if isinstance(model, MTPModel):
+        raise TypeError("the model already has MTP heads; wrap the trunk (model.trunk) instead")
+    return MTPModel(model, cfg)
+
+
+def build_model(cfg: ModelConfig) -> MTPModel:
+    """Trunk plus the heads of ``cfg.mtp`` (none when it is None), on the current TP group."""
+    return MTPModel(DecoderTrunk(cfg), cfg.mtp)

@@ -1,0 +1,96 @@
+"""The decoder trunk: embedding -> decoder layers -> final stage (norm, output layer).
+
+Notation: b batch, s sequence, h hidden, V padded vocabulary, p tensor-parallel size.
+
+The three parts are separate methods so that a pipeline schedule can place the embedding on the
+first stage, slices of ``layers`` on the middle ones, and the final stage (with the MTP heads) on
+the last one without rewriting the model.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
+from torch import nn
+
+from mtp_megatron.config import ModelConfig
+from mtp_megatron.model.layers import (
+    LayerContext,
+    RMSNorm,
+    RotaryEmbedding,
+    TransformerLayer,
+    megatron_parallel_config,
+)
+from mtp_megatron.parallel import ensure_parallel_initialized, tensor_parallel_group
+
+
+def build_layer_context(cfg: ModelConfig) -> LayerContext:
+    """Validate ``cfg`` against the current TP size and bundle what TP layers need."""
+    ensure_parallel_initialized()
+    group = tensor_parallel_group()
+    tp = torch.distributed.get_world_size(group)
+    cfg.validate(tensor_parallel_size=tp)
+    return LayerContext(cfg=cfg, megatron=megatron_parallel_config(tp), tp_group=group)
+
+
+class DecoderTrunk(nn.Module):
+    """OLMo-2-style decoder whose embedding and linear layers are megatron TP layers."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        ctx = build_layer_context(cfg)
+        self.cfg = cfg
+        self.ctx = ctx
+        self.embedding = VocabParallelEmbedding(
+            cfg.padded_vocab_size,
+            cfg.hidden_size,
+            init_method=ctx.init,
+            config=ctx.megatron,
+            tp_group=ctx.tp_group,
+        )
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.layers = nn.ModuleList(TransformerLayer(ctx) for _ in range(cfg.num_layers))
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.output_layer = ColumnParallelLinear(
+            cfg.hidden_size,
+            cfg.padded_vocab_size,
+            config=ctx.megatron,
+            init_method=ctx.init,
+            bias=False,
+            gather_output=False,
+            skip_weight_param_allocation=cfg.tie_embeddings,
+            tp_group=ctx.tp_group,
+        )
+
+    # -- first stage ---------------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[b, s] token ids -> [b, s, h] (each rank looks up its vocab shard, then all-reduce)."""
+        return self.embedding(input_ids)
+
+    # -- every stage -----------------------------------------------------------------------------
+    def run_layers(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        layers: range | None = None,
+        kv_caches: list | None = None,
+    ) -> torch.Tensor:
+        """Apply decoder layers ``layers`` (default: all) to [b, s, h]."""
+        for i in layers if layers is not None else range(len(self.layers)):
+            cache = kv_caches[i] if kv_caches is not None else None
+            hidden = self.layers[i](hidden, self.rope, positions, cache)
+        return hidden
+
+    # -- last stage ------------------------------------------------------------------------------
+    def output_logits(self, hidden: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        """[b, s, h] -> vocab-parallel logits [b, s, V/p] through ``norm`` (default: final norm)."""
+        normed = (norm or self.final_norm)(hidden)
+        weight = self.embedding.weight if self.cfg.tie_embeddings else None
+        return self.output_layer(normed, weight=weight)[0]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None):
+        """[b, s] -> (trunk hidden before the final norm [b, s, h], logits [b, s, V/p])."""
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        hidden = self.run_layers(self.embed(input_ids), positions)
+        return hidden, self.output_logits(hidden)

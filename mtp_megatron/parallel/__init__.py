@@ -1,0 +1,24 @@
+"""Process groups and device-agnostic collectives for tensor / pipeline / data parallelism."""
+
+from mtp_megatron.parallel.collectives import gather_last_dim, scatter_last_dim
+from mtp_megatron.parallel.state import (
+    ParallelLayout,
+    current_layout,
+    default_device,
+    destroy_parallel,
+    ensure_parallel_initialized,
+    initialize_parallel,
+    tensor_parallel_group,
+)
+
+__all__ = [
+    "ParallelLayout",
+    "current_layout",
+    "default_device",
+    "destroy_parallel",
+    "ensure_parallel_initialized",
+    "gather_last_dim",
+    "initialize_parallel",
+    "scatter_last_dim",
+    "tensor_parallel_group",
+]

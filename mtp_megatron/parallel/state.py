@@ -1,0 +1,148 @@
+"""Process groups: torch.distributed + megatron-core ``parallel_state``, on CPU (gloo) or GPU (NCCL).
+
+Megatron's tensor-parallel layers read their process group from ``parallel_state`` even in a single
+process, so every entry point (training, decoding, tests, a user's notebook) goes through
+:func:`initialize_parallel`. Under ``torchrun`` the world comes from the environment; in a plain
+``python`` process a world of one is created on a private loopback port.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """The ranks of this process in each parallel dimension (world = PP x TP x DP)."""
+
+    world_size: int
+    """Number of processes in the job."""
+    rank: int
+    """Global rank of this process."""
+    tensor_parallel_size: int
+    """Processes that shard one layer's weights (Megatron TP)."""
+    tensor_parallel_rank: int
+    """This process's index inside its tensor-parallel group."""
+    pipeline_parallel_size: int
+    """Pipeline stages."""
+    pipeline_parallel_rank: int
+    """This process's stage."""
+    data_parallel_size: int
+    """Replicas that see different data (ZeRO shards over this group only)."""
+    data_parallel_rank: int
+    """This process's replica index."""
+    device: torch.device
+    """Device the model lives on."""
+
+    def describe(self) -> str:
+        return (
+            f"world={self.world_size} = PP {self.pipeline_parallel_size} x "
+            f"TP {self.tensor_parallel_size} x DP {self.data_parallel_size} on {self.device.type}"
+        )
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def default_device() -> torch.device:
+    """CUDA (this process's local GPU) when present, else CPU."""
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def initialize_parallel(
+    tensor_parallel_size: int = 1,
+    pipeline_parallel_size: int = 1,
+    device: torch.device | None = None,
+    timeout_s: float = 600.0,
+) -> ParallelLayout:
+    """Start torch.distributed (if needed) and megatron's model-parallel groups.
+
+    Idempotent: a second call with the same sizes returns the current layout; a call with other
+    sizes raises instead of silently keeping the old groups.
+    """
+    device = device or default_device()
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun / srun
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:  # a plain python process: a world of one
+            dist.init_process_group(
+                backend=backend,
+                init_method=f"tcp://127.0.0.1:{_free_port()}",
+                rank=0,
+                world_size=1,
+                timeout=timeout,
+            )
+    world = dist.get_world_size()
+    if world % (tensor_parallel_size * pipeline_parallel_size) != 0:
+        raise ValueError(
+            f"world size {world} is not divisible by tensor_parallel_size "
+            f"({tensor_parallel_size}) x pipeline_parallel_size ({pipeline_parallel_size}); "
+            "launch a multiple of TP x PP processes or change the parallel sizes"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        current = (
+            parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_pipeline_model_parallel_world_size(),
+        )
+        if current != (tensor_parallel_size, pipeline_parallel_size):
+            raise RuntimeError(
+                f"model parallel groups already exist with (TP, PP) = {current}, "
+                f"not {(tensor_parallel_size, pipeline_parallel_size)}; "
+                "call destroy_parallel() first"
+            )
+    else:
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tensor_parallel_size,
+            pipeline_model_parallel_size=pipeline_parallel_size,
+            create_gloo_process_groups=False,
+        )
+    return current_layout(device)
+
+
+def current_layout(device: torch.device | None = None) -> ParallelLayout:
+    """The layout of the groups created by :func:`initialize_parallel`."""
+    return ParallelLayout(
+        world_size=dist.get_world_size(),
+        rank=dist.get_rank(),
+        tensor_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        tensor_parallel_rank=parallel_state.get_tensor_model_parallel_rank(),
+        pipeline_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        pipeline_parallel_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        data_parallel_size=parallel_state.get_data_parallel_world_size(),
+        data_parallel_rank=parallel_state.get_data_parallel_rank(),
+        device=device or default_device(),
+    )
+
+
+def ensure_parallel_initialized() -> None:
+    """Create a one-process TP=1 world when nothing is initialized (notebooks, unit tests)."""
+    if not (dist.is_initialized() and parallel_state.model_parallel_is_initialized()):
+        initialize_parallel()
+
+
+def tensor_parallel_group() -> dist.ProcessGroup:
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def destroy_parallel() -> None:
+    """Tear down megatron's groups and the default process group."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
