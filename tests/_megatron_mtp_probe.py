@@ -302,9 +302,9 @@ def run_case(mtp_num_layers, use_sdpa, seed):
         mtp_mean = (plain_mtp[k] * mask_k).sum() / mask_k.sum()
         meg_lbl, meg_ce = ce_calls[k]
         # labels megatron used at depth k+1 == labels shifted left k+1, zero-filled
-        assert torch.equal(meg_lbl.T, shift_left(labels.clone(), k + 1)), "label roll differs"
-        # megatron's per-token MTP CE is [s, b]; masked positions still hold a value
-        torch.testing.assert_close(meg_ce.T, plain_mtp[k].detach(), atol=1e-5, rtol=1e-5)
+        assert torch.equal(meg_lbl, shift_left(labels.clone(), k + 1)), "label roll differs"
+        # per-token MTP CE [b, s], unmasked (the padded last column holds CE vs label 0)
+        torch.testing.assert_close(meg_ce, plain_mtp[k].detach(), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(mtp_tracked[k], mtp_mean.detach(), atol=1e-5, rtol=1e-5)
         # MTPLossAutoScaler injects grad == main_loss_backward_scale (1.0) into
         # (mtp_loss_scaling_factor / D) * masked_mean, whatever the main loss reduction.

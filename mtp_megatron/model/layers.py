@@ -15,7 +15,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from megatron.core.model_parallel_config import ModelParallelConfig
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    copy_to_tensor_model_parallel_region,
+)
 from megatron.core.utils import init_method_normal, scaled_init_method_normal
 from torch import nn
 
@@ -57,16 +61,34 @@ class LayerContext:
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm over the last dimension; ``affine=False`` gives the parameter-free form."""
+    """RMSNorm over the last dimension; ``affine=False`` gives the parameter-free form.
 
-    def __init__(self, dim: int, eps: float, affine: bool = True):
+    ``sharded_input_group``: set when the norm is replicated but applied to a TP-sharded input
+    (per-head QK-norm sees only this rank's heads). Its weight gradient is then partial on each
+    rank; routing the weight through megatron's copy-to-TP-region all-reduces it in backward, so
+    the gradient is exact without a separate reduction step in the trainer.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        eps: float,
+        affine: bool = True,
+        sharded_input_group: torch.distributed.ProcessGroup | None = None,
+    ):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+        self.sharded_input_group = sharded_input_group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return out * self.weight if self.weight is not None else out
+        if self.weight is None:
+            return out
+        weight = self.weight
+        if self.sharded_input_group is not None and self.sharded_input_group.size() > 1:
+            weight = copy_to_tensor_model_parallel_region(weight, group=self.sharded_input_group)
+        return out * weight
 
 
 class RotaryEmbedding(nn.Module):
@@ -130,8 +152,9 @@ class SelfAttention(nn.Module):
             skip_bias_add=False,
             tp_group=ctx.tp_group,
         )
-        self.q_norm = RMSNorm(d, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(d, cfg.norm_eps) if cfg.qk_norm else None
+        qk_norm = cfg.qk_norm
+        self.q_norm = RMSNorm(d, cfg.norm_eps, sharded_input_group=ctx.tp_group) if qk_norm else None
+        self.k_norm = RMSNorm(d, cfg.norm_eps, sharded_input_group=ctx.tp_group) if qk_norm else None
 
     def forward(
         self,

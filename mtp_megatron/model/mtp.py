@@ -4,15 +4,19 @@ Notation: b batch, s sequence, h hidden, p tensor-parallel size, K = num_predict
 
 Step k (1..K) predicts t_{i+k+1} at position i.
 
-- chained (DeepSeek-V3, the guide's diagram): h^k = block(proj([norm(e_{i+k}); norm(h^{k-1})]))
-  with h^0 the trunk output; every step sees the previous step's state and the embedding of the
-  token it is told (teacher forcing in training, the previous draft at inference).
-- independent (Meta, arXiv:2404.19737): h^k = block_k(h^0); no step reads another.
+- chained (DeepSeek-V3, the guide's diagram):
+  h^k = final_norm_k(block(proj([enorm(e_{i+k}); hnorm(h^{k-1})]))), with h^0 the trunk output
+  after its final norm. Each step sees the previous step's normalised state (exactly what its
+  logits are computed from, as in megatron-core's MultiTokenPredictionLayer) and the embedding of
+  the token it is told: teacher forcing in training, the previous draft at inference.
+- independent (Meta, arXiv:2404.19737): h^k = final_norm_k(block_k(z)) with z the trunk output
+  before its final norm; no step reads another.
 
 Head types: 'transformer' (projection + one decoder layer), 'mlp' (projection + SwiGLU block),
-'shared_lm_head' (no parameters: h^k = rms(h^{k-1}) + rms(e_{i+k}), then the trunk's final norm).
-Every head reuses the trunk's embedding and output layer; heads with parameters have their own
-final norm. FastMTP (``share_weights_across_steps``) applies one head module at every step.
+'shared_lm_head' (no parameters: h^k = final_norm(rms(h^{k-1}) + rms(e_{i+k})) with the trunk's
+final norm). Every head reuses the trunk's embedding and output layer (logits_k = W_out h^k);
+heads with parameters have their own final norm. FastMTP (``share_weights_across_steps``)
+applies one head module at every step.
 """
 
 from __future__ import annotations
@@ -80,7 +84,8 @@ class MTPHead(nn.Module):
         positions: torch.Tensor,
         kv_cache: KVCacheLayer | None = None,
     ) -> torch.Tensor:
-        """prev_hidden: h^{k-1} (chained) or h^0 (independent), [b, s, h] -> h^k [b, s, h]."""
+        """prev_hidden: h^{k-1} (chained) or z (independent), [b, s, h] -> [b, s, h] before the
+        final norm (see :meth:`MTPBlock.step`)."""
         x = prev_hidden
         if self.chained:
             e, hprev = self.enorm(token_embedding), self.hnorm(prev_hidden)
@@ -121,25 +126,35 @@ class MTPBlock(nn.Module):
         k: int,
         prev_hidden: torch.Tensor,
         token_embedding: torch.Tensor | None,
+        trunk_final_norm: nn.Module,
         rope: RotaryEmbedding,
         positions: torch.Tensor,
         kv_cache: KVCacheLayer | None = None,
     ) -> torch.Tensor:
-        """h^k from h^{k-1} (chained) or h^0 (independent), and for chained heads e_{i+k}."""
-        return self.head(k)(prev_hidden, token_embedding, rope, positions, kv_cache)
+        """Normalised h^k [b, s, h] from h^{k-1} and e_{i+k} (chained) or from z (independent)."""
+        head = self.head(k)
+        x = head(prev_hidden, token_embedding, rope, positions, kv_cache)
+        return (head.final_norm or trunk_final_norm)(x)
 
     def iter_steps(
         self,
         trunk_hidden: torch.Tensor,
+        trunk_normed: torch.Tensor,
         input_ids: torch.Tensor,
         embed: Callable[[torch.Tensor], torch.Tensor],
+        trunk_final_norm: nn.Module,
         rope: RotaryEmbedding,
         positions: torch.Tensor,
     ) -> Iterator[tuple[int, torch.Tensor]]:
-        """Yield (k, h^k [b, s, h]) for k = 1..K over a whole training sequence."""
-        prev = trunk_hidden
+        """Yield (k, normalised h^k [b, s, h]) for k = 1..K over a whole training sequence.
+
+        trunk_hidden: z, the trunk output before its final norm; trunk_normed: final_norm(z).
+        """
+        prev = trunk_normed
         for k in range(1, self.num_steps + 1):
-            emb = embed(future_token_ids(input_ids, k)) if self.chained else None  # e_{i+k}
-            hidden = self.step(k, prev if self.chained else trunk_hidden, emb, rope, positions)
-            yield k, hidden
-            prev = hidden
+            if self.chained:
+                emb = embed(future_token_ids(input_ids, k))  # e_{i+k} [b, s, h]
+                prev = self.step(k, prev, emb, trunk_final_norm, rope, positions)
+            else:
+                prev = self.step(k, trunk_hidden, None, trunk_final_norm, rope, positions)
+            yield k, prev

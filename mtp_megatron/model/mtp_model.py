@@ -64,17 +64,20 @@ class MTPModel(nn.Module):
             labels = labels_from_input_ids(input_ids)
         trunk = self.trunk
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        hidden = trunk.run_layers(trunk.embed(input_ids), positions)  # h^0 [b, s, h]
-        logits = trunk.output_logits(hidden)  # [b, s, V/p]
+        hidden = trunk.run_layers(trunk.embed(input_ids), positions)  # z [b, s, h]
+        normed = trunk.final_norm(hidden)  # h^0
+        logits = trunk.logits(normed)  # [b, s, V/p]
         main_loss = masked_cross_entropy(logits, labels)
         if self.mtp is None:
             return MTPOutput(loss=main_loss, main_loss=main_loss, logits=logits)
 
         mtp_loss = torch.zeros((), device=main_loss.device)
         step_losses: dict[str, torch.Tensor] = {}
-        steps = self.mtp.iter_steps(hidden, input_ids, trunk.embed, trunk.rope, positions)
+        steps = self.mtp.iter_steps(
+            hidden, normed, input_ids, trunk.embed, trunk.final_norm, trunk.rope, positions
+        )
         for k, hidden_k in steps:
-            logits_k = trunk.output_logits(hidden_k, norm=self.mtp.head(k).final_norm)
+            logits_k = trunk.logits(hidden_k)
             ce_k = masked_cross_entropy(logits_k, step_targets(labels, k))
             mtp_loss = mtp_loss + self._step_weights[k - 1] * ce_k
             step_losses[f"mtp_step_{k}"] = ce_k.detach()

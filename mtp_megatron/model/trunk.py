@@ -82,9 +82,8 @@ class DecoderTrunk(nn.Module):
         return hidden
 
     # -- last stage ------------------------------------------------------------------------------
-    def output_logits(self, hidden: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
-        """[b, s, h] -> vocab-parallel logits [b, s, V/p] through ``norm`` (default: final norm)."""
-        normed = (norm or self.final_norm)(hidden)
+    def logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """Normalised states [b, s, h] -> vocab-parallel logits [b, s, V/p] (shared by all heads)."""
         weight = self.embedding.weight if self.cfg.tie_embeddings else None
         return self.output_layer(normed, weight=weight)[0]
 
@@ -93,4 +92,4 @@ class DecoderTrunk(nn.Module):
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         hidden = self.run_layers(self.embed(input_ids), positions)
-        return hidden, self.output_logits(hidden)
+        return hidden, self.logits(self.final_norm(hidden))

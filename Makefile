@@ -1,0 +1,31 @@
+# Two commands do everything, set-up included:  make demo   |   make test
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint install clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first and pinned, so no dependency can pull a several-GB CUDA build on a CPU machine
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m mtp_megatron demo
+
+test: $(STAMP)
+	$(BIN)/ruff check mtp_megatron tests
+	$(BIN)/python -m pytest -q -ra
+
+lint: $(STAMP)
+	$(BIN)/ruff format --check mtp_megatron tests
+	$(BIN)/ruff check mtp_megatron tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,79 @@
+"""MTPConfig / ModelConfig: the guide's defaults and worked example, and clear errors."""
+
+import pytest
+
+from mtp_megatron import ConfigError, ModelConfig, MTPConfig
+from mtp_megatron.config import from_dict
+
+
+def test_guide_defaults():
+    cfg = MTPConfig()
+    assert (cfg.num_predict_tokens, cfg.mtp_head_type, cfg.share_weights_across_steps) == (
+        4,
+        "transformer",
+        True,
+    )
+    assert (cfg.loss_weight_decay, cfg.mtp_loss_weight, cfg.speculation_lookahead) == (0.5, 0.5, 3)
+
+
+def test_step_weights_worked_example():
+    alphas = MTPConfig(num_predict_tokens=4, loss_weight_decay=0.5).step_weights()
+    assert [round(a, 3) for a in alphas] == [0.533, 0.267, 0.133, 0.067]
+    assert sum(alphas) == pytest.approx(1.0)
+    assert MTPConfig(num_predict_tokens=3, loss_weight_decay=1.0).step_weights() == pytest.approx(
+        [1 / 3] * 3
+    )
+
+
+def test_mtp_weight_warmup_is_linear():
+    cfg = MTPConfig(mtp_loss_weight=0.5, warmup_steps=1000)
+    assert cfg.mtp_weight(0) == 0.0
+    assert cfg.mtp_weight(250) == pytest.approx(0.125)
+    assert cfg.mtp_weight(1000) == 0.5
+    assert cfg.mtp_weight(5000) == 0.5
+    assert cfg.mtp_weight(None) == 0.5
+    assert MTPConfig(warmup_steps=0).mtp_weight(0) == 0.5
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        (dict(num_predict_tokens=0), "mtp.num_predict_tokens=0"),
+        (dict(mtp_head_type="lstm"), "mtp.mtp_head_type='lstm'"),
+        (dict(loss_weight_decay=0.0), "mtp.loss_weight_decay=0.0"),
+        (dict(loss_weight_decay=-1), "mtp.loss_weight_decay=-1"),
+        (dict(mtp_loss_weight=-0.1), "mtp.mtp_loss_weight=-0.1"),
+        (dict(num_predict_tokens=2, speculation_lookahead=3), "mtp.speculation_lookahead=3"),
+        (dict(head_arrangement="parallel"), "mtp.head_arrangement='parallel'"),
+        (dict(warmup_steps=-5), "mtp.warmup_steps=-5"),
+    ],
+)
+def test_invalid_mtp_config_names_field(kwargs, field):
+    with pytest.raises(ConfigError) as err:
+        MTPConfig(**kwargs).validate()
+    assert field in str(err.value)
+
+
+def test_tp_must_divide_heads_and_padded_vocab():
+    with pytest.raises(ConfigError, match=r"model.num_attention_heads=4 .*tensor_parallel_size \(8\)"):
+        ModelConfig(num_attention_heads=4, hidden_size=256).validate(tensor_parallel_size=8)
+    with pytest.raises(ConfigError, match="padded vocabulary"):
+        ModelConfig(
+            vocab_size=100, vocab_pad_multiple=1, hidden_size=96, num_attention_heads=3,
+            ffn_hidden_size=96, num_kv_heads=3,
+        ).validate(tensor_parallel_size=3)
+    with pytest.raises(ConfigError, match="num_kv_heads"):
+        ModelConfig(num_attention_heads=4, num_kv_heads=3).validate()
+    ModelConfig().validate(tensor_parallel_size=4)
+
+
+def test_from_dict_rejects_unknown_and_mistyped_keys():
+    cfg = from_dict(ModelConfig, {"hidden_size": 128, "mtp": {"num_predict_tokens": 2}})
+    assert cfg.hidden_size == 128 and cfg.mtp.num_predict_tokens == 2
+    assert from_dict(ModelConfig, {"mtp": None}).mtp is None
+    with pytest.raises(ConfigError, match="unknown key 'mtp.num_heads'.*num_predict_tokens"):
+        from_dict(ModelConfig, {"mtp": {"num_heads": 2}})
+    with pytest.raises(ConfigError, match="hidden_size='big'.*integer"):
+        from_dict(ModelConfig, {"hidden_size": "big"})
+    with pytest.raises(ConfigError, match="mtp_head_type='rnn'"):
+        from_dict(ModelConfig, {"mtp": {"mtp_head_type": "rnn"}})
