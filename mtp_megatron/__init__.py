@@ -1,4 +1,4 @@
-"""mtp-megatron: Multi-Token Prediction and Encode-Think-Decode pretraining recipes on megatron-core."""
+"""mtp-megatron: Multi-Token Prediction and Encode-Think-Decode recipes on megatron-core."""
 
 import warnings
 

@@ -69,12 +69,16 @@ class MTPConfig:
     def validate(self, path: str = "mtp") -> None:
         k = self.num_predict_tokens
         if not isinstance(k, int) or k < 1:
-            _fail(f"{path}.num_predict_tokens", k, "must be an integer >= 1 (use mtp: null for NTP)")
+            _fail(
+                f"{path}.num_predict_tokens", k, "must be an integer >= 1 (use mtp: null for NTP)"
+            )
         if self.mtp_head_type not in HEAD_TYPES:
             _fail(f"{path}.mtp_head_type", self.mtp_head_type, f"must be one of {HEAD_TYPES}")
         if self.head_arrangement not in HEAD_ARRANGEMENTS:
             _fail(
-                f"{path}.head_arrangement", self.head_arrangement, f"must be one of {HEAD_ARRANGEMENTS}"
+                f"{path}.head_arrangement",
+                self.head_arrangement,
+                f"must be one of {HEAD_ARRANGEMENTS}",
             )
         if not (isinstance(self.loss_weight_decay, (int, float)) and self.loss_weight_decay > 0):
             _fail(f"{path}.loss_weight_decay", self.loss_weight_decay, "beta must be > 0")
@@ -192,7 +196,9 @@ class ModelConfig:
                 f"must divide num_attention_heads ({self.num_attention_heads})",
             )
         if self.norm_placement not in NORM_PLACEMENTS:
-            _fail(f"{path}.norm_placement", self.norm_placement, f"must be one of {NORM_PLACEMENTS}")
+            _fail(
+                f"{path}.norm_placement", self.norm_placement, f"must be one of {NORM_PLACEMENTS}"
+            )
         checks = [
             ("num_attention_heads", self.num_attention_heads),
             ("num_kv_heads", self.kv_heads),
@@ -211,6 +217,50 @@ class ModelConfig:
             )
         if self.mtp is not None:
             self.mtp.validate(f"{path}.mtp")
+
+
+@dataclass
+class ParallelConfig:
+    """How the world is split: world = pipeline x tensor x data parallel."""
+
+    tensor_parallel_size: int = 1
+    """Megatron TP: processes that shard each layer."""
+    pipeline_parallel_size: int = 1
+    """Pipeline stages (the MTP heads sit on the last one)."""
+
+    def validate(self, path: str = "parallel") -> None:
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                _fail(f"{path}.{name}", value, "must be a positive integer")
+
+    def validate_world(self, world_size: int) -> None:
+        model_parallel = self.tensor_parallel_size * self.pipeline_parallel_size
+        if world_size % model_parallel:
+            raise ConfigError(
+                f"{world_size} processes cannot be split into tensor_parallel_size "
+                f"({self.tensor_parallel_size}) x pipeline_parallel_size "
+                f"({self.pipeline_parallel_size}) x data parallel; launch a multiple of "
+                f"{model_parallel} processes"
+            )
+
+
+@dataclass
+class Recipe:
+    """One experiment: everything a run needs, loaded from YAML (see mtp_megatron.recipe)."""
+
+    name: str = "unnamed"
+    """Run name (TensorBoard and run directories use it)."""
+    description: str = ""
+    """What this ablation changes and why."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Architecture and MTP heads."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Process layout."""
+
+    def validate(self) -> None:
+        self.parallel.validate()
+        self.model.validate(tensor_parallel_size=self.parallel.tensor_parallel_size)
 
 
 # ---------------------------------------------------------------------------------------------

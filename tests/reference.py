@@ -97,8 +97,11 @@ def reference_losses(sd: dict, cfg: ModelConfig, input_ids: torch.Tensor, labels
                 x = rms(prev, None, cfg.norm_eps) + rms(e, None, cfg.norm_eps)
             else:
                 cat = torch.cat(
-                    [rms(e, sd[p + "enorm.weight"], cfg.norm_eps),
-                     rms(prev, sd[p + "hnorm.weight"], cfg.norm_eps)], -1
+                    [
+                        rms(e, sd[p + "enorm.weight"], cfg.norm_eps),
+                        rms(prev, sd[p + "hnorm.weight"], cfg.norm_eps),
+                    ],
+                    -1,
                 )
                 x = cat @ sd[p + "eh_proj.weight"].T
         else:

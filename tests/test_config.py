@@ -55,12 +55,18 @@ def test_invalid_mtp_config_names_field(kwargs, field):
 
 
 def test_tp_must_divide_heads_and_padded_vocab():
-    with pytest.raises(ConfigError, match=r"model.num_attention_heads=4 .*tensor_parallel_size \(8\)"):
+    with pytest.raises(
+        ConfigError, match=r"model.num_attention_heads=4 .*tensor_parallel_size \(8\)"
+    ):
         ModelConfig(num_attention_heads=4, hidden_size=256).validate(tensor_parallel_size=8)
     with pytest.raises(ConfigError, match="padded vocabulary"):
         ModelConfig(
-            vocab_size=100, vocab_pad_multiple=1, hidden_size=96, num_attention_heads=3,
-            ffn_hidden_size=96, num_kv_heads=3,
+            vocab_size=100,
+            vocab_pad_multiple=1,
+            hidden_size=96,
+            num_attention_heads=3,
+            ffn_hidden_size=96,
+            num_kv_heads=3,
         ).validate(tensor_parallel_size=3)
     with pytest.raises(ConfigError, match="num_kv_heads"):
         ModelConfig(num_attention_heads=4, num_kv_heads=3).validate()

@@ -137,8 +137,12 @@ def _compare_with_megatron(rank: int, world: int, depth: int):
         qkv[f"decoder.layers.{i}.self_attention.linear_qkv.weight"] = f"trunk.layers.{i}."
     for k in range(depth):
         src, dst = f"mtp.layers.{k}.", f"mtp.heads.{k}."
-        for part, mine in [("enorm", "enorm"), ("hnorm", "hnorm"), ("eh_proj", "eh_proj"),
-                           ("final_layernorm", "final_norm")]:
+        for part, mine in [
+            ("enorm", "enorm"),
+            ("hnorm", "hnorm"),
+            ("eh_proj", "eh_proj"),
+            ("final_layernorm", "final_norm"),
+        ]:
             names[f"{src}{part}.weight"] = f"{dst}{mine}.weight"
         names.update(_layer_map(src + "transformer_layer.", dst + "block."))
         qkv[src + "transformer_layer.self_attention.linear_qkv.weight"] = dst + "block."
@@ -172,8 +176,11 @@ def _compare_with_megatron(rank: int, world: int, depth: int):
     grads = {dst: (our_params[dst].grad, meg_params[src].grad) for src, dst in names.items()}
     for src, dst in qkv.items():
         mine = torch.cat(
-            [our_params[f"{dst}attention.inner.{p}_proj.weight"].grad.view(GROUPS, -1, HIDDEN)
-             for p in ("q", "k", "v")], dim=1,
+            [
+                our_params[f"{dst}attention.inner.{p}_proj.weight"].grad.view(GROUPS, -1, HIDDEN)
+                for p in ("q", "k", "v")
+            ],
+            dim=1,
         ).view(-1, HIDDEN)
         grads[dst + "qkv"] = (mine, meg_params[src].grad)
     return {
@@ -194,4 +201,6 @@ def test_chained_transformer_heads_match_megatron_mtp(depth):
     for ours, theirs in result["steps"]:
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     for name, (ours, theirs) in result["grads"].items():
-        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            ours, theirs, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
+        )

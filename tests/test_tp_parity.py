@@ -29,9 +29,7 @@ def _losses_and_grads(rank: int, world: int, tp: int, tie: bool):
         results[variant] = {
             "loss": out.loss.detach(),
             "steps": {k: v for k, v in out.mtp_step_losses.items()},
-            "grads": {
-                n: gather_full_tensor(p.grad, p, group) for n, p in model.named_parameters()
-            },
+            "grads": {n: gather_full_tensor(p.grad, p, group) for n, p in model.named_parameters()},
         }
     return results
 
@@ -57,6 +55,9 @@ def test_tensor_parallel_matches_tp1(tp1, tp):
             assert got["grads"].keys() == ref["grads"].keys()
             for name, g in ref["grads"].items():
                 torch.testing.assert_close(
-                    got["grads"][name], g, rtol=1e-4, atol=1e-6,
+                    got["grads"][name],
+                    g,
+                    rtol=1e-4,
+                    atol=1e-6,
                     msg=lambda m, n=name, v=variant, r=rank: f"{v} rank {r} grad {n}: {m}",
                 )

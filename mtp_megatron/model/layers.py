@@ -153,8 +153,12 @@ class SelfAttention(nn.Module):
             tp_group=ctx.tp_group,
         )
         qk_norm = cfg.qk_norm
-        self.q_norm = RMSNorm(d, cfg.norm_eps, sharded_input_group=ctx.tp_group) if qk_norm else None
-        self.k_norm = RMSNorm(d, cfg.norm_eps, sharded_input_group=ctx.tp_group) if qk_norm else None
+        self.q_norm = (
+            RMSNorm(d, cfg.norm_eps, sharded_input_group=ctx.tp_group) if qk_norm else None
+        )
+        self.k_norm = (
+            RMSNorm(d, cfg.norm_eps, sharded_input_group=ctx.tp_group) if qk_norm else None
+        )
 
     def forward(
         self,

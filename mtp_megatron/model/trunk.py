@@ -83,7 +83,7 @@ class DecoderTrunk(nn.Module):
 
     # -- last stage ------------------------------------------------------------------------------
     def logits(self, normed: torch.Tensor) -> torch.Tensor:
-        """Normalised states [b, s, h] -> vocab-parallel logits [b, s, V/p] (shared by all heads)."""
+        """Normalised states [b, s, h] -> vocab-parallel logits [b, s, V/p] (shared by heads)."""
         weight = self.embedding.weight if self.cfg.tie_embeddings else None
         return self.output_layer(normed, weight=weight)[0]
 

@@ -1,4 +1,4 @@
-"""Process groups: torch.distributed + megatron-core ``parallel_state``, on CPU (gloo) or GPU (NCCL).
+"""Process groups: torch.distributed + megatron-core parallel_state, on CPU (gloo) or GPU (NCCL).
 
 Megatron's tensor-parallel layers read their process group from ``parallel_state`` even in a single
 process, so every entry point (training, decoding, tests, a user's notebook) goes through

@@ -1,0 +1,81 @@
+"""Recipes resolve and validate; the CLI's dry-run and params commands; meta-device counts."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from variants import mtp_config, tiny_model_config
+
+from mtp_megatron import ConfigError, build_model
+from mtp_megatron.__main__ import main
+from mtp_megatron.model.params import count_parameters
+from mtp_megatron.recipe import load_recipe
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_resolves_and_validates(path):
+    recipe = load_recipe(path)
+    assert recipe.name == path.stem
+
+
+def test_base_inheritance_and_overrides(tmp_path):
+    (tmp_path / "a.yaml").write_text(
+        "model:\n  hidden_size: 128\n"
+        "  mtp:\n    num_predict_tokens: 2\n    speculation_lookahead: 2\n"
+    )
+    (tmp_path / "b.yaml").write_text("base: a.yaml\nmodel:\n  num_layers: 3\n")
+    r = load_recipe(tmp_path / "b.yaml", ["model.mtp.mtp_head_type=mlp"])
+    assert (r.model.hidden_size, r.model.num_layers) == (128, 3)
+    assert (r.model.mtp.num_predict_tokens, r.model.mtp.mtp_head_type) == (2, "mlp")
+    assert load_recipe(tmp_path / "b.yaml", ["model.mtp=null"]).model.mtp is None
+
+
+def test_recipe_errors_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_recipe(tmp_path / "missing.yaml")
+    (tmp_path / "c.yaml").write_text("base: c.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_recipe(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("model:\n  hiden_size: 3\n")
+    with pytest.raises(ConfigError, match="unknown key 'model.hiden_size'"):
+        load_recipe(tmp_path / "d.yaml")
+    (tmp_path / "e.yaml").write_text("model: {}\n")
+    with pytest.raises(ConfigError, match="tensor_parallel_size"):
+        load_recipe(tmp_path / "e.yaml", ["parallel.tensor_parallel_size=3"])
+
+
+def test_dry_run_and_params_commands(capsys, single_process):
+    assert (
+        main(
+            [
+                "dry-run",
+                str(RECIPES[0]),
+                "model.mtp.num_predict_tokens=2",
+                "model.mtp.speculation_lookahead=2",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "num_predict_tokens: 2" in out and "# parameters: trunk" in out
+    assert main(["dry-run", str(RECIPES[0]), "model.mtp.num_predict_tokens=0"]) == 2
+    assert "num_predict_tokens=0" in capsys.readouterr().err
+    assert main(["params"]) == 0
+    out = capsys.readouterr().out
+    assert "| chained | transformer | yes | 1.48B |" in out
+    assert "| chained | shared_lm_head | yes | 1.48B | 0.00M | 0.0% |" in out
+
+
+@pytest.mark.parametrize("variant", [("transformer", False, "chained"), ("mlp", True, "chained")])
+def test_meta_count_equals_real_model(single_process, variant):
+    cfg = tiny_model_config(mtp_config(*variant))
+    count = count_parameters(cfg)
+    model = build_model(cfg)
+    assert count.trunk == sum(p.numel() for p in model.trunk.parameters())
+    assert count.heads == sum(p.numel() for p in model.mtp.parameters()) > 0
+    # unshared heads are K copies of one shared head
+    shared = count_parameters(tiny_model_config(mtp_config(variant[0], True, "chained")))
+    assert count.heads == (3 if not variant[1] else 1) * shared.heads
+    assert torch.is_tensor(next(model.parameters()))
