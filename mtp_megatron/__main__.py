@@ -58,10 +58,69 @@ def cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    """Validate a recipe (and its layout for --nproc processes) without starting anything."""
+    from mtp_megatron.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.nproc is not None:
+        recipe.parallel.validate_world(args.nproc * args.nnodes)
+    print(f"recipe {recipe.name}: ok")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a recipe in this process; run it under torchrun (launch/train.sh) for several."""
+    from mtp_megatron.parallel import destroy_parallel
+    from mtp_megatron.recipe import load_recipe
+    from mtp_megatron.train.trainer import train
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    try:
+        result = train(recipe, resume=args.resume)
+    finally:
+        destroy_parallel()
+    return 0 if result.last_step > 0 or result.stopped_early else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job (until training lands: the demo recipe's dry-run summary)."""
-    args.recipe, args.overrides = str(DEMO_RECIPE), args.overrides
-    return cmd_dry_run(args)
+    """The main job: train the demo recipe with 2 processes, then print its validation table."""
+    import json
+    import subprocess
+
+    from mtp_megatron.recipe import load_recipe
+    from mtp_megatron.train.trainer import run_directory
+
+    overrides = list(args.overrides)
+    recipe = load_recipe(DEMO_RECIPE, overrides)  # fails here, before any process starts
+    recipe.parallel.validate_world(args.nproc)
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc_per_node={args.nproc}", "-m", "mtp_megatron", "train", str(DEMO_RECIPE),
+        *overrides,
+    ]
+    print("$ " + " ".join(cmd), flush=True)
+    rc = subprocess.call(cmd)
+    if rc != 0:
+        return rc
+    final = json.loads((run_directory(recipe) / "final_eval.json").read_text())
+    print(validation_table(final))
+    return 0
+
+
+def validation_table(ev: dict[str, float]) -> str:
+    """Markdown table of validation loss, top-1 accuracy and acceptance per head."""
+    rows = ["| head | predicts | val loss | top-1 acc | acceptance (greedy proxy) |",
+            "|---|---|---|---|---|",
+            f"| main | t+1 | {ev['val/loss_main']:.4f} | {ev['val/acc_main']:.3f} | - |"]
+    k = 1
+    while f"val/loss_mtp_step_{k}" in ev:
+        rows.append(
+            f"| mtp {k} | t+{k + 1} | {ev[f'val/loss_mtp_step_{k}']:.4f} | "
+            f"{ev[f'val/acc_mtp_step_{k}']:.3f} | {ev[f'val/acceptance_pos_{k}']:.3f} |"
+        )
+        k += 1
+    return "\n".join(rows)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,8 +136,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=4, help="MTP steps (num_predict_tokens)")
     p.set_defaults(func=cmd_params)
 
+    p = sub.add_parser("check", help=cmd_check.__doc__)
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--nproc", type=int, default=None, help="processes per node")
+    p.add_argument("--nnodes", type=int, default=1, help="nodes")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("train", help=cmd_train.__doc__)
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="dotted overrides: train.steps=100")
+    p.add_argument(
+        "--resume",
+        choices=["auto", "require", "never"],
+        default="auto",
+        help="auto: continue from the run directory's latest checkpoint when there is one",
+    )
+    p.set_defaults(func=cmd_train)
+
     p = sub.add_parser("demo", help=cmd_demo.__doc__)
     p.add_argument("overrides", nargs="*", help="dotted overrides of recipes/demo.yaml")
+    p.add_argument("--nproc", type=int, default=2, help="processes (data parallel)")
     p.set_defaults(func=cmd_demo)
     return parser
 

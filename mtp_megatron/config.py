@@ -245,24 +245,6 @@ class ParallelConfig:
             )
 
 
-@dataclass
-class Recipe:
-    """One experiment: everything a run needs, loaded from YAML (see mtp_megatron.recipe)."""
-
-    name: str = "unnamed"
-    """Run name (TensorBoard and run directories use it)."""
-    description: str = ""
-    """What this ablation changes and why."""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """Architecture and MTP heads."""
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    """Process layout."""
-
-    def validate(self) -> None:
-        self.parallel.validate()
-        self.model.validate(tensor_parallel_size=self.parallel.tensor_parallel_size)
-
-
 # ---------------------------------------------------------------------------------------------
 # dicts (YAML) -> dataclasses
 

@@ -7,12 +7,60 @@ A recipe names its base (a path relative to itself) and changes only what its ab
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from mtp_megatron.config import ConfigError, Recipe, from_dict
+from mtp_megatron.config import ConfigError, ModelConfig, ParallelConfig, from_dict
+from mtp_megatron.data.config import DataConfig
+from mtp_megatron.train.config import TrainConfig
+
+
+@dataclass
+class Recipe:
+    """One experiment: everything a run needs, loaded from YAML."""
+
+    name: str = "unnamed"
+    """Run name (TensorBoard and run directories use it)."""
+    description: str = ""
+    """What this ablation changes and why."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Architecture and MTP heads."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Process layout."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation, ZeRO, logging, checkpoints."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Corpus, split, tokenizer cache."""
+
+    @property
+    def seq_len(self) -> int:
+        return self.train.seq_len or self.model.max_seq_len
+
+    def validate(self) -> None:
+        self.parallel.validate()
+        self.model.validate(tensor_parallel_size=self.parallel.tensor_parallel_size)
+        self.train.validate()
+        self.data.validate()
+        if self.seq_len > self.model.max_seq_len:
+            raise ConfigError(
+                f"train.seq_len={self.seq_len} is invalid: longer than model.max_seq_len "
+                f"({self.model.max_seq_len}); raise max_seq_len or shorten seq_len"
+            )
+        if self.train.zero_stage > 1 and self.parallel.pipeline_parallel_size > 1:
+            raise ConfigError(
+                f"train.zero_stage={self.train.zero_stage} is invalid with "
+                f"parallel.pipeline_parallel_size={self.parallel.pipeline_parallel_size}: "
+                "DeepSpeed's pipeline engine supports ZeRO 0 and 1 only"
+            )
+        if self.train.zero_stage == 3 and self.model.tie_embeddings:
+            raise ConfigError(
+                "train.zero_stage=3 is invalid with model.tie_embeddings=true: ZeRO-3 gathers a "
+                "parameter only inside its own module, and the tied output layer reads the "
+                "embedding's weight from another; untie the embeddings or use ZeRO 0-2"
+            )
 
 
 def _merge(base: dict, override: dict) -> dict:

@@ -34,6 +34,8 @@ class MTPOutput:
     """CE_k per step, keyed 'mtp_step_1'..'mtp_step_K' (detached, for logging)."""
     mtp_weight: float = 0.0
     """w used for this step (after warm-up)."""
+    mtp_logits: list[torch.Tensor] | None = None
+    """Per-step logits [b, s, V/p] (only with ``return_mtp_logits=True``, for evaluation)."""
 
 
 class MTPModel(nn.Module):
@@ -55,6 +57,7 @@ class MTPModel(nn.Module):
         input_ids: torch.Tensor,
         labels: torch.Tensor | None = None,
         step: int | None = None,
+        return_mtp_logits: bool = False,
     ) -> MTPOutput:
         """input_ids, labels: [b, s]; labels[:, i] = t_{i+1} (derived from input_ids if None).
 
@@ -73,6 +76,7 @@ class MTPModel(nn.Module):
 
         mtp_loss = torch.zeros((), device=main_loss.device)
         step_losses: dict[str, torch.Tensor] = {}
+        step_logits: list[torch.Tensor] = []
         steps = self.mtp.iter_steps(
             hidden, normed, input_ids, trunk.embed, trunk.final_norm, trunk.rope, positions
         )
@@ -81,6 +85,8 @@ class MTPModel(nn.Module):
             ce_k = masked_cross_entropy(logits_k, step_targets(labels, k))
             mtp_loss = mtp_loss + self._step_weights[k - 1] * ce_k
             step_losses[f"mtp_step_{k}"] = ce_k.detach()
+            if return_mtp_logits:
+                step_logits.append(logits_k)
         weight = self.mtp_cfg.mtp_weight(step)
         return MTPOutput(
             loss=main_loss + weight * mtp_loss,
@@ -89,6 +95,7 @@ class MTPModel(nn.Module):
             mtp_loss=mtp_loss,
             mtp_step_losses=step_losses,
             mtp_weight=weight,
+            mtp_logits=step_logits if return_mtp_logits else None,
         )
 
 

@@ -1,6 +1,10 @@
 """Process groups and device-agnostic collectives for tensor / pipeline / data parallelism."""
 
-from mtp_megatron.parallel.collectives import gather_last_dim, scatter_last_dim
+from mtp_megatron.parallel.collectives import (
+    gather_last_dim,
+    scatter_last_dim,
+    vocab_parallel_argmax,
+)
 from mtp_megatron.parallel.state import (
     ParallelLayout,
     current_layout,
@@ -21,4 +25,5 @@ __all__ = [
     "initialize_parallel",
     "scatter_last_dim",
     "tensor_parallel_group",
+    "vocab_parallel_argmax",
 ]

@@ -61,3 +61,22 @@ def gather_last_dim(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
 def scatter_last_dim(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """[..., d] replicated -> [..., d/p] local shard; backward all-gathers the gradient."""
     return _ScatterLastDim.apply(x, group)
+
+
+def vocab_parallel_argmax(logits: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Global argmax over the vocabulary of vocab-parallel logits [..., V/p] -> [...] token ids.
+
+    Ties resolve to the lowest id, as torch.argmax does on the full vocabulary (lower ranks own
+    lower ids, and each rank's local argmax returns its first maximum).
+    """
+    local_max, local_idx = logits.max(dim=-1)  # [...]
+    world = dist.get_world_size(group)
+    if world == 1:
+        return local_idx
+    local_idx = local_idx + dist.get_rank(group) * logits.shape[-1]
+    maxes = [torch.empty_like(local_max) for _ in range(world)]
+    idxs = [torch.empty_like(local_idx) for _ in range(world)]
+    dist.all_gather(maxes, local_max.contiguous(), group=group)
+    dist.all_gather(idxs, local_idx.contiguous(), group=group)
+    best_rank = torch.stack(maxes).argmax(dim=0, keepdim=True)  # [1, ...] first max wins
+    return torch.stack(idxs).gather(0, best_rank).squeeze(0)

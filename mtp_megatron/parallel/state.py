@@ -81,6 +81,9 @@ def initialize_parallel(
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun / srun
             dist.init_process_group(backend=backend, timeout=timeout)
         else:  # a plain python process: a world of one
+            # DeepSpeed reads torchrun's variables even in a single process
+            for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+                os.environ.setdefault(key, value)
             dist.init_process_group(
                 backend=backend,
                 init_method=f"tcp://127.0.0.1:{_free_port()}",

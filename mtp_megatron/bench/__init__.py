@@ -1,0 +1,1 @@
+"""Benchmarks: training throughput of our models against a plain-PyTorch baseline."""

@@ -1,0 +1,55 @@
+"""Validation: loss and top-1 accuracy per head, and the greedy acceptance proxy per draft position.
+
+Acceptance proxy of draft position k: how often head k's argmax at position i equals the main
+head's argmax at position i + k (both predict t_{i+k+1}); with greedy verification that is the
+chance the draft would survive, given the earlier drafts did.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from mtp_megatron.model.loss import IGNORE_INDEX, step_targets
+from mtp_megatron.parallel import tensor_parallel_group, vocab_parallel_argmax
+
+
+@torch.no_grad()
+def evaluate(model, batches) -> dict[str, float]:
+    """Average over ``batches`` (pairs of [b, s] input_ids, labels) and the data-parallel group.
+
+    Returns 'val/loss_main', 'val/loss_mtp_step_k', 'val/acc_main', 'val/acc_mtp_step_k',
+    'val/acceptance_pos_k' (k = 1..K).
+    """
+    was_training = model.training
+    model.eval()
+    tp_group = tensor_parallel_group()
+    sums: dict[str, float] = {}
+    n_batches = 0
+    for input_ids, labels in batches:
+        out = model(input_ids, labels=labels, return_mtp_logits=True)
+        main_pred = vocab_parallel_argmax(out.logits, tp_group)  # [b, s]
+        stats = {"loss_main": (out.main_loss.item(), 1.0)}
+        stats["acc_main"] = _accuracy(main_pred, labels)
+        for k, logits_k in enumerate(out.mtp_logits or [], start=1):
+            stats[f"loss_mtp_step_{k}"] = (out.mtp_step_losses[f"mtp_step_{k}"].item(), 1.0)
+            pred_k = vocab_parallel_argmax(logits_k, tp_group)
+            stats[f"acc_mtp_step_{k}"] = _accuracy(pred_k, step_targets(labels, k))
+            # head k at i vs main head at i + k, over positions where i + k is in the sequence
+            agree = (pred_k[:, :-k] == main_pred[:, k:]).float()
+            stats[f"acceptance_pos_{k}"] = (agree.sum().item(), float(agree.numel()))
+        for name, (num, den) in stats.items():
+            n, d = sums.get(name, (0.0, 0.0))
+            sums[name] = (n + num, d + den)
+        n_batches += 1
+    model.train(was_training)
+    names = sorted(sums)
+    totals = torch.tensor([[sums[n][0], sums[n][1]] for n in names], dtype=torch.float64)
+    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    return {f"val/{n}": (totals[i, 0] / totals[i, 1].clamp_min(1)).item() for i, n in enumerate(names)}
+
+
+def _accuracy(pred: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
+    mask = targets != IGNORE_INDEX
+    return ((pred == targets) & mask).sum().item(), mask.sum().item()
