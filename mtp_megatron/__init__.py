@@ -5,6 +5,8 @@ import warnings
 # megatron-core warns at import that Transformer Engine / Apex are absent; we do not use them.
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
+# DeepSpeed's ZeRO calls a torch.distributed collective that torch 2.13 marks deprecated.
+warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated.*")
 
 from mtp_megatron.config import ConfigError, ModelConfig, MTPConfig  # noqa: E402
 from mtp_megatron.model import (  # noqa: E402
