@@ -52,6 +52,13 @@ class MTPModel(nn.Module):
     def cfg(self) -> ModelConfig:
         return self.trunk.cfg
 
+    @property
+    def mtp_decoder(self):
+        """Self-speculative decoder drafting with this model's MTP heads (the guide's API)."""
+        from mtp_megatron.decoding import SpeculativeDecoder
+
+        return SpeculativeDecoder(self)
+
     def forward(
         self,
         input_ids: torch.Tensor,
