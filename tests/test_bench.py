@@ -61,6 +61,7 @@ def test_benchmark_runs_every_case(single_process):
         == result.cases[NTP_KEY].params
     )
     assert result.ratio_to_ntp(NTP_KEY) == 1.0 and result.ntp_over_plain > 0
+    assert len(result.paired_ntp_over_plain()) == 1
     table = result.report()
     assert "| MTP K=4 shared_lm_head |" in table and "our NTP / plain NTP step time:" in table
 

@@ -89,3 +89,17 @@ def test_heads_get_gradients_and_ntp_model_has_no_heads(single_process):
     out = ntp(ids, labels=labels)
     assert out.mtp_loss is None and out.mtp_step_losses == {}
     torch.testing.assert_close(out.loss, out.main_loss)
+
+
+def test_returned_logits_are_the_real_logits(single_process):
+    """megatron's vocab-parallel CE overwrites its input; the logits we return must survive it."""
+    cfg = tiny_model_config(mtp_config("transformer", True, "chained", k=2))
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    ids, labels = _batch(cfg)
+    out = model(ids, labels=labels, return_mtp_logits=True)
+    with torch.no_grad():
+        _, logits = model.trunk(ids)  # no loss computed on these
+    torch.testing.assert_close(out.logits, logits)
+    assert (out.logits < 0).any()  # exp(logits - max) would be all positive
+    assert all((lg < 0).any() for lg in out.mtp_logits)

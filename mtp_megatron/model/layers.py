@@ -82,13 +82,11 @@ class RMSNorm(nn.Module):
         self.sharded_input_group = sharded_input_group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.weight is None:
-            return out
         weight = self.weight
-        if self.sharded_input_group is not None and self.sharded_input_group.size() > 1:
-            weight = copy_to_tensor_model_parallel_region(weight, group=self.sharded_input_group)
-        return out * weight
+        if weight is not None and self.sharded_input_group is not None:
+            if self.sharded_input_group.size() > 1:
+                weight = copy_to_tensor_model_parallel_region(weight, group=self.sharded_input_group)
+        return F.rms_norm(x, (x.shape[-1],), weight, self.eps)  # one fused kernel
 
 
 class RotaryEmbedding(nn.Module):

@@ -35,13 +35,20 @@ def future_token_ids(input_ids: torch.Tensor, k: int) -> torch.Tensor:
     return shift_left(input_ids, k, 0)
 
 
-def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def masked_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, inplace: bool = False
+) -> torch.Tensor:
     """Mean CE over positions whose target is not IGNORE_INDEX.
 
     logits: [b, s, V/p] (this rank's vocab shard); targets: [b, s] global token ids. Megatron's
     vocab-parallel CE has no ignore index, so ignored targets are replaced by 0 and masked out.
+    It also overwrites its input with exp(logits - max) to save memory: ``inplace=True`` allows
+    that (the caller no longer needs the logits); otherwise fp32 logits are copied first.
     """
     mask = targets != IGNORE_INDEX  # [b, s]
     safe = torch.where(mask, targets, torch.zeros_like(targets))
-    per_token = vocab_parallel_cross_entropy(logits.float(), safe)  # [b, s]
+    work = logits.float()  # a copy already when the logits are bf16
+    if work is logits and not inplace:
+        work = logits.clone()
+    per_token = vocab_parallel_cross_entropy(work, safe)  # [b, s]
     return (per_token * mask).sum() / mask.sum().clamp_min(1)

@@ -37,6 +37,7 @@ from mtp_megatron.model.layers import (
     TransformerLayer,
 )
 from mtp_megatron.model.loss import future_token_ids
+from mtp_megatron.model.recompute import checkpointed
 from mtp_megatron.parallel import gather_last_dim
 
 
@@ -145,16 +146,18 @@ class MTPBlock(nn.Module):
         trunk_final_norm: nn.Module,
         rope: RotaryEmbedding,
         positions: torch.Tensor,
+        checkpoint: bool = False,
     ) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield (k, normalised h^k [b, s, h]) for k = 1..K over a whole training sequence.
 
         trunk_hidden: z, the trunk output before its final norm; trunk_normed: final_norm(z).
+        ``checkpoint``: keep only each step's inputs and recompute its head in backward.
         """
         prev = trunk_normed
         for k in range(1, self.num_steps + 1):
-            if self.chained:
-                emb = embed(future_token_ids(input_ids, k))  # e_{i+k} [b, s, h]
-                prev = self.step(k, prev, emb, trunk_final_norm, rope, positions)
-            else:
-                prev = self.step(k, trunk_hidden, None, trunk_final_norm, rope, positions)
+            emb = embed(future_token_ids(input_ids, k)) if self.chained else None  # e_{i+k}
+            source = prev if self.chained else trunk_hidden
+            prev = checkpointed(
+                self.step, k, source, emb, trunk_final_norm, rope, positions, enabled=checkpoint
+            )
             yield k, prev

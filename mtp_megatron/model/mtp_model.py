@@ -3,6 +3,10 @@
 Notation: b batch, s sequence, h hidden, V padded vocabulary, p tensor-parallel size.
 
 loss = main + w(step) * sum_k alpha_k CE_k   (w: MTP weight after warm-up, alpha: step weights)
+
+``MTPTrainingConfig`` picks how a training forward runs (same losses and gradients either way):
+the plain path, Meta's sequential schedule (``model/sequential.py``: one step's logits alive at a
+time) and/or activation checkpointing of the trunk layers and the steps' heads.
 """
 
 from __future__ import annotations
@@ -12,9 +16,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from mtp_megatron.config import ModelConfig, MTPConfig
+from mtp_megatron.config import ModelConfig, MTPConfig, MTPTrainingConfig
 from mtp_megatron.model.loss import labels_from_input_ids, masked_cross_entropy, step_targets
 from mtp_megatron.model.mtp import MTPBlock
+from mtp_megatron.model.sequential import sequential_mtp_loss
 from mtp_megatron.model.trunk import DecoderTrunk
 
 
@@ -41,16 +46,33 @@ class MTPOutput:
 class MTPModel(nn.Module):
     """A decoder trunk with K MTP heads on its final stage (none: plain next-token model)."""
 
-    def __init__(self, trunk: DecoderTrunk, mtp: MTPConfig | None):
+    def __init__(
+        self,
+        trunk: DecoderTrunk,
+        mtp: MTPConfig | None,
+        training: MTPTrainingConfig | None = None,
+    ):
         super().__init__()
         self.trunk = trunk
         self.mtp_cfg = mtp
         self.mtp = MTPBlock(trunk.ctx, mtp) if mtp is not None else None
         self._step_weights = mtp.step_weights() if mtp is not None else []
+        self.training_config = training or MTPTrainingConfig()
 
     @property
     def cfg(self) -> ModelConfig:
         return self.trunk.cfg
+
+    @property
+    def training_config(self) -> MTPTrainingConfig:
+        """Sequential forward / activation checkpointing of training forwards (assignable)."""
+        return self._training_config
+
+    @training_config.setter
+    def training_config(self, value: MTPTrainingConfig) -> None:
+        value.validate()
+        self._training_config = value
+        self.trunk.checkpoint_layers = value.gradient_checkpointing
 
     @property
     def mtp_decoder(self):
@@ -58,6 +80,20 @@ class MTPModel(nn.Module):
         from mtp_megatron.decoding import SpeculativeDecoder
 
         return SpeculativeDecoder(self)
+
+    def _steps(self, hidden, normed, input_ids, positions, checkpoint: bool):
+        """(k, normalised h^k [b, s, h]) for k = 1..K from z (``hidden``) and h^0 (``normed``)."""
+        trunk = self.trunk
+        return self.mtp.iter_steps(
+            hidden,
+            normed,
+            input_ids,
+            trunk.embed,
+            trunk.final_norm,
+            trunk.rope,
+            positions,
+            checkpoint=checkpoint,
+        )
 
     def forward(
         self,
@@ -76,24 +112,39 @@ class MTPModel(nn.Module):
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         hidden = trunk.run_layers(trunk.embed(input_ids), positions)  # z [b, s, h]
         normed = trunk.final_norm(hidden)  # h^0
+        tcfg = self.training_config
+        # the sequential schedule prepares a backward; evaluation takes the plain path
+        sequential = (
+            self.mtp is not None
+            and tcfg.sequential_forward
+            and torch.is_grad_enabled()
+            and not return_mtp_logits
+        )
+        if sequential:
+            # the steps first, their logits alive one at a time, then the main head; the heads
+            # are checkpointed so that one step's activations are alive at a time too
+            steps = self._steps(hidden, normed, input_ids, positions, checkpoint=True)
+            mtp_loss, step_losses = sequential_mtp_loss(trunk, steps, labels, self._step_weights)
         logits = trunk.logits(normed)  # [b, s, V/p]
         main_loss = masked_cross_entropy(logits, labels)
         if self.mtp is None:
             return MTPOutput(loss=main_loss, main_loss=main_loss, logits=logits)
 
-        mtp_loss = torch.zeros((), device=main_loss.device)
-        step_losses: dict[str, torch.Tensor] = {}
         step_logits: list[torch.Tensor] = []
-        steps = self.mtp.iter_steps(
-            hidden, normed, input_ids, trunk.embed, trunk.final_norm, trunk.rope, positions
-        )
-        for k, hidden_k in steps:
-            logits_k = trunk.logits(hidden_k)
-            ce_k = masked_cross_entropy(logits_k, step_targets(labels, k))
-            mtp_loss = mtp_loss + self._step_weights[k - 1] * ce_k
-            step_losses[f"mtp_step_{k}"] = ce_k.detach()
-            if return_mtp_logits:
-                step_logits.append(logits_k)
+        if not sequential:
+            mtp_loss = torch.zeros((), device=main_loss.device)
+            step_losses: dict[str, torch.Tensor] = {}
+            steps = self._steps(
+                hidden, normed, input_ids, positions, checkpoint=tcfg.gradient_checkpointing
+            )
+            for k, hidden_k in steps:
+                logits_k = trunk.logits(hidden_k)
+                targets_k = step_targets(labels, k)
+                ce_k = masked_cross_entropy(logits_k, targets_k, inplace=not return_mtp_logits)
+                mtp_loss = mtp_loss + self._step_weights[k - 1] * ce_k
+                step_losses[f"mtp_step_{k}"] = ce_k.detach()
+                if return_mtp_logits:
+                    step_logits.append(logits_k)
         weight = self.mtp_cfg.mtp_weight(step)
         return MTPOutput(
             loss=main_loss + weight * mtp_loss,
@@ -106,13 +157,18 @@ class MTPModel(nn.Module):
         )
 
 
-def wrap_model_with_mtp(model: DecoderTrunk, cfg: MTPConfig) -> MTPModel:
-    """Add MTP heads (on the model's final stage) to a trunk: the guide's entry point."""
+def wrap_model_with_mtp(
+    model: DecoderTrunk, cfg: MTPConfig, training: MTPTrainingConfig | None = None
+) -> MTPModel:
+    """Add MTP heads (on the model's final stage) to a trunk: the guide's entry point.
+
+    ``training``: sequential forward / activation checkpointing (default: neither).
+    """
     if isinstance(model, MTPModel):
         raise TypeError("the model already has MTP heads; wrap the trunk (model.trunk) instead")
-    return MTPModel(model, cfg)
+    return MTPModel(model, cfg, training)
 
 
-def build_model(cfg: ModelConfig) -> MTPModel:
+def build_model(cfg: ModelConfig, training: MTPTrainingConfig | None = None) -> MTPModel:
     """Trunk plus the heads of ``cfg.mtp`` (none when it is None), on the current TP group."""
-    return MTPModel(DecoderTrunk(cfg), cfg.mtp)
+    return MTPModel(DecoderTrunk(cfg), cfg.mtp, training)

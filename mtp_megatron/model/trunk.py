@@ -21,6 +21,7 @@ from mtp_megatron.model.layers import (
     TransformerLayer,
     megatron_parallel_config,
 )
+from mtp_megatron.model.recompute import checkpointed
 from mtp_megatron.parallel import ensure_parallel_initialized, tensor_parallel_group
 
 
@@ -61,6 +62,8 @@ class DecoderTrunk(nn.Module):
             skip_weight_param_allocation=cfg.tie_embeddings,
             tp_group=ctx.tp_group,
         )
+        # activation checkpointing of each decoder layer (set by MTPModel; never with a KV cache)
+        self.checkpoint_layers = False
 
     # -- first stage ---------------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -77,11 +80,20 @@ class DecoderTrunk(nn.Module):
     ) -> torch.Tensor:
         """Apply decoder layers ``layers`` (default: all) to [b, s, h]."""
         for i in layers if layers is not None else range(len(self.layers)):
-            cache = kv_caches[i] if kv_caches is not None else None
-            hidden = self.layers[i](hidden, self.rope, positions, cache)
+            if kv_caches is not None:
+                hidden = self.layers[i](hidden, self.rope, positions, kv_caches[i])
+            else:
+                hidden = checkpointed(
+                    self.layers[i], hidden, self.rope, positions, enabled=self.checkpoint_layers
+                )
         return hidden
 
     # -- last stage ------------------------------------------------------------------------------
+    @property
+    def output_weight(self) -> torch.nn.Parameter:
+        """W [V/p, h] of the output layer: the embedding's when they are tied."""
+        return self.embedding.weight if self.cfg.tie_embeddings else self.output_layer.weight
+
     def logits(self, normed: torch.Tensor) -> torch.Tensor:
         """Normalised states [b, s, h] -> vocab-parallel logits [b, s, V/p] (shared by heads)."""
         weight = self.embedding.weight if self.cfg.tie_embeddings else None

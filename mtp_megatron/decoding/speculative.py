@@ -1,0 +1,342 @@
+"""Self-speculative decoding with the MTP heads as drafts, and plain KV-cached decoding.
+
+Notation: b batch, T prompt length, L lookahead (drafts per round), h hidden, V vocabulary.
+
+State of a row between rounds: tokens x_0..x_{n-1} are committed; the trunk has processed
+positions 0..p with p = n - 2 (its KV cache holds p + 1 slots); x_{n-1} (the "bonus") came from
+the main head at p and has not been fed yet. A round:
+
+1. Draft: head k (k = 1..L) at position p proposes x_{p+k+1}. A chained head's input at position
+   j is (h^{k-1}_j, e(x_{j+k})), exactly as in training; positions whose inputs are all committed
+   are computed once and cached (KV cache of an attention head, and h^k in a history buffer);
+   the few positions that read this round's drafts are recomputed each round.
+2. Verify: one trunk forward over [x_{n-1}, d_1..d_L] at positions p+1..p+L+1 gives the target
+   distribution at every draft position and one more.
+3. Accept the longest valid prefix m (greedy: drafts equal to the argmax; sampling: the
+   speculative rule in ``sampling.py``), commit it and one token from the target, and roll the
+   trunk cache back to the accepted length.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from mtp_megatron.decoding.kv_cache import KVCacheSet
+from mtp_megatron.decoding.sampling import (
+    SamplingConfig,
+    accept_drafts,
+    draft_probs,
+    greedy_accept,
+    sample,
+    target_probs,
+)
+from mtp_megatron.parallel import gather_last_dim
+
+
+@dataclass
+class _Forward:
+    """A trunk (or head) forward's outputs over a block of positions."""
+
+    z: torch.Tensor  # pre-norm trunk output [b, s, h] (independent heads read it)
+    h: torch.Tensor  # normalised state [b, s, h]
+    logits: torch.Tensor  # full-vocabulary logits [b, s, V]
+
+
+class _Runner:
+    """The model pieces decoding needs, with TP gathers and padded-vocab trimming."""
+
+    def __init__(self, model):
+        self.model = model
+        self.trunk = model.trunk
+        self.vocab = model.cfg.vocab_size
+        self.tp_group = self.trunk.ctx.tp_group
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        full = gather_last_dim(self.trunk.logits(h), self.tp_group)  # [b, s, V_padded]
+        return full[..., : self.vocab].float()
+
+    def trunk_forward(self, tokens: torch.Tensor, caches: KVCacheSet) -> _Forward:
+        positions = caches.positions(tokens.shape[1])  # [b, s]
+        z = self.trunk.run_layers(self.trunk.embed(tokens), positions, kv_caches=caches.layers)
+        caches.advance(tokens.shape[1])
+        h = self.trunk.final_norm(z)
+        return _Forward(z=z, h=h, logits=self.logits(h))
+
+    def new_caches(self, batch: int, capacity: int, num: int, ref: torch.Tensor) -> KVCacheSet:
+        attn = self.trunk.layers[0].attention.inner
+        return KVCacheSet(
+            num, batch, attn.local_kv_heads, attn.head_dim, capacity, ref.device, ref.dtype
+        )
+
+
+def _validate_request(model, input_ids: torch.Tensor, max_new_tokens: int, extra: int) -> int:
+    if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+        raise ValueError(f"input_ids must be [batch, prompt_len>=1], got {tuple(input_ids.shape)}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: must be >= 1")
+    needed = input_ids.shape[1] + max_new_tokens + extra
+    if needed > model.cfg.max_seq_len:
+        raise ValueError(
+            f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) + lookahead "
+            f"slack ({extra}) = {needed} exceeds model.max_seq_len ({model.cfg.max_seq_len})"
+        )
+    return needed
+
+
+def _finish(seq: torch.Tensor, n: torch.Tensor, start: int, max_new: int, eos: int | None):
+    """Cut each row to max_new tokens (and its first EOS); pad with EOS (or 0)."""
+    b = seq.shape[0]
+    out = seq[:, : start + max_new].clone()
+    lengths = torch.full((b,), max_new, dtype=torch.long)
+    if eos is not None:
+        for r in range(b):
+            hits = (out[r, start:] == eos).nonzero()
+            if len(hits):
+                cut = int(hits[0]) + 1
+                out[r, start + cut :] = eos
+                lengths[r] = cut
+    return out, lengths
+
+
+def _pick(logits: torch.Tensor, sampling: SamplingConfig, gen: torch.Generator | None):
+    """Next token [b] from logits [b, V] under the target distribution."""
+    if sampling.greedy:
+        return logits.argmax(-1)
+    return sample(target_probs(logits, sampling), gen)
+
+
+@torch.no_grad()
+def generate_plain(
+    model,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    sampling: SamplingConfig | None = None,
+    eos_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> tuple[torch.Tensor, dict]:
+    """Plain decoding, one trunk forward per token (``use_cache=False`` recomputes everything)."""
+    sampling = sampling or SamplingConfig()
+    sampling.validate()
+    capacity = _validate_request(model, input_ids, max_new_tokens, 1)
+    runner = _Runner(model)
+    b, T = input_ids.shape
+    seq = torch.zeros(b, capacity, dtype=torch.long, device=input_ids.device)
+    seq[:, :T] = input_ids
+    t0 = time.perf_counter()
+    caches = runner.new_caches(b, capacity, len(runner.trunk.layers), runner.trunk.embedding.weight)
+    calls = 0
+    for i in range(max_new_tokens):
+        n = T + i
+        if use_cache:
+            block = seq[:, :n] if i == 0 else seq[:, n - 1 : n]
+            fwd = runner.trunk_forward(block, caches)
+        else:
+            caches.set_lengths(torch.zeros_like(caches.lengths))
+            fwd = runner.trunk_forward(seq[:, :n], caches)
+        calls += 1
+        seq[:, n] = _pick(fwd.logits[:, -1], sampling, generator)
+        if eos_token_id is not None and bool((seq[:, T : n + 1] == eos_token_id).any(-1).all()):
+            max_new_tokens = i + 1
+            break
+    wall = time.perf_counter() - t0
+    out, lengths = _finish(seq, None, T, max_new_tokens, eos_token_id)
+    new = int(lengths.sum())
+    return out, {
+        "new_tokens": new,
+        "forward_calls": calls,
+        "tokens_per_forward": new / (calls * b),
+        "wall_time_s": wall,
+        "tokens_per_s": new / wall,
+    }
+
+
+class SpeculativeDecoder:
+    """``model.mtp_decoder``: drafts with the MTP heads, verifies with the trunk."""
+
+    def __init__(self, model):
+        if model.mtp is None:
+            raise ValueError("speculative decoding needs MTP heads; this model has none (mtp=None)")
+        self.model = model
+        self.runner = _Runner(model)
+        self.mtp = model.mtp
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int = 100,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int | None = None,
+        lookahead: int | None = None,
+        eos_token_id: int | None = None,
+        speculation_temperature: float = 0.0,
+        acceptance_threshold: float = 1.0,
+        generator: torch.Generator | None = None,
+        record_drafts: bool = False,
+    ) -> tuple[torch.Tensor, dict]:
+        """Generate ``max_new_tokens`` per row; returns (tokens [b, T + max_new], stats).
+
+        Greedy (temperature 0) output is token-for-token the plain greedy output; with sampling
+        every token follows the model's (temperature / top-k / top-p) distribution exactly, unless
+        ``acceptance_threshold`` < 1 (lossy, faster). stats["speedup"] is tokens per trunk
+        forward (plain decoding makes one forward per token): the reduction in trunk calls, not
+        wall-clock time.
+        """
+        K = self.mtp.num_steps
+        L = self.mtp.cfg.speculation_lookahead if lookahead is None else lookahead
+        if not isinstance(L, int) or not 1 <= L <= K:
+            raise ValueError(f"lookahead={L!r} is invalid: must be between 1 and {K} (MTP steps)")
+        sampling = SamplingConfig(
+            temperature, top_p, top_k, speculation_temperature, acceptance_threshold
+        )
+        sampling.validate()
+        capacity = _validate_request(self.model, input_ids, max_new_tokens, 2 * L + 2)
+        capacity = max(capacity, input_ids.shape[1] + max_new_tokens + 2 * L + 2)
+        return self._run(
+            input_ids, max_new_tokens, L, sampling, eos_token_id, generator, capacity, record_drafts
+        )
+
+    # -- internals -------------------------------------------------------------------------------
+    def _run(self, input_ids, max_new, L, sampling, eos, gen, capacity, record_drafts):
+        runner, mtp = self.runner, self.mtp
+        trunk = runner.trunk
+        b, T = input_ids.shape
+        dev = input_ids.device
+        ref = trunk.embedding.weight
+        hidden = trunk.cfg.hidden_size
+        rows = torch.arange(b, device=dev)
+        t0 = time.perf_counter()
+
+        seq = torch.zeros(b, capacity, dtype=torch.long, device=dev)  # committed + scratch
+        seq[:, :T] = input_ids
+        trunk_cache = runner.new_caches(b, capacity, len(trunk.layers), ref)
+        # hist[0] = h^0 (normalised trunk output), hist[k] = h^k; hist_z = pre-norm trunk output
+        hist = [torch.zeros(b, capacity, hidden, dtype=ref.dtype, device=dev) for _ in range(L + 1)]
+        hist_z = torch.zeros_like(hist[0])
+        head_caches = [
+            runner.new_caches(b, capacity, 1, ref) if mtp.head(k).has_attention else None
+            for k in range(1, L + 1)
+        ]
+        valid = torch.zeros(L + 1, b, dtype=torch.long, device=dev)  # committed-valid prefix
+
+        fwd = runner.trunk_forward(input_ids, trunk_cache)  # prefill
+        hist[0][:, :T], hist_z[:, :T] = fwd.h, fwd.z
+        p = torch.full((b,), T - 1, dtype=torch.long, device=dev)  # last processed position
+        seq[rows, p + 1] = _pick(fwd.logits[:, -1], sampling, gen)
+        calls, rounds = 1, 0
+        proposed = torch.zeros(L, dtype=torch.long)
+        accepted_at = torch.zeros(L, dtype=torch.long)
+        accepted_total = 0
+
+        active_rounds = 0
+        draft_log = []
+        while int((p + 2 - T).min()) < max_new:  # tokens committed beyond the prompt
+            p_before = p
+            drafts, q = self._draft(p, seq, hist, hist_z, head_caches, valid, L, sampling, gen)
+            block = torch.cat([seq[rows, p + 1][:, None], drafts], dim=1)  # [b, L+1]
+            trunk_cache.set_lengths(p + 1)
+            fwd = runner.trunk_forward(block, trunk_cache)
+            calls += 1
+            rounds += 1
+            pos = (p + 1)[:, None] + torch.arange(L + 1, device=dev)  # [b, L+1]
+            hist[0][rows[:, None], pos], hist_z[rows[:, None], pos] = fwd.h, fwd.z
+            m, nxt = self._verify(fwd.logits, drafts, q, sampling, gen)
+            active = (p + 2 - T) < max_new  # finished rows ride along without advancing
+            m = torch.where(active, m, torch.zeros_like(m))
+            nxt = torch.where(active, nxt, seq[rows, p + 1])
+            for r in range(b):  # commit drafts d_1..d_m (already in seq) and the next token
+                seq[r, p[r] + 2 : p[r] + 2 + m[r]] = drafts[r, : m[r]]
+            p = torch.where(active, p + 1 + m, p)
+            seq[rows, p + 1] = nxt
+            valid[0] = p + 1
+            n_active = int(active.sum())
+            proposed += n_active
+            for k in range(L):
+                accepted_at[k] += int((m > k).sum())
+            accepted_total += int(m.sum())
+            active_rounds += n_active
+            if record_drafts:
+                draft_log.append((p_before.clone(), drafts.clone(), m.clone()))
+            if eos is not None and bool(
+                torch.stack([(seq[r, T : p[r] + 2] == eos).any() for r in range(b)]).all()
+            ):
+                break
+        wall = time.perf_counter() - t0
+        max_new_done = min(max_new, int((p + 2 - T).min()))
+        out, lengths = _finish(seq, None, T, max_new if eos is None else max_new_done, eos)
+        new = int(lengths.sum())
+        per_pos = (accepted_at.float() / proposed.clamp_min(1).float()).tolist()
+        stats = {
+            "new_tokens": new,
+            "forward_calls": calls,
+            "rounds": rounds,
+            "lookahead": L,
+            "avg_acceptance_rate": accepted_total / max(1, int(proposed.sum())),
+            "acceptance_rate_per_position": per_pos,
+            "mean_accepted_per_step": accepted_total / max(1, active_rounds),
+            "tokens_per_forward": new / (calls * b),
+            "wall_time_s": wall,
+            "tokens_per_s": new / wall,
+        }
+        stats["speedup"] = stats["tokens_per_forward"]
+        if record_drafts:
+            stats["drafts"] = draft_log  # (position p [b], drafts [b, L], accepted [b]) per round
+        return out, stats
+
+    def _draft(self, p, seq, hist, hist_z, head_caches, valid, L, sampling, gen):
+        """Propose L drafts per row from position p; returns (drafts [b, L], q [b, L, V] | None)."""
+        runner, mtp = self.runner, self.mtp
+        trunk = runner.trunk
+        b = p.shape[0]
+        dev = p.device
+        rows = torch.arange(b, device=dev)[:, None]
+        drafts, qs = [], []
+        for k in range(1, L + 1):
+            # block of positions [start, p] whose head-k state is not cached yet
+            start = torch.minimum(valid[k], p)  # a finished row (p frozen) recomputes p only
+            width = int((p - start).max()) + 1
+            pos = start[:, None] + torch.arange(width, device=dev)  # [b, w]; past p: padding
+            pos = pos.clamp(max=seq.shape[1] - 1 - k)
+            if mtp.chained:
+                prev = hist[k - 1][rows, pos]  # h^{k-1} (this round's values past its valid part)
+                emb = trunk.embed(seq[rows, pos + k])  # e(x_{j+k}): committed or this round's draft
+            else:
+                prev, emb = hist_z[rows, pos], None
+            cache = head_caches[k - 1]
+            if cache is not None:
+                cache.set_lengths(start)
+                kv = cache.layers[0]
+            else:
+                kv = None
+            h = mtp.step(k, prev, emb, trunk.final_norm, trunk.rope, pos, kv)  # [b, w, h]
+            hist[k][rows, pos] = h
+            last = (p - start)[:, None, None].expand(b, 1, h.shape[-1])
+            logits = runner.logits(h.gather(1, last))[:, 0]  # at position p: [b, V]
+            q = draft_probs(logits, sampling)
+            d = logits.argmax(-1) if q is None else sample(q, gen)
+            seq[rows[:, 0], p + 1 + k] = d  # scratch slot of draft k (x_{p+1+k})
+            drafts.append(d)
+            qs.append(q)
+            # inputs of positions j <= p + 1 - k are committed: those states stay cached
+            valid[k] = (p + 2 - k).clamp_min(0) if mtp.chained else p + 1
+        q = None if qs[0] is None else torch.stack(qs, dim=1)
+        return torch.stack(drafts, dim=1), q
+
+    def _verify(self, logits, drafts, q, sampling, gen):
+        """logits [b, L+1, V] of the verification forward -> (accepted m [b], next token [b])."""
+        if sampling.greedy:
+            m, nxt = greedy_accept(logits.argmax(-1), drafts)
+            if sampling.acceptance_threshold < 1.0:  # lossy: near-top drafts pass too
+                probs = logits.softmax(-1)
+                L = drafts.shape[1]
+                p_d = probs[:, :L].gather(-1, drafts[..., None]).squeeze(-1)
+                ok = p_d >= sampling.acceptance_threshold * probs[:, :L].amax(-1)
+                m = ok.long().cumprod(-1).sum(-1)
+                nxt = logits.argmax(-1).gather(1, m[:, None]).squeeze(1)
+            return m, nxt
+        return accept_drafts(target_probs(logits, sampling), drafts, q, sampling, gen)
