@@ -9,6 +9,8 @@ from pathlib import Path
 
 import yaml
 
+from mtp_megatron.config import ConfigError
+
 REPO = Path(__file__).resolve().parent.parent
 DEMO_RECIPE = REPO / "recipes" / "demo.yaml"
 
@@ -95,24 +97,115 @@ def cmd_demo(args: argparse.Namespace) -> int:
     recipe = load_recipe(DEMO_RECIPE, overrides)  # fails here, before any process starts
     recipe.parallel.validate_world(args.nproc)
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={args.nproc}", "-m", "mtp_megatron", "train", str(DEMO_RECIPE),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={args.nproc}",
+        "-m",
+        "mtp_megatron",
+        "train",
+        str(DEMO_RECIPE),
         *overrides,
     ]
     print("$ " + " ".join(cmd), flush=True)
     rc = subprocess.call(cmd)
     if rc != 0:
         return rc
-    final = json.loads((run_directory(recipe) / "final_eval.json").read_text())
+    run_dir = run_directory(recipe)
+    final = json.loads((run_dir / "final_eval.json").read_text())
+    print("\nValidation (teacher-forced) after training:")
     print(validation_table(final))
+    print("\nDecoding held-out prompts (one process):", flush=True)
+    return decode_benchmark(run_dir, prompts=4, prompt_len=32, max_new_tokens=64)
+
+
+def decode_benchmark(
+    run_dir, prompts: int, prompt_len: int, max_new_tokens: int, threads: int = 1
+) -> int:
+    import torch
+
+    from mtp_megatron.decoding.benchmark import (
+        best_speedup,
+        held_out_prompts,
+        run_decode_benchmark,
+        save_results,
+        table,
+    )
+    from mtp_megatron.decoding.load import load_run
+
+    # batch-1 decoding is a chain of tiny matmuls: extra intra-op threads only add sync cost
+    torch.set_num_threads(threads)
+    run = load_run(run_dir)
+    held_out = held_out_prompts(run, prompts, prompt_len)
+    k = run.model.mtp.num_steps
+    rows = run_decode_benchmark(run, held_out, max_new_tokens, list(range(1, k + 1)))
+    print(table(rows))
+    speedup, lookahead = best_speedup(rows)
+    print(
+        f"\nself-speculative decoding: {speedup:.2f}x wall-clock speed-up over plain KV-cached "
+        f"decoding at lookahead {lookahead} ({len(held_out)} held-out prompts of {prompt_len} "
+        f"tokens, {max_new_tokens} new tokens each, greedy, batch 1, {threads} CPU thread(s))"
+    )
+    print(f"results: {save_results(run, rows)}")
     return 0
+
+
+def cmd_bench_decode(args: argparse.Namespace) -> int:
+    """Plain vs speculative decoding (lookahead 1..K) on held-out prompts of a trained run."""
+    return decode_benchmark(
+        args.checkpoint, args.prompts, args.prompt_len, args.max_new_tokens, args.threads
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate from a trained run with self-speculative decoding (or plain, --plain)."""
+    import torch
+
+    from mtp_megatron.data import load_tokenizer
+    from mtp_megatron.decoding import SamplingConfig, generate_plain
+    from mtp_megatron.decoding.load import load_run
+
+    run = load_run(args.checkpoint)
+    tok = load_tokenizer(str(run.tokenizer_path))
+    ids = torch.tensor([tok.encode(args.prompt).ids])
+    if ids.shape[1] == 0:
+        raise ConfigError("--prompt encodes to no tokens")
+    gen = torch.Generator().manual_seed(args.seed)
+    if args.plain:
+        sampling = SamplingConfig(args.temperature, args.top_p, args.top_k)
+        out, stats = generate_plain(run.model, ids, args.max_new_tokens, sampling, generator=gen)
+    else:
+        out, stats = run.model.mtp_decoder.generate(
+            ids,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            lookahead=args.lookahead,
+            acceptance_threshold=args.acceptance_threshold,
+            generator=gen,
+        )
+    print(tok.decode(out[0].tolist()))
+    shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in stats.items()}
+    print(f"\n# {shown}", file=sys.stderr)
+    return 0
+
+
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    """Training throughput: NTP vs MTP K=4 per head type, and ours vs plain PyTorch."""
+    from mtp_megatron.bench.train_throughput import main_bench_train
+
+    return main_bench_train(args.rest)
 
 
 def validation_table(ev: dict[str, float]) -> str:
     """Markdown table of validation loss, top-1 accuracy and acceptance per head."""
-    rows = ["| head | predicts | val loss | top-1 acc | acceptance (greedy proxy) |",
-            "|---|---|---|---|---|",
-            f"| main | t+1 | {ev['val/loss_main']:.4f} | {ev['val/acc_main']:.3f} | - |"]
+    rows = [
+        "| head | predicts | val loss | top-1 acc | acceptance (greedy proxy) |",
+        "|---|---|---|---|---|",
+        f"| main | t+1 | {ev['val/loss_main']:.4f} | {ev['val/acc_main']:.3f} | - |",
+    ]
     k = 1
     while f"val/loss_mtp_step_{k}" in ev:
         rows.append(
@@ -154,6 +247,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("generate", help=cmd_generate.__doc__)
+    p.add_argument("--checkpoint", required=True, help="run dir, checkpoints/ or step folder")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--lookahead", type=int, default=None, help="default: the recipe's")
+    p.add_argument("--acceptance-threshold", type=float, default=1.0, help="< 1 is lossy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plain", action="store_true", help="plain decoding, no drafts")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench-decode", help=cmd_bench_decode.__doc__)
+    p.add_argument("--checkpoint", required=True, help="run dir, checkpoints/ or step folder")
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.set_defaults(func=cmd_bench_decode)
+
+    p = sub.add_parser("bench-train", help=cmd_bench_train.__doc__, add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench_train)
+
     p = sub.add_parser("demo", help=cmd_demo.__doc__)
     p.add_argument("overrides", nargs="*", help="dotted overrides of recipes/demo.yaml")
     p.add_argument("--nproc", type=int, default=2, help="processes (data parallel)")
@@ -163,12 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     import mtp_megatron  # noqa: F401  (quiets megatron's import-time warnings)
-    from mtp_megatron.config import ConfigError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as e:
+    except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

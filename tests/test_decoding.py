@@ -120,8 +120,13 @@ def test_speculative_sampling_keeps_the_distribution(single_process, spec_temp):
     counts: dict[tuple, int] = {}
     prompts = prompt.expand(n, -1)
     out, _ = model.mtp_decoder.generate(
-        prompts, max_new_tokens=3, temperature=1.0, top_k=3, lookahead=2,
-        speculation_temperature=spec_temp, generator=gen,
+        prompts,
+        max_new_tokens=3,
+        temperature=1.0,
+        top_k=3,
+        lookahead=2,
+        speculation_temperature=spec_temp,
+        generator=gen,
     )
     for row in out[:, 4:7].tolist():
         counts[tuple(row)] = counts.get(tuple(row), 0) + 1

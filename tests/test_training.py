@@ -114,11 +114,27 @@ def test_resume_is_exact(tmp_path, data_cache):
 def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, data_cache):
     run_dir = tmp_path / "run"
     overrides = _overrides(run_dir, data_cache, **{"train.steps": 400, "train.log_every": 1})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "mtp_megatron", "train", str(REPO / "recipes" / "demo.yaml"), *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "mtp_megatron",
+        "train",
+        str(REPO / "recipes" / "demo.yaml"),
+        *overrides,
+    ]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     lines = []
     deadline = time.time() + 240
     for line in proc.stdout:
@@ -137,3 +153,36 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, data_cache):
     finish = _overrides(run_dir, data_cache, **{"train.steps": 400, "train.log_every": 1})
     out = run_distributed(_train, 2, finish, 3)[0]
     assert sorted(out["losses"]) == [stopped, stopped + 1, stopped + 2]
+
+
+def _train_then_load(rank: int, world: int, overrides: list[str]):
+    """Train, then load the checkpoint back at the same TP size; logits of a fixed batch."""
+    import torch
+
+    from mtp_megatron.decoding.load import load_run
+    from mtp_megatron.parallel import gather_last_dim, tensor_parallel_group
+
+    _train(rank, world, overrides)
+    run = load_run(Path([o for o in overrides if o.startswith("train.run_dir=")][0].split("=")[1]))
+    ids = torch.arange(40).view(2, 20) % 500
+    with torch.no_grad():
+        logits = run.model(ids).logits
+    return gather_last_dim(logits, tensor_parallel_group())
+
+
+def test_checkpoint_trained_at_tp2_loads_into_one_process(tmp_path, data_cache, single_process):
+    import torch
+
+    from mtp_megatron.decoding.load import load_run
+
+    extra = {"train.steps": 3, "parallel.tensor_parallel_size": 2, "train.zero_stage": 2}
+    overrides = _overrides(tmp_path / "run", data_cache, **extra)
+    at_tp2 = run_distributed(_train_then_load, 2, overrides)[0]
+    run = load_run(tmp_path / "run")  # this process: TP=1
+    ids = torch.arange(40).view(2, 20) % 500
+    with torch.no_grad():
+        at_tp1 = run.model(ids).logits
+    # TP=2 -> TP=1 changes only the order of fp32 reductions
+    torch.testing.assert_close(at_tp1, at_tp2, rtol=1e-4, atol=1e-5)
+    out, stats = run.model.mtp_decoder.generate(ids[:1, :8], max_new_tokens=8)
+    assert stats["new_tokens"] == 8

@@ -32,7 +32,11 @@ class KVCacheSet:
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         shape = (batch, kv_heads, capacity, head_dim)
         self.layers = [
-            _LayerCache(self, torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+            _LayerCache(
+                self,
+                torch.zeros(shape, device=device, dtype=dtype),
+                torch.zeros(shape, device=device, dtype=dtype),
+            )
             for _ in range(num_layers)
         ]
 
@@ -57,10 +61,14 @@ class _LayerCache(KVCacheLayer):
         lengths = self.owner.lengths
         end = int(lengths.max()) + s
         if end > self.owner.capacity:
-            raise RuntimeError(f"KV cache overflow: {end} slots needed, capacity {self.owner.capacity}")
+            raise RuntimeError(
+                f"KV cache overflow: {end} slots needed, capacity {self.owner.capacity}"
+            )
         slots = lengths[:, None] + torch.arange(s, device=k.device)  # [b, s]
         index = slots[:, None, :, None].expand(b, k.shape[1], s, k.shape[3])
         self.k.scatter_(2, index, k)
         self.v.scatter_(2, index, v)
-        visible = torch.arange(end, device=k.device)[None, None, :] <= slots[:, :, None]  # [b, s, E]
+        visible = (
+            torch.arange(end, device=k.device)[None, None, :] <= slots[:, :, None]
+        )  # [b, s, E]
         return self.k[:, :, :end], self.v[:, :, :end], visible[:, None]
