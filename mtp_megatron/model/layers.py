@@ -85,7 +85,9 @@ class RMSNorm(nn.Module):
         weight = self.weight
         if weight is not None and self.sharded_input_group is not None:
             if self.sharded_input_group.size() > 1:
-                weight = copy_to_tensor_model_parallel_region(weight, group=self.sharded_input_group)
+                weight = copy_to_tensor_model_parallel_region(
+                    weight, group=self.sharded_input_group
+                )
         return F.rms_norm(x, (x.shape[-1],), weight, self.eps)  # one fused kernel
 
 

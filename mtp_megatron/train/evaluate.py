@@ -47,7 +47,9 @@ def evaluate(model, batches) -> dict[str, float]:
     names = sorted(sums)
     totals = torch.tensor([[sums[n][0], sums[n][1]] for n in names], dtype=torch.float64)
     dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
-    return {f"val/{n}": (totals[i, 0] / totals[i, 1].clamp_min(1)).item() for i, n in enumerate(names)}
+    return {
+        f"val/{n}": (totals[i, 0] / totals[i, 1].clamp_min(1)).item() for i, n in enumerate(names)
+    }
 
 
 def _accuracy(pred: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
