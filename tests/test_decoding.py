@@ -71,18 +71,41 @@ def test_batch_equals_per_row(single_process, variant):
         assert torch.equal(batched[r : r + 1], single), r
 
 
-def test_high_acceptance_when_heads_agree_with_the_trunk(single_process):
-    """Heads that reproduce the main head make every draft pass: speed-up = lookahead + 1."""
-    model = _model(("shared_lm_head", True, "chained"), seed=2)
-    # zero every trunk layer: h^0 depends on the current token only, and the parameter-free head's
-    # state rms(h) + rms(e(x_{i+1})) is dominated by... nothing simple. Instead make the model a
-    # deterministic cycle: embedding rows orthogonal-ish and output = embedding of the successor.
-    prompts = _prompts(model.cfg, 1, 4, 0)
-    out, stats = model.mtp_decoder.generate(prompts, max_new_tokens=30, lookahead=2)
-    plain, _ = generate_plain(model, prompts, 30)
-    assert torch.equal(out, plain)
-    assert 0.0 <= stats["avg_acceptance_rate"] <= 1.0
-    assert stats["speedup"] == pytest.approx(stats["new_tokens"] / stats["forward_calls"])
+@pytest.mark.parametrize("corrupt", [0.0, 0.3])
+def test_accept_and_rollback_with_oracle_drafts(single_process, monkeypatch, corrupt):
+    """Drafts taken from the true greedy continuation (some corrupted): every correct leading
+    draft is accepted, the first wrong one and all after it are rejected, and the caches roll
+    back so that the output is still exactly plain greedy decoding."""
+    from mtp_megatron.decoding.speculative import SpeculativeDecoder
+
+    model = _model(("transformer", True, "chained"), seed=2)
+    prompts = _prompts(model.cfg, 2, 5, 0)
+    n_new, lookahead = 30, 3
+    plain, _ = generate_plain(model, prompts, n_new + lookahead + 2)
+    noise = torch.Generator().manual_seed(1)
+    expected_m = []
+
+    def oracle(self, p, seq, *args):
+        truth = torch.stack([plain[r, p[r] + 2 : p[r] + 2 + lookahead] for r in range(len(p))])
+        wrong = torch.rand(truth.shape, generator=noise) < corrupt
+        drafts = torch.where(wrong, (truth + 1) % model.cfg.vocab_size, truth)
+        expected_m.append((~wrong).long().cumprod(-1).sum(-1))
+        return drafts, None
+
+    monkeypatch.setattr(SpeculativeDecoder, "_draft", oracle)
+    out, stats = model.mtp_decoder.generate(
+        prompts, max_new_tokens=n_new, lookahead=lookahead, record_drafts=True
+    )
+    assert torch.equal(out, plain[:, : out.shape[1]])
+    for (p, _drafts, accepted), m in zip(stats["drafts"], expected_m):
+        active = (p + 2 - prompts.shape[1]) < n_new
+        assert torch.equal(accepted[active], m[active])
+    if corrupt == 0.0:
+        assert stats["avg_acceptance_rate"] == 1.0
+        assert stats["rounds"] == -(-(n_new - 1) // (lookahead + 1))  # ceil((n-1)/(L+1))
+        assert stats["speedup"] == pytest.approx(n_new / (stats["rounds"] + 1))
+    else:
+        assert 0.2 < stats["avg_acceptance_rate"] < 0.9
 
 
 def _sequence_probs(model, prompt, n, temperature, top_k):
