@@ -1,5 +1,9 @@
 """Recipes resolve and validate; the CLI's dry-run and params commands; meta-device counts."""
 
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +15,8 @@ from mtp_megatron.__main__ import main
 from mtp_megatron.model.params import count_parameters
 from mtp_megatron.recipe import load_recipe
 
-RECIPES = sorted((Path(__file__).parent.parent / "recipes").rglob("*.yaml"))
+RECIPES_DIR = Path(__file__).parent.parent / "recipes"
+RECIPES = sorted(RECIPES_DIR.rglob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
@@ -79,3 +84,58 @@ def test_meta_count_equals_real_model(single_process, variant):
     shared = count_parameters(tiny_model_config(mtp_config(variant[0], True, "chained")))
     assert count.heads == (3 if not variant[1] else 1) * shared.heads
     assert torch.is_tensor(next(model.parameters()))
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.zero_stage=4", "train.zero_stage=4"),
+        ("train.steps=0", "train.steps=0"),
+        ("train.precision=fp16", "train.precision='fp16'"),
+        ("train.lr=0", "train.lr=0"),
+        ("train.seq_len=4096", "train.seq_len=4096"),
+        ("data.validation_fraction=0.9", "data.validation_fraction=0.9"),
+        ("data.source=/no/such/corpus", "data.source"),
+        ("parallel.tensor_parallel_size=0", "parallel.tensor_parallel_size=0"),
+        ("train.zero_stage=2 parallel.pipeline_parallel_size=2", "ZeRO 0 and 1"),
+        ("model.mtp.mtp_head_type=rnn", "model.mtp.mtp_head_type='rnn'"),
+        ("train.not_a_field=1", "unknown key 'train.not_a_field'"),
+    ],
+)
+def test_each_invalid_field_fails_with_its_name(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_recipe(RECIPES_DIR / "demo.yaml", override.split())
+
+
+def test_launcher_rejects_a_bad_recipe_before_starting_processes(tmp_path):
+    env = dict(os.environ, PYTHON=sys.executable, NPROC="2")
+    bad = subprocess.run(
+        [
+            "bash",
+            str(RECIPES_DIR.parent / "launch" / "train.sh"),
+            str(RECIPES_DIR / "demo.yaml"),
+            "train.zero_stage=9",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert bad.returncode == 2
+    assert "train.zero_stage=9" in bad.stderr
+    assert "torch.distributed" not in bad.stdout + bad.stderr  # torchrun never started
+    layout = subprocess.run(
+        [
+            "bash",
+            str(RECIPES_DIR.parent / "launch" / "train.sh"),
+            str(RECIPES_DIR / "demo.yaml"),
+            "parallel.tensor_parallel_size=4",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert layout.returncode == 2 and "cannot be split" in layout.stderr
