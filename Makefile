@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# one ninja (the venv's) for every process, so DeepSpeed's CPU extension is built once, not per PATH
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: demo test lint install clean
 

@@ -18,7 +18,7 @@ nnodes=${NNODES:-1}
 "$py" -m mtp_megatron check "$recipe" "$@" --nproc "$nproc" --nnodes "$nnodes"
 
 if [[ $nnodes -gt 1 ]]; then
-  : "${MASTER_ADDR:?set MASTER_ADDR to the first node's address}"
+  : "${MASTER_ADDR:?set MASTER_ADDR to the first node address}"
   rdzv=(--nnodes "$nnodes" --node_rank "${NODE_RANK:?set NODE_RANK}"
         --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:${MASTER_PORT:-29500}"
         --rdzv_id "${RDZV_ID:-mtp-$(basename "$recipe" .yaml)}")

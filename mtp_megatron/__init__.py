@@ -8,23 +8,33 @@ warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
 # DeepSpeed's ZeRO calls a torch.distributed collective that torch 2.13 marks deprecated.
 warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated.*")
 
-from mtp_megatron.config import ConfigError, ModelConfig, MTPConfig  # noqa: E402
+from mtp_megatron.config import (  # noqa: E402
+    ConfigError,
+    ETDConfig,
+    ModelConfig,
+    MTPConfig,
+    MTPTrainingConfig,
+)
 from mtp_megatron.model import (  # noqa: E402
     DecoderTrunk,
     MTPModel,
     MTPOutput,
     build_model,
     wrap_model_with_mtp,
+    wrap_transformer_with_etd,
 )
 
 __all__ = [
     "ConfigError",
     "DecoderTrunk",
+    "ETDConfig",
     "MTPConfig",
     "MTPModel",
     "MTPOutput",
+    "MTPTrainingConfig",
     "ModelConfig",
     "build_model",
     "wrap_model_with_mtp",
+    "wrap_transformer_with_etd",
 ]
 __version__ = "0.1.0"

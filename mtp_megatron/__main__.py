@@ -192,6 +192,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_etd_split(args: argparse.Namespace) -> int:
+    """Angular distance between the layers of a trained run, and the ETD split it proposes."""
+    from mtp_megatron.etd_split import main_etd_split
+
+    return main_etd_split(args.rest)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Side-by-side table (markdown, CSV) and plots of the runs of a sweep."""
+    from mtp_megatron.report import main_report
+
+    return main_report(args.rest)
+
+
 def cmd_bench_train(args: argparse.Namespace) -> int:
     """Training throughput: NTP vs MTP K=4 per head type, and ours vs plain PyTorch."""
     from mtp_megatron.bench.train_throughput import main_bench_train
@@ -271,6 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench-train", help=cmd_bench_train.__doc__, add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench_train)
+
+    p = sub.add_parser("etd-split", help=cmd_etd_split.__doc__, add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_etd_split)
+
+    p = sub.add_parser("report", help=cmd_report.__doc__, add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help=cmd_demo.__doc__)
     p.add_argument("overrides", nargs="*", help="dotted overrides of recipes/demo.yaml")

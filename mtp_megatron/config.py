@@ -17,6 +17,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 HEAD_TYPES = ("transformer", "mlp", "shared_lm_head")
 HEAD_ARRANGEMENTS = ("chained", "independent")
 NORM_PLACEMENTS = ("post", "pre")
+PIPELINE_PARTITIONS = ("uniform", "parameters")
 
 
 class ConfigError(ValueError):
@@ -114,6 +115,155 @@ class MTPConfig:
 
 
 @dataclass
+class MTPTrainingConfig:
+    """How a model with MTP heads trains: memory-saving schedules that leave the losses unchanged
+    (the user's guide ``MTPTrainingConfig``; recipes: the ``train.mtp`` section)."""
+
+    sequential_forward: bool = False
+    """Meta's schedule (arXiv:2404.19737, section 2): the trunk runs once, then each MTP step's
+    logits are made, scored and differentiated in turn, so that at most one step's logits
+    [b, s, V/p] are alive (peak O(V + d) instead of O(K V + d)); each step's head is recomputed in
+    backward. Gradients and logged losses equal the plain path's. No effect without MTP heads."""
+    gradient_checkpointing: bool = False
+    """Activation checkpointing (torch.utils.checkpoint, non-reentrant) of every trunk layer and
+    every MTP step's head: only their inputs are kept, the rest is recomputed in backward."""
+
+    def validate(self, path: str = "train.mtp") -> None:
+        for name in ("sequential_forward", "gradient_checkpointing"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                _fail(f"{path}.{name}", value, "must be true or false")
+
+
+@dataclass
+class ETDConfig:
+    """Encode-Think-Decode (arXiv:2510.07358): the trunk's layers split into an encoder run once,
+    a think block run ``max_think_iterations`` times with the same weights, and a decoder run once
+    (the user's guide ``ETDConfig``, plus MoDr LoRA experts and an adaptive-depth router)."""
+
+    n_encoder_layers: int = 7
+    """Layers run once before the think block (the guide's OLMo-2 1B split is 7/4/5)."""
+    n_think_layers: int = 4
+    """Layers of the think block, iterated with tied weights."""
+    n_decoder_layers: int = 5
+    """Layers run once after the think block; the three counts sum to model.num_layers."""
+    max_think_iterations: int = 5
+    """k: applications of the think block (1 with router and experts off = the plain trunk)."""
+    use_layer_router: bool = True
+    """Adaptive depth: a per-token router may halt a token before each iteration past
+    ``min_think_iterations``; a halted token's state is carried forward unchanged."""
+    use_lora_experts: bool = True
+    """MoDr: LoRA branches on the think block's linear layers, one per token per iteration."""
+    min_think_iterations: int = 1
+    """Iterations every token runs before the depth router may halt it."""
+    halt_threshold: float = 0.5
+    """A token halts when its halting probability reaches this (the same rule in training,
+    evaluation and decoding)."""
+    halting_cost: float = 0.01
+    """Weight of the compute cost added to the loss: halting_cost x expected think iterations."""
+    num_lora_experts: int = 4
+    """LoRA branches per think-block linear layer; the router picks one (top-1)."""
+    lora_rank: int = 8
+    """r of every LoRA branch."""
+    lora_alpha: float = 16.0
+    """LoRA scale alpha / r."""
+    expert_bias_update_rate: float = 1e-3
+    """gamma of the auxiliary-loss-free balancing (DeepSeek-V3): after each training forward,
+    each expert's routing bias moves by gamma towards equal load."""
+
+    def suggested_split(self, num_layers: int) -> tuple[int, int, int]:
+        """The guide's 7/4/5 proportions scaled to ``num_layers`` (at least one think layer)."""
+        enc = max(1, round(num_layers * 7 / 16)) if num_layers >= 3 else 0
+        dec = max(1, round(num_layers * 5 / 16)) if num_layers >= 3 else 0
+        return enc, num_layers - enc - dec, dec
+
+    def validate(self, num_layers: int | None = None, path: str = "model.etd") -> None:
+        counts = ("n_encoder_layers", "n_think_layers", "n_decoder_layers")
+        for name in counts:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                _fail(f"{path}.{name}", value, "must be an integer >= 0")
+        if self.n_think_layers < 1:
+            _fail(f"{path}.n_think_layers", self.n_think_layers, "the think block needs a layer")
+        total = sum(getattr(self, name) for name in counts)
+        if num_layers is not None and total != num_layers:
+            enc, think, dec = self.suggested_split(num_layers)
+            raise ConfigError(
+                f"{path}: n_encoder_layers + n_think_layers + n_decoder_layers = "
+                f"{self.n_encoder_layers} + {self.n_think_layers} + {self.n_decoder_layers} = "
+                f"{total} is invalid: must equal model.num_layers ({num_layers}); e.g. "
+                f"{enc}/{think}/{dec}, or measure one with `python -m mtp_megatron etd-split`"
+            )
+        k, k_min = self.max_think_iterations, self.min_think_iterations
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            _fail(f"{path}.max_think_iterations", k, "must be an integer >= 1")
+        if isinstance(k_min, bool) or not isinstance(k_min, int) or not 1 <= k_min <= k:
+            _fail(f"{path}.min_think_iterations", k_min, f"must be between 1 and {k}")
+        for name in ("use_layer_router", "use_lora_experts"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(f"{path}.{name}", getattr(self, name), "must be true or false")
+        if self.use_layer_router and k_min >= k:
+            _fail(
+                f"{path}.use_layer_router",
+                True,
+                f"the router has no iteration to skip (min_think_iterations={k_min}, "
+                f"max_think_iterations={k}); raise max_think_iterations or turn the router off",
+            )
+
+        def number(name: str) -> float:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                _fail(f"{path}.{name}", value, "must be a number")
+            return value
+
+        if not 0 < number("halt_threshold") < 1:
+            _fail(f"{path}.halt_threshold", self.halt_threshold, "must be in (0, 1)")
+        if number("halting_cost") < 0:
+            _fail(f"{path}.halting_cost", self.halting_cost, "must be >= 0")
+        for name in ("num_lora_experts", "lora_rank"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                _fail(f"{path}.{name}", value, "must be an integer >= 1")
+        if number("lora_alpha") <= 0:
+            _fail(f"{path}.lora_alpha", self.lora_alpha, "must be > 0")
+        if number("expert_bias_update_rate") < 0:
+            _fail(f"{path}.expert_bias_update_rate", self.expert_bias_update_rate, "must be >= 0")
+
+    def validate_pipeline(
+        self, num_layers: int, stages: int, partition: str = "uniform", path: str = "model.etd"
+    ) -> None:
+        """The think block must sit inside one stage of the uniform split of the layers (equal
+        counts, the first N mod P stages one more: DeepSpeed's ``partition_uniform``, as
+        ``train/pipeline_layout.py`` splits them): its iterations cannot cross a stage boundary."""
+        if partition != "uniform":
+            raise ConfigError(
+                f"parallel.pipeline_partition={partition!r} is invalid with model.etd: the think "
+                "block must sit inside one stage, which the recipe can only check for the "
+                "'uniform' partition; use pipeline_partition: uniform"
+            )
+        chunk, rest = divmod(num_layers, stages)
+        bounds = [s * chunk + min(s, rest) for s in range(stages + 1)]
+        stage_of = [s for s in range(stages) for _ in range(bounds[s], bounds[s + 1])]
+        think = self.n_think_layers
+        first, last = self.n_encoder_layers, self.n_encoder_layers + think - 1
+        if stage_of[first] == stage_of[last]:
+            return
+        fits = [bounds[s] for s in range(stages) if bounds[s + 1] - bounds[s] >= think]
+        enc = min(fits, key=lambda b: abs(b - first)) if fits else 0
+        hint = (
+            f"e.g. the split {enc}/{think}/{num_layers - enc - think}"
+            if fits
+            else f"no stage holds {think} layers; use fewer think layers"
+        )
+        raise ConfigError(
+            f"{path}: the think block (layers {first}..{last}) spans pipeline stages "
+            f"{stage_of[first]} and {stage_of[last]} of the uniform split of {num_layers} layers "
+            f"over pipeline_parallel_size={stages} (stage starts {bounds[:-1]}); it must sit "
+            f"inside one stage: {hint}, or lower pipeline_parallel_size"
+        )
+
+
+@dataclass
 class ModelConfig:
     """An OLMo-2-style decoder (RMSNorm, RoPE, SwiGLU, QK-norm, optional GQA) and its MTP heads."""
 
@@ -147,6 +297,8 @@ class ModelConfig:
     """Std of the normal init; output projections are scaled by 1/sqrt(2 num_layers)."""
     mtp: MTPConfig | None = field(default_factory=MTPConfig)
     """MTP heads; None trains a plain next-token (NTP) model."""
+    etd: ETDConfig | None = None
+    """Encode-Think-Decode split of the layers (None: the plain trunk)."""
 
     @property
     def kv_heads(self) -> int:
@@ -217,6 +369,8 @@ class ModelConfig:
             )
         if self.mtp is not None:
             self.mtp.validate(f"{path}.mtp")
+        if self.etd is not None:
+            self.etd.validate(num_layers=self.num_layers, path=f"{path}.etd")
 
 
 @dataclass
@@ -227,12 +381,22 @@ class ParallelConfig:
     """Megatron TP: processes that shard each layer."""
     pipeline_parallel_size: int = 1
     """Pipeline stages (the MTP heads sit on the last one)."""
+    pipeline_partition: Literal["uniform", "parameters"] = "uniform"
+    """How decoder layers are split over stages: 'uniform' (equal layer counts) or 'parameters'
+    (balance parameters, counting the embedding on the first stage and the output layer + MTP
+    heads on the last); every stage keeps at least one decoder layer."""
 
     def validate(self, path: str = "parallel") -> None:
         for name in ("tensor_parallel_size", "pipeline_parallel_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 _fail(f"{path}.{name}", value, "must be a positive integer")
+        if self.pipeline_partition not in PIPELINE_PARTITIONS:
+            _fail(
+                f"{path}.pipeline_partition",
+                self.pipeline_partition,
+                f"must be one of {PIPELINE_PARTITIONS}",
+            )
 
     def validate_world(self, world_size: int) -> None:
         model_parallel = self.tensor_parallel_size * self.pipeline_parallel_size
@@ -292,6 +456,11 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             _fail(path, value, "must be an integer")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(path, value, "must be a number")
         return float(value)

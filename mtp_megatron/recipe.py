@@ -49,11 +49,40 @@ class Recipe:
                 f"train.seq_len={self.seq_len} is invalid: longer than model.max_seq_len "
                 f"({self.model.max_seq_len}); raise max_seq_len or shorten seq_len"
             )
-        if self.train.zero_stage > 1 and self.parallel.pipeline_parallel_size > 1:
+        pp = self.parallel.pipeline_parallel_size
+        if pp > self.model.num_layers:
+            raise ConfigError(
+                f"parallel.pipeline_parallel_size={pp} is invalid with model.num_layers="
+                f"{self.model.num_layers}: every pipeline stage needs at least one decoder layer; "
+                f"use at most {self.model.num_layers} stages or more layers"
+            )
+        if self.model.etd is not None and pp > 1:  # the think block must not cross a stage
+            etd_partition = self.parallel.pipeline_partition
+            self.model.etd.validate_pipeline(self.model.num_layers, pp, etd_partition)
+            raise ConfigError(
+                f"model.etd with parallel.pipeline_parallel_size={pp} is not supported yet: the "
+                "pipeline stages run decoder layers one by one, not the iterated think block "
+                "(and its depth cost would be lost off the last stage); use "
+                "pipeline_parallel_size=1 with ETD"
+            )
+        if self.train.zero_stage > 1 and pp > 1:
             raise ConfigError(
                 f"train.zero_stage={self.train.zero_stage} is invalid with "
-                f"parallel.pipeline_parallel_size={self.parallel.pipeline_parallel_size}: "
-                "DeepSpeed's pipeline engine supports ZeRO 0 and 1 only"
+                f"parallel.pipeline_parallel_size={pp}: with pipeline parallelism DeepSpeed runs "
+                "ZeRO 0 and 1 only. Its pipeline engine reduces gradients itself once all "
+                "micro-batches are through, which ZeRO-2 (gradients reduce-scattered during "
+                "backward) and ZeRO-3 (parameters partitioned and gathered per forward) cannot "
+                "follow; use train.zero_stage=1 (optimizer states sharded over data parallel) "
+                "or 0, or pipeline_parallel_size=1 for ZeRO 2/3"
+            )
+        if self.train.zero_stage == 0 and pp > 1 and self.train.grad_clip > 0:
+            raise ConfigError(
+                f"train.zero_stage=0 with parallel.pipeline_parallel_size={pp} is invalid while "
+                f"train.grad_clip={self.train.grad_clip}: without ZeRO, DeepSpeed's pipeline "
+                "engine computes the clipping norm over the wrong parameters (the embedding "
+                "tied across the first and last stage twice, the replicated norm weights of "
+                "every stage after the first not at all), so clipping would differ from PP=1; "
+                "use train.zero_stage=1 (exact norm) or train.grad_clip=0"
             )
         if self.train.zero_stage == 3 and self.model.tie_embeddings:
             raise ConfigError(

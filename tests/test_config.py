@@ -77,6 +77,7 @@ def test_from_dict_rejects_unknown_and_mistyped_keys():
     cfg = from_dict(ModelConfig, {"hidden_size": 128, "mtp": {"num_predict_tokens": 2}})
     assert cfg.hidden_size == 128 and cfg.mtp.num_predict_tokens == 2
     assert from_dict(ModelConfig, {"mtp": None}).mtp is None
+    assert from_dict(ModelConfig, {"norm_eps": "1e-5"}).norm_eps == 1e-5  # YAML's 1e-5 string
     with pytest.raises(ConfigError, match="unknown key 'mtp.num_heads'.*num_predict_tokens"):
         from_dict(ModelConfig, {"mtp": {"num_heads": 2}})
     with pytest.raises(ConfigError, match="hidden_size='big'.*integer"):

@@ -4,6 +4,9 @@ A checkpoint saved at any tensor-parallel size loads into a model of the current
 per-rank shards (``mp_rank_XX_model_states.pt``) are merged into the full weights using each
 parameter's megatron partition attributes, then sliced for this rank. ZeRO-3 checkpoints hold no
 module weights in those files; DeepSpeed's own ``zero_to_fp32`` reader reassembles them (TP=1).
+A checkpoint trained with pipeline parallelism holds one file per pipeline layer and TP rank
+(``layer_XX-model_YY-model_states.pt``); ``train/pipeline_checkpoint.py`` renames them into
+MTPModel state dicts first, so it loads the same way into a one-process (PP=1) model.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import yaml
 from mtp_megatron.config import ConfigError, from_dict
 from mtp_megatron.model import MTPModel, build_model
 from mtp_megatron.train.checkpoint import read_latest
+from mtp_megatron.train.pipeline_checkpoint import is_pipeline_checkpoint, pipeline_state_dicts
 
 
 @dataclass
@@ -84,6 +88,9 @@ def _slice_for_rank(full: dict[str, torch.Tensor], model: MTPModel) -> dict[str,
             chunks = tensor.chunk(world * stride, dim=dim)
             tensor = torch.cat(chunks[rank::world], dim=dim)
         out[name] = tensor
+    for name, _ in model.named_buffers():  # persistent buffers (ETD's routing bias): replicated
+        if name in full:
+            out[name] = full[name]
     return out
 
 
@@ -100,9 +107,12 @@ def load_run(path: str | Path, device: torch.device | None = None) -> LoadedRun:
     ensure_parallel_initialized()
     torch.manual_seed(0)
     model = build_model(recipe.model)
-    files = sorted(ckpt.glob("mp_rank_*_model_states.pt"))
-    shards = [torch.load(f, map_location="cpu", weights_only=False)["module"] for f in files]
     names = {n for n, _ in model.named_parameters()}
+    if is_pipeline_checkpoint(ckpt):  # trained with PP > 1: one file per layer and TP rank
+        shards = pipeline_state_dicts(ckpt, recipe.model.num_layers)
+    else:
+        files = sorted(ckpt.glob("mp_rank_*_model_states.pt"))
+        shards = [torch.load(f, map_location="cpu", weights_only=False)["module"] for f in files]
     if not names <= set(shards[0]) or any(shards[0][n].numel() == 0 for n in names):
         shards = [_zero3_state_dict(ckpt)]  # ZeRO-3: weights live in the optimizer shards
     full = _merge_shards(shards, model)

@@ -127,7 +127,8 @@ def generate_plain(
     seq = torch.zeros(b, capacity, dtype=torch.long, device=input_ids.device)
     seq[:, :T] = input_ids
     t0 = time.perf_counter()
-    caches = runner.new_caches(b, capacity, len(runner.trunk.layers), runner.trunk.embedding.weight)
+    trunk = runner.trunk
+    caches = runner.new_caches(b, capacity, trunk.num_kv_caches, trunk.embedding.weight)
     calls = 0
     for i in range(max_new_tokens):
         n = T + i
@@ -214,7 +215,7 @@ class SpeculativeDecoder:
 
         seq = torch.zeros(b, capacity, dtype=torch.long, device=dev)  # committed + scratch
         seq[:, :T] = input_ids
-        trunk_cache = runner.new_caches(b, capacity, len(trunk.layers), ref)
+        trunk_cache = runner.new_caches(b, capacity, trunk.num_kv_caches, ref)  # ETD: per iteration
         # hist[0] = h^0 (normalised trunk output), hist[k] = h^k; hist_z = pre-norm trunk output
         hist = [torch.zeros(b, capacity, hidden, dtype=ref.dtype, device=dev) for _ in range(L + 1)]
         hist_z = torch.zeros_like(hist[0])

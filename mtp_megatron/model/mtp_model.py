@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from mtp_megatron.config import ModelConfig, MTPConfig, MTPTrainingConfig
+from mtp_megatron.model.etd import wrap_transformer_with_etd
 from mtp_megatron.model.loss import labels_from_input_ids, masked_cross_entropy, step_targets
 from mtp_megatron.model.mtp import MTPBlock
 from mtp_megatron.model.sequential import sequential_mtp_loss
@@ -28,7 +29,7 @@ class MTPOutput:
     """What one forward pass returns (the guide's ``outputs``)."""
 
     loss: torch.Tensor
-    """main_loss + mtp_weight * mtp_loss: the quantity to backpropagate."""
+    """main_loss + mtp_weight * mtp_loss (+ ETD's depth cost): the quantity to backpropagate."""
     main_loss: torch.Tensor
     """Next-token CE of the main head."""
     logits: torch.Tensor
@@ -106,11 +107,29 @@ class MTPModel(nn.Module):
 
         ``step`` is the optimizer step, for the MTP weight warm-up (None: full weight).
         """
+        trunk = self.trunk
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        hidden = trunk.run_layers(trunk.embed(input_ids), positions)  # z [b, s, h]
+        return self.final_stage(hidden, input_ids, labels, step, return_mtp_logits)
+
+    def final_stage(
+        self,
+        hidden: torch.Tensor,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        step: int | None = None,
+        return_mtp_logits: bool = False,
+    ) -> MTPOutput:
+        """Everything after the trunk's layers (the last pipeline stage's work): final norm,
+        main head, the MTP steps and the loss. hidden: z [b, s, h]; the rest as in forward.
+
+        Reads the trunk's final norm, output layer and rope, and its embedding only for chained
+        steps or a tied output layer.
+        """
         if labels is None:
             labels = labels_from_input_ids(input_ids)
         trunk = self.trunk
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        hidden = trunk.run_layers(trunk.embed(input_ids), positions)  # z [b, s, h]
         normed = trunk.final_norm(hidden)  # h^0
         tcfg = self.training_config
         # the sequential schedule prepares a backward; evaluation takes the plain path
@@ -127,8 +146,10 @@ class MTPModel(nn.Module):
             mtp_loss, step_losses = sequential_mtp_loss(trunk, steps, labels, self._step_weights)
         logits = trunk.logits(normed)  # [b, s, V/p]
         main_loss = masked_cross_entropy(logits, labels)
+        aux = trunk.take_aux_loss()  # ETD's depth cost of the layers' last run (None: none)
         if self.mtp is None:
-            return MTPOutput(loss=main_loss, main_loss=main_loss, logits=logits)
+            loss = main_loss if aux is None else main_loss + aux
+            return MTPOutput(loss=loss, main_loss=main_loss, logits=logits)
 
         step_logits: list[torch.Tensor] = []
         if not sequential:
@@ -146,8 +167,9 @@ class MTPModel(nn.Module):
                 if return_mtp_logits:
                     step_logits.append(logits_k)
         weight = self.mtp_cfg.mtp_weight(step)
+        loss = main_loss + weight * mtp_loss
         return MTPOutput(
-            loss=main_loss + weight * mtp_loss,
+            loss=loss if aux is None else loss + aux,
             main_loss=main_loss,
             logits=logits,
             mtp_loss=mtp_loss,
@@ -170,5 +192,9 @@ def wrap_model_with_mtp(
 
 
 def build_model(cfg: ModelConfig, training: MTPTrainingConfig | None = None) -> MTPModel:
-    """Trunk plus the heads of ``cfg.mtp`` (none when it is None), on the current TP group."""
-    return MTPModel(DecoderTrunk(cfg), cfg.mtp, training)
+    """Trunk (ETD-wrapped when ``cfg.etd`` is set) plus the heads of ``cfg.mtp`` (none when it
+    is None), on the current TP group."""
+    trunk = DecoderTrunk(cfg)
+    if cfg.etd is not None:
+        trunk = wrap_transformer_with_etd(trunk, cfg.etd)
+    return MTPModel(trunk, cfg.mtp, training)

@@ -81,24 +81,18 @@ def sequential_mtp_loss(
 
     Same values as the plain loop, and the same gradients once backpropagated.
     """
-    mtp_loss: torch.Tensor | None = None
+    mtp_loss = torch.zeros((), device=labels.device)
     step_losses: dict[str, torch.Tensor] = {}
     weight_grad: torch.Tensor | None = None  # sum_k alpha_k dCE_k/dW [V/p, h], fp32
     for k, hidden_k in steps:
-        if mtp_loss is None:
-            mtp_loss = torch.zeros((), device=hidden_k.device)
         alpha = step_weights[k - 1]
         ce, hidden_grad, w_grad = _score(trunk, hidden_k, step_targets(labels, k))
         mtp_loss = mtp_loss + alpha * _attach(hidden_k, ce, hidden_grad)
         step_losses[f"mtp_step_{k}"] = ce
-        if w_grad is None:
-            pass
-        elif weight_grad is None:
+        if w_grad is not None and weight_grad is None:
             weight_grad = w_grad.float() * alpha
-        else:
+        elif w_grad is not None:
             weight_grad.add_(w_grad, alpha=alpha)
-    if mtp_loss is None:
-        raise ValueError("sequential_mtp_loss needs at least one step")
     if weight_grad is not None:
         h = weight_grad.shape[1]
         eye = torch.eye(h, dtype=trunk.output_weight.dtype, device=weight_grad.device)

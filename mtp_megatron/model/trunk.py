@@ -88,6 +88,16 @@ class DecoderTrunk(nn.Module):
                 )
         return hidden
 
+    @property
+    def num_kv_caches(self) -> int:
+        """Length of the ``kv_caches`` list run_layers expects: one per layer application."""
+        return len(self.layers)
+
+    def take_aux_loss(self) -> torch.Tensor | None:
+        """Extra training loss of the last run_layers, cleared on read (a trunk wrapped by ETD
+        returns its depth cost); None for the plain trunk."""
+        return None
+
     # -- last stage ------------------------------------------------------------------------------
     @property
     def output_weight(self) -> torch.nn.Parameter:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
-from mtp_megatron.config import ConfigError
+from mtp_megatron.config import ConfigError, MTPTrainingConfig
 
 
 @dataclass
@@ -50,6 +50,9 @@ class TrainConfig:
     """Checkpoints kept; older ones are deleted after a newer one is complete."""
     run_dir: str | None = None
     """Run directory (checkpoints, TensorBoard, resolved recipe); None: runs/<recipe name>."""
+    mtp: MTPTrainingConfig = field(default_factory=MTPTrainingConfig)
+    """Memory-saving execution of the model (the guide's MTPTrainingConfig): sequential MTP
+    forward/backward and activation checkpointing; the losses and gradients do not change."""
 
     def validate(self, path: str = "train") -> None:
         positive = ("steps", "micro_batch_size", "grad_accum", "eval_batches", "keep_last")
@@ -75,3 +78,4 @@ class TrainConfig:
             raise ConfigError(f"{path}.seq_len={self.seq_len!r} is invalid: must be >= 2")
         if self.grad_clip < 0:
             raise ConfigError(f"{path}.grad_clip={self.grad_clip!r} is invalid: must be >= 0")
+        self.mtp.validate(f"{path}.mtp")

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from mtp_megatron.model.etd import etd_metrics
 from mtp_megatron.model.loss import IGNORE_INDEX, step_targets
 from mtp_megatron.parallel import tensor_parallel_group, vocab_parallel_argmax
 
@@ -25,28 +26,42 @@ def evaluate(model, batches) -> dict[str, float]:
     was_training = model.training
     model.eval()
     tp_group = tensor_parallel_group()
-    sums: dict[str, float] = {}
-    n_batches = 0
+    sums: dict[str, tuple[float, float]] = {}
     for input_ids, labels in batches:
         out = model(input_ids, labels=labels, return_mtp_logits=True)
-        main_pred = vocab_parallel_argmax(out.logits, tp_group)  # [b, s]
-        stats = {"loss_main": (out.main_loss.item(), 1.0)}
-        stats["acc_main"] = _accuracy(main_pred, labels)
-        for k, logits_k in enumerate(out.mtp_logits or [], start=1):
-            stats[f"loss_mtp_step_{k}"] = (out.mtp_step_losses[f"mtp_step_{k}"].item(), 1.0)
-            pred_k = vocab_parallel_argmax(logits_k, tp_group)
-            stats[f"acc_mtp_step_{k}"] = _accuracy(pred_k, step_targets(labels, k))
-            # head k at i vs main head at i + k, over positions where i + k is in the sequence
-            agree = (pred_k[:, :-k] == main_pred[:, k:]).float()
-            stats[f"acceptance_pos_{k}"] = (agree.sum().item(), float(agree.numel()))
-        for name, (num, den) in stats.items():
-            n, d = sums.get(name, (0.0, 0.0))
-            sums[name] = (n + num, d + den)
-        n_batches += 1
+        add_batch_stats(sums, out, labels, tp_group)
+        for name, value in etd_metrics(model).items():  # ETD depth and routing (none otherwise)
+            num, den = sums.get(name, (0.0, 0.0))
+            sums[name] = (num + value, den + 1.0)
     model.train(was_training)
+    return reduce_stats(sums, parallel_state.get_data_parallel_group())
+
+
+def add_batch_stats(
+    sums: dict[str, tuple[float, float]], out, labels: torch.Tensor, tp_group
+) -> None:
+    """Add one batch's (numerator, denominator) per metric to ``sums``; ``out`` is the MTPOutput
+    of a forward with ``return_mtp_logits=True`` (the pipeline's last stage calls this too)."""
+    main_pred = vocab_parallel_argmax(out.logits, tp_group)  # [b, s]
+    stats = {"loss_main": (out.main_loss.item(), 1.0)}
+    stats["acc_main"] = _accuracy(main_pred, labels)
+    for k, logits_k in enumerate(out.mtp_logits or [], start=1):
+        stats[f"loss_mtp_step_{k}"] = (out.mtp_step_losses[f"mtp_step_{k}"].item(), 1.0)
+        pred_k = vocab_parallel_argmax(logits_k, tp_group)
+        stats[f"acc_mtp_step_{k}"] = _accuracy(pred_k, step_targets(labels, k))
+        # head k at i vs main head at i + k, over positions where i + k is in the sequence
+        agree = (pred_k[:, :-k] == main_pred[:, k:]).float()
+        stats[f"acceptance_pos_{k}"] = (agree.sum().item(), float(agree.numel()))
+    for name, (num, den) in stats.items():
+        n, d = sums.get(name, (0.0, 0.0))
+        sums[name] = (n + num, d + den)
+
+
+def reduce_stats(sums: dict[str, tuple[float, float]], dp_group) -> dict[str, float]:
+    """Sum (numerator, denominator) pairs over ``dp_group`` -> {'val/<name>': ratio}."""
     names = sorted(sums)
     totals = torch.tensor([[sums[n][0], sums[n][1]] for n in names], dtype=torch.float64)
-    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    dist.all_reduce(totals, group=dp_group)
     return {
         f"val/{n}": (totals[i, 0] / totals[i, 1].clamp_min(1)).item() for i, n in enumerate(names)
     }

@@ -25,12 +25,14 @@ from megatron.core import parallel_state
 from mtp_megatron.config import ConfigError
 from mtp_megatron.data import TokenBatches, eval_batches, prepare_data
 from mtp_megatron.model import build_model
+from mtp_megatron.model.etd import etd_metrics
 from mtp_megatron.parallel import initialize_parallel
 from mtp_megatron.recipe import Recipe
 from mtp_megatron.train.checkpoint import load_latest, read_latest, save_checkpoint
 from mtp_megatron.train.engine import build_engine
 from mtp_megatron.train.evaluate import evaluate
 from mtp_megatron.train.logger import RunLogger
+from mtp_megatron.train.pipeline_engine import PipelineSteps, build_pipeline_engine
 
 ResumeMode = Literal["auto", "require", "never"]
 
@@ -124,8 +126,16 @@ def train(
     )
 
     torch.manual_seed(tcfg.seed)  # same master weights on every rank, sliced per TP rank
-    model = build_model(recipe.model).to(device)
-    engine = build_engine(model, tcfg, device)
+    model = build_model(recipe.model, training=tcfg.mtp)
+    pipe = None  # PP > 1: DeepSpeed's pipeline engine runs the steps (train/pipeline_engine.py)
+    if par.pipeline_parallel_size > 1:
+        engine = build_pipeline_engine(model, tcfg, par.pipeline_partition, device)
+        pipe = PipelineSteps(engine, recipe.model.mtp.num_predict_tokens if recipe.model.mtp else 0)
+        model = engine.module  # this stage's modules only
+        say(f"[setup] pipeline ({par.pipeline_partition}): {model.describe()}")
+    else:
+        model = model.to(device)
+        engine = build_engine(model, tcfg, device)
     n_params = sum(p.numel() for p in model.parameters())
     say(f"[setup] model: {n_params / 1e6:.2f}M parameters on this rank, seq_len {seq_len}")
 
@@ -159,6 +169,8 @@ def train(
             dp_rank=layout.data_parallel_rank,
             dp_size=layout.data_parallel_size,
         )
+        if pipe is not None:
+            return pipe.evaluate(val)
         return evaluate(engine.module, ((i.to(device), lab.to(device)) for i, lab in val))
 
     stop = _StopFlag()
@@ -169,19 +181,23 @@ def train(
     try:
         for step in range(start_step, tcfg.steps):
             t0 = time.perf_counter()
-            sums = None
-            for micro in range(tcfg.grad_accum):
-                input_ids, labels = batches.batch(step, micro, tcfg.grad_accum)
-                out = engine(input_ids.to(device), labels=labels.to(device), step=step)
-                engine.backward(out.loss)
-                engine.step()
-                values = _step_values(out)
-                sums = values if sums is None else sums + values
-            # mean over micro-batches and data-parallel ranks, in one all-reduce
-            sums = sums / (tcfg.grad_accum * layout.data_parallel_size)
-            dist.all_reduce(sums, group=dp_group)
+            if pipe is not None:  # the last stage's values, DP mean, on every rank
+                metrics = pipe.train_step(batches, step, tcfg.grad_accum)
+            else:
+                sums = None
+                for micro in range(tcfg.grad_accum):
+                    input_ids, labels = batches.batch(step, micro, tcfg.grad_accum)
+                    out = engine(input_ids.to(device), labels=labels.to(device), step=step)
+                    engine.backward(out.loss)
+                    engine.step()
+                    values = _step_values(out)
+                    sums = values if sums is None else sums + values
+                # mean over micro-batches and data-parallel ranks, in one all-reduce
+                sums = sums / (tcfg.grad_accum * layout.data_parallel_size)
+                dist.all_reduce(sums, group=dp_group)
+                metrics = _named(sums, out)
+                metrics.update(etd_metrics(engine.module, "train/"))  # last micro-batch, this rank
             dt = time.perf_counter() - t0
-            metrics = _named(sums, out)
             metrics["train/lr"] = engine.get_lr()[0]
             grad_norm = engine.get_global_grad_norm()
             if grad_norm is not None:
@@ -202,7 +218,8 @@ def train(
             )
             due = tcfg.checkpoint_every and (step + 1) % tcfg.checkpoint_every == 0
             if due or last or stopping:
-                tag = save_checkpoint(engine, ckpt_dir, step + 1, client_state(step + 1), tcfg.keep_last)
+                state = client_state(step + 1)
+                tag = save_checkpoint(engine, ckpt_dir, step + 1, state, tcfg.keep_last)
                 say(f"[checkpoint] {ckpt_dir / tag}")
             if stopping:
                 result.stopped_early = True
