@@ -206,6 +206,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     return main_report(args.rest)
 
 
+def cmd_bench_memory(args: argparse.Namespace) -> int:
+    """Peak memory and step time: NTP vs MTP K=4 plain / sequential / sequential + checkpointing."""
+    from mtp_megatron.bench.memory import main_bench_memory
+
+    return main_bench_memory(args.rest)
+
+
 def cmd_bench_train(args: argparse.Namespace) -> int:
     """Training throughput: NTP vs MTP K=4 per head type, and ours vs plain PyTorch."""
     from mtp_megatron.bench.train_throughput import main_bench_train
@@ -286,6 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench_train)
 
+    p = sub.add_parser("bench-memory", help=cmd_bench_memory.__doc__, add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench_memory)
+
     p = sub.add_parser("etd-split", help=cmd_etd_split.__doc__, add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_etd_split)
@@ -301,10 +312,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that parse their own arguments (argparse's REMAINDER drops leading --options).
+PASSTHROUGH = {
+    "bench-train": cmd_bench_train,
+    "bench-memory": cmd_bench_memory,
+    "etd-split": cmd_etd_split,
+    "report": cmd_report,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     import mtp_megatron  # noqa: F401  (quiets megatron's import-time warnings)
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in PASSTHROUGH:
+        args = argparse.Namespace(rest=argv[1:], func=PASSTHROUGH[argv[0]])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ConfigError, ValueError) as e:

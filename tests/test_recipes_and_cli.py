@@ -139,3 +139,11 @@ def test_launcher_rejects_a_bad_recipe_before_starting_processes(tmp_path):
         timeout=120,
     )
     assert layout.returncode == 2 and "cannot be split" in layout.stderr
+
+
+@pytest.mark.parametrize("command", ["bench-train", "bench-memory", "etd-split", "report"])
+def test_passthrough_commands_take_their_own_options(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    assert f"python -m mtp_megatron {command}" in capsys.readouterr().out
