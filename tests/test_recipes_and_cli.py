@@ -107,37 +107,24 @@ def test_each_invalid_field_fails_with_its_name(override, message):
         load_recipe(RECIPES_DIR / "demo.yaml", override.split())
 
 
-def test_launcher_rejects_a_bad_recipe_before_starting_processes(tmp_path):
-    env = dict(os.environ, PYTHON=sys.executable, NPROC="2")
-    bad = subprocess.run(
-        [
-            "bash",
-            str(RECIPES_DIR.parent / "launch" / "train.sh"),
-            str(RECIPES_DIR / "demo.yaml"),
-            "train.zero_stage=9",
-        ],
+def _launch(override: str, cwd: Path) -> subprocess.CompletedProcess:
+    launcher = RECIPES_DIR.parent / "launch" / "train.sh"
+    return subprocess.run(
+        ["bash", str(launcher), str(RECIPES_DIR / "demo.yaml"), override],
         capture_output=True,
         text=True,
-        env=env,
-        cwd=tmp_path,
+        env=dict(os.environ, PYTHON=sys.executable, NPROC="2"),
+        cwd=cwd,
         timeout=120,
     )
+
+
+def test_launcher_rejects_a_bad_recipe_before_starting_processes(tmp_path):
+    bad = _launch("train.zero_stage=9", tmp_path)
     assert bad.returncode == 2
     assert "train.zero_stage=9" in bad.stderr
     assert "torch.distributed" not in bad.stdout + bad.stderr  # torchrun never started
-    layout = subprocess.run(
-        [
-            "bash",
-            str(RECIPES_DIR.parent / "launch" / "train.sh"),
-            str(RECIPES_DIR / "demo.yaml"),
-            "parallel.tensor_parallel_size=4",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=120,
-    )
+    layout = _launch("parallel.tensor_parallel_size=4", tmp_path)
     assert layout.returncode == 2 and "cannot be split" in layout.stderr
 
 

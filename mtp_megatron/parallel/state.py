@@ -78,7 +78,8 @@ def initialize_parallel(
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=timeout_s)
-        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun / srun
+        launched = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR"))
+        if launched:  # torchrun (a bare RANK may be inherited from a one-process parent)
             dist.init_process_group(backend=backend, timeout=timeout)
         else:  # a plain python process: a world of one
             # DeepSpeed reads torchrun's variables even in a single process
