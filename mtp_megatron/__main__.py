@@ -192,34 +192,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_etd_split(args: argparse.Namespace) -> int:
-    """Angular distance between the layers of a trained run, and the ETD split it proposes."""
-    from mtp_megatron.etd_split import main_etd_split
-
-    return main_etd_split(args.rest)
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    """Side-by-side table (markdown, CSV) and plots of the runs of a sweep."""
-    from mtp_megatron.report import main_report
-
-    return main_report(args.rest)
-
-
-def cmd_bench_memory(args: argparse.Namespace) -> int:
-    """Peak memory and step time: NTP vs MTP K=4 plain / sequential / sequential + checkpointing."""
-    from mtp_megatron.bench.memory import main_bench_memory
-
-    return main_bench_memory(args.rest)
-
-
-def cmd_bench_train(args: argparse.Namespace) -> int:
-    """Training throughput: NTP vs MTP K=4 per head type, and ours vs plain PyTorch."""
-    from mtp_megatron.bench.train_throughput import main_bench_train
-
-    return main_bench_train(args.rest)
-
-
 def validation_table(ev: dict[str, float]) -> str:
     """Markdown table of validation loss, top-1 accuracy and acceptance per head."""
     rows = [
@@ -235,6 +207,39 @@ def validation_table(ev: dict[str, float]) -> str:
         )
         k += 1
     return "\n".join(rows)
+
+
+# Commands that parse their own arguments: name -> (module, entry function, summary).
+# main() hands them the rest of argv (argparse's REMAINDER would drop leading --options).
+PASSTHROUGH = {
+    "bench-train": (
+        "mtp_megatron.bench.train_throughput",
+        "main_bench_train",
+        "Training throughput: NTP vs MTP K=4 per head type, and ours vs plain PyTorch.",
+    ),
+    "bench-memory": (
+        "mtp_megatron.bench.memory",
+        "main_bench_memory",
+        "Peak memory and step time: NTP vs MTP K=4 plain / sequential / + checkpointing.",
+    ),
+    "etd-split": (
+        "mtp_megatron.etd_split",
+        "main_etd_split",
+        "Angular distance between the layers of a trained run, and the ETD split it proposes.",
+    ),
+    "report": (
+        "mtp_megatron.report",
+        "main_report",
+        "Side-by-side table (markdown, CSV) and plots of the runs of a sweep.",
+    ),
+}
+
+
+def run_passthrough(name: str, rest: list[str]) -> int:
+    import importlib
+
+    module, function, _ = PASSTHROUGH[name]
+    return getattr(importlib.import_module(module), function)(rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -289,21 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.set_defaults(func=cmd_bench_decode)
 
-    p = sub.add_parser("bench-train", help=cmd_bench_train.__doc__, add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_bench_train)
-
-    p = sub.add_parser("bench-memory", help=cmd_bench_memory.__doc__, add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_bench_memory)
-
-    p = sub.add_parser("etd-split", help=cmd_etd_split.__doc__, add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_etd_split)
-
-    p = sub.add_parser("report", help=cmd_report.__doc__, add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_report)
+    for name, (_, _, summary) in PASSTHROUGH.items():  # listed in --help; main() dispatches
+        sub.add_parser(name, help=summary, add_help=False)
 
     p = sub.add_parser("demo", help=cmd_demo.__doc__)
     p.add_argument("overrides", nargs="*", help="dotted overrides of recipes/demo.yaml")
@@ -312,21 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Commands that parse their own arguments (argparse's REMAINDER drops leading --options).
-PASSTHROUGH = {
-    "bench-train": cmd_bench_train,
-    "bench-memory": cmd_bench_memory,
-    "etd-split": cmd_etd_split,
-    "report": cmd_report,
-}
-
-
 def main(argv: list[str] | None = None) -> int:
     import mtp_megatron  # noqa: F401  (quiets megatron's import-time warnings)
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in PASSTHROUGH:
-        args = argparse.Namespace(rest=argv[1:], func=PASSTHROUGH[argv[0]])
+        name, rest = argv[0], argv[1:]
+        args = argparse.Namespace(func=lambda _: run_passthrough(name, rest))
     else:
         args = build_parser().parse_args(argv)
     try:
