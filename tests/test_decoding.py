@@ -53,6 +53,62 @@ def test_greedy_equals_plain_and_drafts_follow_the_heads(single_process, variant
             assert checked >= 24
 
 
+@pytest.mark.parametrize("variant", [VARIANTS[0], ("transformer", False, "independent")])
+def test_reduced_draft_vocabulary_keeps_greedy_output(single_process, variant):
+    """Drafts restricted to half the vocabulary: every draft is in it, output still plain."""
+    model = _model(variant)
+    V = model.cfg.vocab_size
+    allowed = torch.randperm(V, generator=torch.Generator().manual_seed(0))[: V // 2]
+    prompts = _prompts(model.cfg, 3, 6, 1)
+    plain, _ = generate_plain(model, prompts, 24)
+    out, stats = model.mtp_decoder.generate(
+        prompts, max_new_tokens=24, lookahead=3, draft_vocab=allowed, record_drafts=True
+    )
+    assert torch.equal(out, plain)
+    drafted = torch.cat([d.flatten() for _, d, _ in stats["drafts"]])
+    assert torch.isin(drafted, allowed).all()
+    # the full vocabulary as "reduced" one proposes exactly the unrestricted drafts
+    _, full = model.mtp_decoder.generate(prompts, 24, lookahead=3, record_drafts=True)
+    _, same = model.mtp_decoder.generate(
+        prompts, 24, lookahead=3, record_drafts=True, draft_vocab=list(range(V))
+    )
+    for (_, a, _), (_, b, _) in zip(full["drafts"], same["drafts"]):
+        assert torch.equal(a, b)
+
+
+def test_frequent_token_ids_and_draft_vocab_errors(single_process):
+    from mtp_megatron.decoding.draft_vocab import frequent_token_ids
+
+    stream = torch.tensor([5, 5, 5, 1, 1, 7, 7, 7, 7, 2])
+    assert frequent_token_ids(stream, 3, 10).tolist() == [1, 5, 7]  # sorted ids of the top 3
+    with pytest.raises(ValueError, match="draft vocabulary size 11"):
+        frequent_token_ids(stream, 11, 10)
+    model = _model(VARIANTS[0])
+    prompts = _prompts(model.cfg, 1, 4, 0)
+    with pytest.raises(ValueError, match="outside 0"):
+        model.mtp_decoder.generate(prompts, 4, draft_vocab=[0, model.cfg.vocab_size])
+    with pytest.raises(ValueError, match="non-empty 1-D"):
+        model.mtp_decoder.generate(prompts, 4, draft_vocab=[])
+
+
+def test_decoding_fast_path_matches_megatron_layers(single_process):
+    """Without autograd at TP=1 the linears bypass megatron (and use cached transposed weights
+    on CPU): the logits equal the megatron path's, and an in-place weight update is seen."""
+    model = _model(VARIANTS[0])
+    ids = _prompts(model.cfg, 2, 9, 3)
+    with torch.no_grad():
+        fast = model(ids, return_mtp_logits=True)
+    slow = model(ids, return_mtp_logits=True)  # autograd on: megatron's path
+    torch.testing.assert_close(fast.logits, slow.logits.detach(), rtol=1e-5, atol=1e-5)
+    for a, b in zip(fast.mtp_logits, slow.mtp_logits):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        model.trunk.layers[0].mlp.inner.down.weight.mul_(2.0)  # as an optimizer step would
+        changed = model(ids).logits
+    torch.testing.assert_close(changed, model(ids).logits.detach(), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(changed, fast.logits)
+
+
 def test_kv_cache_decoding_equals_recomputation(single_process):
     model = _model(VARIANTS[0])
     prompts = _prompts(model.cfg, 2, 6, 0)
@@ -128,12 +184,17 @@ def _sequence_probs(model, prompt, n, temperature, top_k):
     return probs
 
 
-@pytest.mark.parametrize("spec_temp", [0.0, 1.0])
-def test_speculative_sampling_keeps_the_distribution(single_process, spec_temp):
+@pytest.mark.parametrize(
+    "spec_temp, draft_vocab",
+    [(0.0, None), (1.0, None), (1.0, [0, 2, 3, 5, 8, 9, 11, 14])],
+    ids=["greedy-drafts", "sampled-drafts", "sampled-drafts-reduced-vocab"],
+)
+def test_speculative_sampling_keeps_the_distribution(single_process, spec_temp, draft_vocab):
     """Chi-square goodness of fit of the first 3 sampled tokens against exact enumeration.
 
     top_k=3 keeps 27 possible continuations; N=3000 samples. The test fails when the p-value is
-    below 1e-4: a correct sampler fails it once in 10,000 runs (and the seed is fixed).
+    below 1e-4: a correct sampler fails it once in 10,000 runs (and the seed is fixed). With a
+    reduced draft vocabulary (half the tokens) q is zero elsewhere: still exact.
     """
     model = _model(("transformer", True, "chained"), seed=3, vocab_size=16, vocab_pad_multiple=16)
     prompt = torch.tensor([[1, 5, 7, 2]])
@@ -150,6 +211,7 @@ def test_speculative_sampling_keeps_the_distribution(single_process, spec_temp):
         lookahead=2,
         speculation_temperature=spec_temp,
         generator=gen,
+        draft_vocab=draft_vocab,
     )
     for row in out[:, 4:7].tolist():
         counts[tuple(row)] = counts.get(tuple(row), 0) + 1

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mtp_megatron.decoding.draft_vocab import DraftVocab
 from mtp_megatron.decoding.kv_cache import KVCacheSet
 from mtp_megatron.decoding.sampling import (
     SamplingConfig,
@@ -179,6 +180,7 @@ class SpeculativeDecoder:
         acceptance_threshold: float = 1.0,
         generator: torch.Generator | None = None,
         record_drafts: bool = False,
+        draft_vocab: torch.Tensor | list[int] | None = None,
     ) -> tuple[torch.Tensor, dict]:
         """Generate ``max_new_tokens`` per row; returns (tokens [b, T + max_new], stats).
 
@@ -187,6 +189,9 @@ class SpeculativeDecoder:
         ``acceptance_threshold`` < 1 (lossy, faster). stats["speedup"] is tokens per trunk
         forward (plain decoding makes one forward per token): the reduction in trunk calls, not
         wall-clock time.
+
+        ``draft_vocab``: token ids the heads may propose (e.g. ``frequent_token_ids`` of the
+        training data); cheaper draft steps, same output (see ``draft_vocab.py``). None: all.
         """
         K = self.mtp.num_steps
         L = self.mtp.cfg.speculation_lookahead if lookahead is None else lookahead
@@ -198,12 +203,26 @@ class SpeculativeDecoder:
         sampling.validate()
         capacity = _validate_request(self.model, input_ids, max_new_tokens, 2 * L + 2)
         capacity = max(capacity, input_ids.shape[1] + max_new_tokens + 2 * L + 2)
+        vocab = None
+        if draft_vocab is not None:
+            trunk = self.runner.trunk
+            vocab = DraftVocab.build(
+                draft_vocab, trunk.output_weight, self.runner.vocab, trunk.ctx.tp_size
+            )
         return self._run(
-            input_ids, max_new_tokens, L, sampling, eos_token_id, generator, capacity, record_drafts
+            input_ids,
+            max_new_tokens,
+            L,
+            sampling,
+            eos_token_id,
+            generator,
+            capacity,
+            record_drafts,
+            vocab,
         )
 
     # -- internals -------------------------------------------------------------------------------
-    def _run(self, input_ids, max_new, L, sampling, eos, gen, capacity, record_drafts):
+    def _run(self, input_ids, max_new, L, sampling, eos, gen, capacity, record_drafts, vocab):
         runner, mtp = self.runner, self.mtp
         trunk = runner.trunk
         b, T = input_ids.shape
@@ -218,7 +237,7 @@ class SpeculativeDecoder:
         trunk_cache = runner.new_caches(b, capacity, trunk.num_kv_caches, ref)  # ETD: per iteration
         # hist[0] = h^0 (normalised trunk output), hist[k] = h^k; hist_z = pre-norm trunk output
         hist = [torch.zeros(b, capacity, hidden, dtype=ref.dtype, device=dev) for _ in range(L + 1)]
-        hist_z = torch.zeros_like(hist[0])
+        hist_z = None if mtp.chained else torch.zeros_like(hist[0])
         head_caches = [
             runner.new_caches(b, capacity, 1, ref) if mtp.head(k).has_attention else None
             for k in range(1, L + 1)
@@ -226,41 +245,42 @@ class SpeculativeDecoder:
         valid = torch.zeros(L + 1, b, dtype=torch.long, device=dev)  # committed-valid prefix
 
         fwd = runner.trunk_forward(input_ids, trunk_cache)  # prefill
-        hist[0][:, :T], hist_z[:, :T] = fwd.h, fwd.z
+        hist[0][:, :T] = fwd.h
+        if hist_z is not None:
+            hist_z[:, :T] = fwd.z
         p = torch.full((b,), T - 1, dtype=torch.long, device=dev)  # last processed position
         seq[rows, p + 1] = _pick(fwd.logits[:, -1], sampling, gen)
         calls, rounds = 1, 0
-        proposed = torch.zeros(L, dtype=torch.long)
-        accepted_at = torch.zeros(L, dtype=torch.long)
-        accepted_total = 0
-
-        active_rounds = 0
+        active_rounds = torch.zeros((), dtype=torch.long, device=dev)  # row-rounds that drafted
+        accepted_at = torch.zeros(L, dtype=torch.long, device=dev)  # per draft position
+        draft_slots = torch.arange(L, device=dev)
         draft_log = []
         while int((p + 2 - T).min()) < max_new:  # tokens committed beyond the prompt
             p_before = p
-            drafts, q = self._draft(p, seq, hist, hist_z, head_caches, valid, L, sampling, gen)
+            drafts, q = self._draft(
+                p, seq, hist, hist_z, head_caches, valid, L, sampling, gen, vocab
+            )
+            seq[rows[:, None], (p + 2)[:, None] + draft_slots] = drafts  # x_{p+2}..x_{p+1+L}
             block = torch.cat([seq[rows, p + 1][:, None], drafts], dim=1)  # [b, L+1]
             trunk_cache.set_lengths(p + 1)
             fwd = runner.trunk_forward(block, trunk_cache)
             calls += 1
             rounds += 1
             pos = (p + 1)[:, None] + torch.arange(L + 1, device=dev)  # [b, L+1]
-            hist[0][rows[:, None], pos], hist_z[rows[:, None], pos] = fwd.h, fwd.z
+            hist[0][rows[:, None], pos] = fwd.h
+            if hist_z is not None:
+                hist_z[rows[:, None], pos] = fwd.z
             m, nxt = self._verify(fwd.logits, drafts, q, sampling, gen)
             active = (p + 2 - T) < max_new  # finished rows ride along without advancing
             m = torch.where(active, m, torch.zeros_like(m))
             nxt = torch.where(active, nxt, seq[rows, p + 1])
-            for r in range(b):  # commit drafts d_1..d_m (already in seq) and the next token
-                seq[r, p[r] + 2 : p[r] + 2 + m[r]] = drafts[r, : m[r]]
+            # drafts sit at x_{p+2}..x_{p+1+L} (scratch): committing d_1..d_m is moving p and
+            # writing the next token over the first rejected draft
             p = torch.where(active, p + 1 + m, p)
             seq[rows, p + 1] = nxt
             valid[0] = p + 1
-            n_active = int(active.sum())
-            proposed += n_active
-            for k in range(L):
-                accepted_at[k] += int((m > k).sum())
-            accepted_total += int(m.sum())
-            active_rounds += n_active
+            active_rounds += active.sum()
+            accepted_at += (m[:, None] > draft_slots).sum(0)
             if record_drafts:
                 draft_log.append((p_before.clone(), drafts.clone(), m.clone()))
             if eos is not None and bool(
@@ -271,15 +291,16 @@ class SpeculativeDecoder:
         max_new_done = min(max_new, int((p + 2 - T).min()))
         out, lengths = _finish(seq, None, T, max_new if eos is None else max_new_done, eos)
         new = int(lengths.sum())
-        per_pos = (accepted_at.float() / proposed.clamp_min(1).float()).tolist()
+        drafted = max(1, int(active_rounds))  # every active row proposes L drafts per round
+        accepted_total = int(accepted_at.sum())
         stats = {
             "new_tokens": new,
             "forward_calls": calls,
             "rounds": rounds,
             "lookahead": L,
-            "avg_acceptance_rate": accepted_total / max(1, int(proposed.sum())),
-            "acceptance_rate_per_position": per_pos,
-            "mean_accepted_per_step": accepted_total / max(1, active_rounds),
+            "avg_acceptance_rate": accepted_total / (drafted * L),
+            "acceptance_rate_per_position": (accepted_at.float() / drafted).tolist(),
+            "mean_accepted_per_step": accepted_total / drafted,
             "tokens_per_forward": new / (calls * b),
             "wall_time_s": wall,
             "tokens_per_s": new / wall,
@@ -289,8 +310,11 @@ class SpeculativeDecoder:
             stats["drafts"] = draft_log  # (position p [b], drafts [b, L], accepted [b]) per round
         return out, stats
 
-    def _draft(self, p, seq, hist, hist_z, head_caches, valid, L, sampling, gen):
-        """Propose L drafts per row from position p; returns (drafts [b, L], q [b, L, V] | None)."""
+    def _draft(self, p, seq, hist, hist_z, head_caches, valid, L, sampling, gen, vocab):
+        """Propose L drafts per row from position p; returns (drafts [b, L], q [b, L, V] | None).
+
+        ``vocab``: the reduced draft vocabulary (None: the whole vocabulary).
+        """
         runner, mtp = self.runner, self.mtp
         trunk = runner.trunk
         b = p.shape[0]
@@ -317,9 +341,16 @@ class SpeculativeDecoder:
             h = mtp.step(k, prev, emb, trunk.final_norm, trunk.rope, pos, kv)  # [b, w, h]
             hist[k][rows, pos] = h
             last = (p - start)[:, None, None].expand(b, 1, h.shape[-1])
-            logits = runner.logits(h.gather(1, last))[:, 0]  # at position p: [b, V]
+            h_p = h.gather(1, last)  # at position p: [b, 1, h]
+            if vocab is None:
+                logits = runner.logits(h_p)[:, 0]  # [b, V]
+            else:
+                logits = vocab.logits(h_p, runner.logits)[:, 0]  # [b, D]
             q = draft_probs(logits, sampling)
             d = logits.argmax(-1) if q is None else sample(q, gen)
+            if vocab is not None:
+                d = vocab.ids[d]
+                q = None if q is None else vocab.scatter(q)
             seq[rows[:, 0], p + 1 + k] = d  # scratch slot of draft k (x_{p+1+k})
             drafts.append(d)
             qs.append(q)

@@ -35,6 +35,7 @@ from mtp_megatron.model.layers import (
     RMSNorm,
     RotaryEmbedding,
     TransformerLayer,
+    tp_linear,
 )
 from mtp_megatron.model.loss import future_token_ids
 from mtp_megatron.model.recompute import checkpointed
@@ -93,7 +94,7 @@ class MTPHead(nn.Module):
             if self.eh_proj is None:  # shared_lm_head: parameter-free sum
                 x = hprev + e
             else:
-                x = self.eh_proj(torch.cat([e, hprev], dim=-1))[0]  # [b, s, 2h] -> [b, s, h/p]
+                x = tp_linear(self.eh_proj, torch.cat([e, hprev], dim=-1))  # [b, s, h/p]
                 x = gather_last_dim(x, self.tp_group)  # [b, s, h]
         if self.block is not None:
             x = self.block(x, rope, positions, kv_cache)

@@ -20,6 +20,7 @@ from mtp_megatron.model.layers import (
     RotaryEmbedding,
     TransformerLayer,
     megatron_parallel_config,
+    tp_linear,
 )
 from mtp_megatron.model.recompute import checkpointed
 from mtp_megatron.parallel import ensure_parallel_initialized, tensor_parallel_group
@@ -107,7 +108,7 @@ class DecoderTrunk(nn.Module):
     def logits(self, normed: torch.Tensor) -> torch.Tensor:
         """Normalised states [b, s, h] -> vocab-parallel logits [b, s, V/p] (shared by heads)."""
         weight = self.embedding.weight if self.cfg.tie_embeddings else None
-        return self.output_layer(normed, weight=weight)[0]
+        return tp_linear(self.output_layer, normed, weight)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None):
         """[b, s] -> (trunk hidden before the final norm [b, s, h], logits [b, s, V/p])."""

@@ -255,7 +255,9 @@ def _eval_line(step: int, ev: dict[str, float]) -> str:
     parts = [f"val loss {ev['val/loss_main']:.4f}", f"acc {ev['val/acc_main']:.3f}"]
     k = 1
     while f"val/acceptance_pos_{k}" in ev:
-        parts.append(f"head{k} acc {ev[f'val/acc_mtp_step_{k}']:.3f} "
-                     f"accept {ev[f'val/acceptance_pos_{k}']:.3f}")
+        parts.append(
+            f"head{k} acc {ev[f'val/acc_mtp_step_{k}']:.3f} "
+            f"accept {ev[f'val/acceptance_pos_{k}']:.3f}"
+        )
         k += 1
     return f"[eval] step {step}: " + " | ".join(parts)
