@@ -301,7 +301,7 @@ def test_pp2_checkpoint_decodes_in_one_process(pp2_runs, single_process):
 def test_invalid_pipeline_layouts_fail_before_launch(capsys):
     from mtp_megatron.__main__ import main
 
-    demo = REPO / "recipes" / "demo.yaml"  # 4 decoder layers
+    demo = REPO / "recipes" / "small.yaml"  # 4 decoder layers
     with pytest.raises(ConfigError, match="every pipeline stage needs at least one decoder layer"):
         load_recipe(demo, ["parallel.pipeline_parallel_size=5"])
     for zero in (2, 3):

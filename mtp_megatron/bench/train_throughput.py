@@ -25,7 +25,7 @@ from torch import nn
 
 from mtp_megatron.config import ConfigError, ModelConfig, MTPConfig
 
-DEMO_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "demo.yaml"
+SMALL_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "small.yaml"
 DEFAULT_BATCH = 8
 """Sequences per step when the recipe has no ``train.micro_batch_size``."""
 MTP_STEPS = 4
@@ -312,7 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "overrides", nargs="*", help="dotted recipe overrides: model.hidden_size=128"
     )
-    parser.add_argument("--recipe", default=str(DEMO_RECIPE), help="recipe YAML (default: demo)")
+    parser.add_argument(
+        "--recipe", default=str(SMALL_RECIPE), help="recipe YAML (default: small.yaml)"
+    )
     parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds")
     parser.add_argument("--steps-per-round", type=int, default=3, help="steps per case per round")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per case first")
