@@ -92,21 +92,31 @@ def test_frequent_token_ids_and_draft_vocab_errors(single_process):
 
 
 def test_decoding_fast_path_matches_megatron_layers(single_process):
-    """Without autograd at TP=1 the linears bypass megatron (and use cached transposed weights
-    on CPU): the logits equal the megatron path's, and an in-place weight update is seen."""
+    """Inside direct_linears() without autograd at TP=1 the linears bypass megatron (with
+    transposed weight copies on CPU): the logits equal the megatron path's. The copies live only
+    for one decode, so a weight update between decodes is seen."""
+    from mtp_megatron.model.layers import _DirectLinears, direct_linears
+
     model = _model(VARIANTS[0])
     ids = _prompts(model.cfg, 2, 9, 3)
-    with torch.no_grad():
+    with direct_linears(), torch.no_grad():
         fast = model(ids, return_mtp_logits=True)
-    slow = model(ids, return_mtp_logits=True)  # autograd on: megatron's path
-    torch.testing.assert_close(fast.logits, slow.logits.detach(), rtol=1e-5, atol=1e-5)
-    for a, b in zip(fast.mtp_logits, slow.mtp_logits):
-        torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-5)
+        assert len(_DirectLinears.transposed) > 0  # the direct path ran
+    assert len(_DirectLinears.transposed) == 0  # freed with the decode
     with torch.no_grad():
-        model.trunk.layers[0].mlp.inner.down.weight.mul_(2.0)  # as an optimizer step would
-        changed = model(ids).logits
-    torch.testing.assert_close(changed, model(ids).logits.detach(), rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(changed, fast.logits)
+        slow = model(ids, return_mtp_logits=True)  # outside a decode: megatron's path
+    torch.testing.assert_close(fast.logits, slow.logits, rtol=1e-5, atol=1e-5)
+    for a, b in zip(fast.mtp_logits, slow.mtp_logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    before, _ = generate_plain(model, ids, 6)
+    with torch.no_grad():
+        model.trunk.layers[0].mlp.inner.down.weight.data.mul_(-3.0)  # like ZeRO's buffer writes
+    after, _ = generate_plain(model, ids, 6)
+    with torch.no_grad():
+        V = model.cfg.vocab_size
+        expected = [model(after[:, : 9 + i]).logits[:, -1, :V].argmax(-1) for i in range(6)]
+    assert torch.equal(after[:, 9:], torch.stack(expected, 1))
+    assert not torch.equal(before, after)
 
 
 def test_kv_cache_decoding_equals_recomputation(single_process):

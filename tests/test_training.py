@@ -1,5 +1,6 @@
 """Training under DeepSpeed with gloo processes: ZeRO 1/2/3, TP=2, exact resume, SIGTERM."""
 
+import json
 import os
 import signal
 import subprocess
@@ -170,7 +171,9 @@ def _train_then_load(rank: int, world: int, overrides: list[str]):
     return gather_last_dim(logits, tensor_parallel_group())
 
 
-def test_checkpoint_trained_at_tp2_loads_into_one_process(tmp_path, data_cache, single_process):
+def test_checkpoint_trained_at_tp2_loads_into_one_process(
+    tmp_path, data_cache, single_process, capsys
+):
     import torch
 
     from mtp_megatron.decoding.load import load_run
@@ -186,3 +189,21 @@ def test_checkpoint_trained_at_tp2_loads_into_one_process(tmp_path, data_cache, 
     torch.testing.assert_close(at_tp1, at_tp2, rtol=1e-4, atol=1e-5)
     out, stats = run.model.mtp_decoder.generate(ids[:1, :8], max_new_tokens=8)
     assert stats["new_tokens"] == 8
+
+    # the CLI on the same run: generation and the decode benchmark (greedy output checked)
+    from mtp_megatron.__main__ import main
+
+    run_dir = str(tmp_path / "run")
+    assert (
+        main(
+            ["generate", "--checkpoint", run_dir, "--prompt", "def f(x):", "--max-new-tokens", "6"]
+        )
+        == 0
+    )
+    bench = ["bench-decode", "--checkpoint", run_dir, "--prompts", "2", "--prompt-len", "8"]
+    assert main([*bench, "--max-new-tokens", "8", "--draft-vocab", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "| speculative L=2 |" in out and "the 64 most frequent" in out
+    result = json.loads((tmp_path / "run" / "decode_benchmark.json").read_text())
+    assert all(row["identical"] for row in result["rows"])
+    assert [row["new_tokens"] for row in result["rows"]] == [16, 16, 16]

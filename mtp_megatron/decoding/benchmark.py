@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from mtp_megatron.decoding.draft_vocab import frequent_token_ids
 from mtp_megatron.decoding.load import LoadedRun
 from mtp_megatron.decoding.speculative import generate_plain
 
@@ -46,17 +47,25 @@ class DecodeRow:
         return self.new_tokens / max(self.forward_calls, 1)
 
 
-def held_out_prompts(run: LoadedRun, n: int, prompt_len: int) -> list[torch.Tensor]:
-    """n prompts of prompt_len tokens, evenly spaced over the validation token stream."""
+def benchmark_inputs(
+    run: LoadedRun, n: int, prompt_len: int, draft_vocab_size: int = 0
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """n prompts of prompt_len tokens, evenly spaced over the validation token stream, and the
+    draft_vocab_size most frequent training tokens (None when 0: drafts use every token)."""
     from mtp_megatron.data import prepare_data
 
-    data = prepare_data(run.recipe.data, run.recipe.model.vocab_size, log=lambda *a: None)
+    vocab_size = run.recipe.model.vocab_size
+    data = prepare_data(run.recipe.data, vocab_size, log=lambda *a: None)
     stream = torch.from_numpy(data.validation.astype("int64"))
     span = len(stream) - prompt_len - 1
     if span <= 0:
         raise ValueError(f"validation split too short for {prompt_len}-token prompts")
     starts = [int(i * span / max(n, 1)) for i in range(n)]
-    return [stream[s : s + prompt_len][None] for s in starts]
+    prompts = [stream[s : s + prompt_len][None] for s in starts]
+    vocab = None
+    if draft_vocab_size:
+        vocab = frequent_token_ids(data.train, draft_vocab_size, vocab_size)
+    return prompts, vocab
 
 
 def run_decode_benchmark(
@@ -64,6 +73,7 @@ def run_decode_benchmark(
     prompts: list[torch.Tensor],
     max_new_tokens: int,
     lookaheads: list[int],
+    draft_vocab: torch.Tensor | None = None,
 ) -> list[DecodeRow]:
     model = run.model
     device = next(model.parameters()).device
@@ -72,14 +82,17 @@ def run_decode_benchmark(
     warm = prompts[0].to(device)  # first calls pay one-time costs (allocator, kernels): untimed
     generate_plain(model, warm, 8)
     for k in lookaheads:
-        model.mtp_decoder.generate(warm, max_new_tokens=8, lookahead=k)
+        model.mtp_decoder.generate(warm, max_new_tokens=8, lookahead=k, draft_vocab=draft_vocab)
     for prompt in prompts:
         prompt = prompt.to(device)
         plain, stats = generate_plain(model, prompt, max_new_tokens)
         _add(rows[0], stats)
         for row in rows[1:]:
             out, stats = model.mtp_decoder.generate(
-                prompt, max_new_tokens=max_new_tokens, lookahead=row.lookahead
+                prompt,
+                max_new_tokens=max_new_tokens,
+                lookahead=row.lookahead,
+                draft_vocab=draft_vocab,
             )
             _add(row, stats)
             row.identical &= bool(torch.equal(out, plain))

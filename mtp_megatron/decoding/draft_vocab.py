@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 
 def frequent_token_ids(
@@ -36,9 +35,10 @@ class DraftVocab:
 
     ids: torch.Tensor
     """[D] token ids, sorted, unique."""
-    weight: torch.Tensor | None
-    """[D, h] rows of the output layer (TP=1); None under TP, where the gathered full logits are
-    indexed instead (same drafts, no saving)."""
+    weight_t: torch.Tensor | None
+    """[h, D]: the output layer's rows of ``ids``, transposed (row-major [in, out] is the fast
+    layout for a batch-1 CPU matmul); None under TP, where the gathered full logits are indexed
+    instead (same drafts, no saving)."""
     vocab_size: int
     """V: the size of the full draft distribution q (zero outside ``ids``)."""
 
@@ -52,13 +52,13 @@ class DraftVocab:
         if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
             raise ValueError(f"draft_vocab holds ids outside 0..{vocab_size - 1}")
         ids = ids.unique()  # sorted
-        weight = output_weight.detach()[ids] if tp_size == 1 else None  # [D, h] copy
-        return cls(ids=ids, weight=weight, vocab_size=vocab_size)
+        weight_t = output_weight.detach()[ids].t().contiguous() if tp_size == 1 else None
+        return cls(ids=ids, weight_t=weight_t, vocab_size=vocab_size)
 
     def logits(self, h: torch.Tensor, full_logits) -> torch.Tensor:
         """h [b, s, h] -> draft logits over ``ids`` [b, s, D] (``full_logits``: h -> [b, s, V])."""
-        if self.weight is not None:
-            return F.linear(h, self.weight).float()
+        if self.weight_t is not None:
+            return (h @ self.weight_t).float()
         return full_logits(h)[..., self.ids]
 
     def scatter(self, q: torch.Tensor) -> torch.Tensor:

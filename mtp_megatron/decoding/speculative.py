@@ -34,6 +34,7 @@ from mtp_megatron.decoding.sampling import (
     sample,
     target_probs,
 )
+from mtp_megatron.model.layers import direct_linears
 from mtp_megatron.parallel import gather_last_dim
 
 
@@ -120,6 +121,13 @@ def generate_plain(
     use_cache: bool = True,
 ) -> tuple[torch.Tensor, dict]:
     """Plain decoding, one trunk forward per token (``use_cache=False`` recomputes everything)."""
+    with direct_linears():
+        return _generate_plain(
+            model, input_ids, max_new_tokens, sampling, eos_token_id, generator, use_cache
+        )
+
+
+def _generate_plain(model, input_ids, max_new_tokens, sampling, eos_token_id, generator, use_cache):
     sampling = sampling or SamplingConfig()
     sampling.validate()
     capacity = _validate_request(model, input_ids, max_new_tokens, 1)
@@ -203,23 +211,18 @@ class SpeculativeDecoder:
         sampling.validate()
         capacity = _validate_request(self.model, input_ids, max_new_tokens, 2 * L + 2)
         capacity = max(capacity, input_ids.shape[1] + max_new_tokens + 2 * L + 2)
-        vocab = None
-        if draft_vocab is not None:
-            trunk = self.runner.trunk
-            vocab = DraftVocab.build(
-                draft_vocab, trunk.output_weight, self.runner.vocab, trunk.ctx.tp_size
+        with direct_linears():
+            return self._run(
+                input_ids,
+                max_new_tokens,
+                L,
+                sampling,
+                eos_token_id,
+                generator,
+                capacity,
+                record_drafts,
+                draft_vocab,
             )
-        return self._run(
-            input_ids,
-            max_new_tokens,
-            L,
-            sampling,
-            eos_token_id,
-            generator,
-            capacity,
-            record_drafts,
-            vocab,
-        )
 
     # -- internals -------------------------------------------------------------------------------
     def _run(self, input_ids, max_new, L, sampling, eos, gen, capacity, record_drafts, vocab):
@@ -231,6 +234,8 @@ class SpeculativeDecoder:
         hidden = trunk.cfg.hidden_size
         rows = torch.arange(b, device=dev)
         t0 = time.perf_counter()
+        if vocab is not None:  # token ids -> DraftVocab (inside the timed part: it copies rows)
+            vocab = DraftVocab.build(vocab, trunk.output_weight, runner.vocab, trunk.ctx.tp_size)
 
         seq = torch.zeros(b, capacity, dtype=torch.long, device=dev)  # committed + scratch
         seq[:, :T] = input_ids
