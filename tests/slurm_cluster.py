@@ -45,6 +45,10 @@ def cannot_run_reason() -> str | None:
     return None
 
 
+class PackagesUnavailable(RuntimeError):
+    """apt-get could not install SLURM (no network or no package source): an environment limit."""
+
+
 def ensure_installed(log=print) -> None:
     """apt-get install slurm-wlm munge when a binary is missing (a fresh CI machine)."""
     if all(shutil.which(b) for b in BINARIES):
@@ -57,7 +61,7 @@ def ensure_installed(log=print) -> None:
     ):
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(
+            raise PackagesUnavailable(
                 f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
             )
     missing = [b for b in BINARIES if not shutil.which(b)]

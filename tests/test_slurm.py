@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from slurm_cluster import SlurmCluster, cannot_run_reason, ensure_installed
+from slurm_cluster import PackagesUnavailable, SlurmCluster, cannot_run_reason, ensure_installed
 
 from mtp_megatron.report import main_report
 from mtp_megatron.report.runs import load_run
@@ -126,7 +126,10 @@ def _watch(cluster: SlurmCluster, job: str, log: Path, out: Preemption) -> None:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    ensure_installed()
+    try:
+        ensure_installed()
+    except PackagesUnavailable as err:  # no network / package source here: like a missing GPU
+        pytest.skip(f"SLURM is not installed and could not be installed: {err}")
     # 2 nodes x 4 job slots: the sweep's two tasks and the 2-node job all run at once (on the
     # machine's cores, shared)
     with SlurmCluster(tmp_path_factory.mktemp("slurm"), nodes=2, cpus_per_node=4) as c:
