@@ -99,14 +99,15 @@ def tp_linear(
     cost more than a batch-1 matmul on a CPU. Same weights, same result; training, evaluation and
     TP>1 always take megatron's path.
     """
-    w = layer.weight if weight is None else weight
     direct = (
         _DirectLinears.depth > 0
         and not torch.is_grad_enabled()
         and isinstance(layer, (ColumnParallelLinear, RowParallelLinear))  # not a LoRA wrapper
         and layer.tp_group.size() == 1
-        and not hasattr(w, "ds_id")  # a ZeRO-3 partitioned parameter
     )
+    if direct:
+        w = layer.weight if weight is None else weight
+        direct = not hasattr(w, "ds_id")  # a ZeRO-3 partitioned parameter: megatron gathers it
     if not direct:
         return layer(x)[0] if weight is None else layer(x, weight=weight)[0]
     bias = None if layer.skip_bias_add else layer.bias  # megatron returns a skipped bias apart
