@@ -15,14 +15,26 @@ from mtp_megatron.config import (  # noqa: E402
     MTPConfig,
     MTPTrainingConfig,
 )
-from mtp_megatron.model import (  # noqa: E402
-    DecoderTrunk,
-    MTPModel,
-    MTPOutput,
-    build_model,
-    wrap_model_with_mtp,
-    wrap_transformer_with_etd,
+
+# The model classes import torch and megatron-core (seconds); recipe checks do not need them, so
+# they are imported on first use (PEP 562).
+_FROM_MODEL = (
+    "DecoderTrunk",
+    "MTPModel",
+    "MTPOutput",
+    "build_model",
+    "wrap_model_with_mtp",
+    "wrap_transformer_with_etd",
 )
+
+
+def __getattr__(name: str):
+    if name in _FROM_MODEL:
+        from mtp_megatron import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module 'mtp_megatron' has no attribute {name!r}")
+
 
 __all__ = [
     "ConfigError",

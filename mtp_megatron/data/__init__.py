@@ -8,17 +8,25 @@ resumable, data-parallel batches.
 """
 
 from mtp_megatron.data.config import DataConfig
-from mtp_megatron.data.loader import TokenBatches, eval_batches
-from mtp_megatron.data.prepare import PreparedData, prepare_data, prepare_data_distributed
-from mtp_megatron.data.tokenizer import EOT_TOKEN, load_tokenizer
 
-__all__ = [
-    "EOT_TOKEN",
-    "DataConfig",
-    "PreparedData",
-    "TokenBatches",
-    "eval_batches",
-    "load_tokenizer",
-    "prepare_data",
-    "prepare_data_distributed",
-]
+# Everything else imports torch / datasets (seconds); recipe validation only needs DataConfig,
+# so the rest is imported on first use (PEP 562).
+_LAZY = {
+    "EOT_TOKEN": "mtp_megatron.data.tokenizer",
+    "load_tokenizer": "mtp_megatron.data.tokenizer",
+    "TokenBatches": "mtp_megatron.data.loader",
+    "eval_batches": "mtp_megatron.data.loader",
+    "PreparedData": "mtp_megatron.data.prepare",
+    "prepare_data": "mtp_megatron.data.prepare",
+    "prepare_data_distributed": "mtp_megatron.data.prepare",
+}
+
+__all__ = ["DataConfig", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'mtp_megatron.data' has no attribute {name!r}")
