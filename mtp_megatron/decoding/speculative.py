@@ -111,6 +111,7 @@ def _pick(logits: torch.Tensor, sampling: SamplingConfig, gen: torch.Generator |
 
 
 @torch.no_grad()
+@direct_linears()
 def generate_plain(
     model,
     input_ids: torch.Tensor,
@@ -121,13 +122,6 @@ def generate_plain(
     use_cache: bool = True,
 ) -> tuple[torch.Tensor, dict]:
     """Plain decoding, one trunk forward per token (``use_cache=False`` recomputes everything)."""
-    with direct_linears():
-        return _generate_plain(
-            model, input_ids, max_new_tokens, sampling, eos_token_id, generator, use_cache
-        )
-
-
-def _generate_plain(model, input_ids, max_new_tokens, sampling, eos_token_id, generator, use_cache):
     sampling = sampling or SamplingConfig()
     sampling.validate()
     capacity = _validate_request(model, input_ids, max_new_tokens, 1)
@@ -175,6 +169,7 @@ class SpeculativeDecoder:
         self.mtp = model.mtp
 
     @torch.no_grad()
+    @direct_linears()
     def generate(
         self,
         input_ids: torch.Tensor,
@@ -211,18 +206,17 @@ class SpeculativeDecoder:
         sampling.validate()
         capacity = _validate_request(self.model, input_ids, max_new_tokens, 2 * L + 2)
         capacity = max(capacity, input_ids.shape[1] + max_new_tokens + 2 * L + 2)
-        with direct_linears():
-            return self._run(
-                input_ids,
-                max_new_tokens,
-                L,
-                sampling,
-                eos_token_id,
-                generator,
-                capacity,
-                record_drafts,
-                draft_vocab,
-            )
+        return self._run(
+            input_ids,
+            max_new_tokens,
+            L,
+            sampling,
+            eos_token_id,
+            generator,
+            capacity,
+            record_drafts,
+            draft_vocab,
+        )
 
     # -- internals -------------------------------------------------------------------------------
     def _run(self, input_ids, max_new, L, sampling, eos, gen, capacity, record_drafts, vocab):
