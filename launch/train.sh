@@ -25,5 +25,32 @@ if [[ $nnodes -gt 1 ]]; then
 else
   rdzv=(--standalone)
 fi
-exec "$py" -m torch.distributed.run "${rdzv[@]}" --nproc_per_node "$nproc" \
-  -m mtp_megatron train "$recipe" "$@"
+# A stop request (SIGTERM from a scheduler or `kill`, SIGUSR1 from SLURM preemption) is passed
+# to the workers as SIGUSR1: they checkpoint at the end of the step and exit 0, so this script
+# exits 0. torchrun itself must not see SIGTERM (it would kill the workers and exit 1): it runs
+# in its own session, and ignores USR1 (inherited "ignore"; the workers replace it with the
+# trainer's handler). The request is repeated every 10 s in case it reached a worker before its
+# handler was installed.
+stop=0
+forward() {
+  stop=1
+  echo "[train.sh] stop requested: the workers checkpoint after their current step" >&2
+  pkill -USR1 -P "$pid" 2>/dev/null || true
+}
+trap '' USR1
+setsid "$py" -m torch.distributed.run "${rdzv[@]}" --nproc_per_node "$nproc" \
+  -m mtp_megatron train "$recipe" "$@" &
+pid=$!
+trap forward TERM USR1
+trap 'kill -INT -- "-$pid" 2>/dev/null || true' INT
+while :; do
+  rc=0
+  wait "$pid" || rc=$?
+  kill -0 "$pid" 2>/dev/null || break
+  if ((stop)); then  # woken by a signal; repeat it until the workers have stopped
+    sleep 10 &
+    wait $! || true
+    if kill -0 "$pid" 2>/dev/null; then pkill -USR1 -P "$pid" 2>/dev/null || true; fi
+  fi
+done
+exit "$rc"

@@ -66,6 +66,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     if args.nproc is not None:
+        for flag, value in (("--nproc (NPROC)", args.nproc), ("--nnodes (NNODES)", args.nnodes)):
+            if value < 1:
+                raise ConfigError(f"{flag}={value} is invalid: must be at least 1")
         recipe.parallel.validate_world(args.nproc * args.nnodes)
     print(f"recipe {recipe.name}: ok")
     return 0
@@ -77,9 +80,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mtp_megatron.recipe import load_recipe
     from mtp_megatron.train.trainer import train
 
+    from mtp_megatron.train.checkpoint import CheckpointError
+    from mtp_megatron.train.guard import NonFiniteError
+
     recipe = load_recipe(args.recipe, args.overrides)
     try:
         result = train(recipe, resume=args.resume)
+    except (NonFiniteError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 3
     finally:
         destroy_parallel()
     return 0 if result.last_step > 0 or result.stopped_early else 1
@@ -177,6 +186,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from mtp_megatron.decoding import SamplingConfig, generate_plain
     from mtp_megatron.decoding.load import load_run
 
+    # the arguments first: loading the model takes seconds
+    SamplingConfig(
+        args.temperature, args.top_p, args.top_k, acceptance_threshold=args.acceptance_threshold
+    ).validate()
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens={args.max_new_tokens} is invalid: must be >= 1")
+    if args.lookahead is not None and args.lookahead < 1:
+        raise ConfigError(f"--lookahead={args.lookahead} is invalid: must be >= 1")
+    if not args.prompt:
+        raise ConfigError("--prompt is empty")
     run = load_run(args.checkpoint)
     tok = load_tokenizer(str(run.tokenizer_path))
     ids = torch.tensor([tok.encode(args.prompt).ids])

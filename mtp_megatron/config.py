@@ -400,6 +400,11 @@ class ParallelConfig:
 
     def validate_world(self, world_size: int) -> None:
         model_parallel = self.tensor_parallel_size * self.pipeline_parallel_size
+        if not isinstance(world_size, int) or world_size < 1:
+            raise ConfigError(
+                f"{world_size!r} processes is invalid: launch at least one process "
+                f"(a multiple of {model_parallel}: NPROC x NNODES)"
+            )
         if world_size % model_parallel:
             raise ConfigError(
                 f"{world_size} processes cannot be split into tensor_parallel_size "
@@ -463,6 +468,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(path, value, "must be a number")
+        if not math.isfinite(value):  # YAML reads .nan / .inf; no setting here means them
+            _fail(path, value, "must be a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

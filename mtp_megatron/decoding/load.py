@@ -20,7 +20,7 @@ import yaml
 
 from mtp_megatron.config import ConfigError, from_dict
 from mtp_megatron.model import MTPModel, build_model
-from mtp_megatron.train.checkpoint import read_latest
+from mtp_megatron.train.checkpoint import resume_candidates
 from mtp_megatron.train.pipeline_checkpoint import is_pipeline_checkpoint, pipeline_state_dicts
 
 
@@ -43,11 +43,15 @@ def _resolve(path: Path) -> tuple[Path, Path]:
     path = path.resolve()
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
-    if (path / "latest").is_file():
-        tag = read_latest(path)
-        if tag is None:
-            raise ConfigError(f"{path}/latest points at a missing checkpoint")
-        path = path / tag
+    if path.name == "checkpoints" or (path / "latest").exists():
+        plan = resume_candidates(path)
+        if not plan.candidates:
+            raise ConfigError(
+                f"no complete checkpoint under {path}" + "".join(f"; {n}" for n in plan.notes)
+            )
+        for note in plan.notes:
+            print(f"[load] skipped: {note}")
+        path = plan.candidates[0]
     if not list(path.glob("mp_rank_*_model_states.pt")):
         raise ConfigError(
             f"no DeepSpeed checkpoint in {path}; pass a run directory (runs/<name>), its "
@@ -119,6 +123,13 @@ def load_run(path: str | Path, device: torch.device | None = None) -> LoadedRun:
     missing = names - set(full)
     if missing:
         raise ConfigError(f"checkpoint {ckpt} lacks {sorted(missing)[:5]} ...")
+    bad = [name for name in sorted(names) if not bool(torch.isfinite(full[name]).all())]
+    if bad:
+        raise ConfigError(
+            f"checkpoint {ckpt} holds non-finite (NaN / inf) weights in {len(bad)} tensors "
+            f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); decode from an earlier "
+            "checkpoint (pass its step_NNNNNN folder)"
+        )
     model.load_state_dict(_slice_for_rank(full, model), strict=False)
     model = model.to(device or default_device()).eval()
     return LoadedRun(model, run_dir / "tokenizer.json", recipe, ckpt)

@@ -103,6 +103,19 @@ def _finish(seq: torch.Tensor, n: torch.Tensor, start: int, max_new: int, eos: i
     return out, lengths
 
 
+class NonFiniteLogitsError(ValueError):
+    """Decoding refused: the model produced NaN / inf logits."""
+
+
+def _require_finite(logits: torch.Tensor) -> None:
+    """Refuse to decode from NaN / inf logits (argmax of NaN would 'accept' every draft)."""
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteLogitsError(
+            "the model's logits for the prompt are not finite (NaN or inf): its weights are "
+            "broken (a diverged run?); decode from an earlier checkpoint"
+        )
+
+
 def _pick(logits: torch.Tensor, sampling: SamplingConfig, gen: torch.Generator | None):
     """Next token [b] from logits [b, V] under the target distribution."""
     if sampling.greedy:
@@ -142,6 +155,8 @@ def generate_plain(
             caches.set_lengths(torch.zeros_like(caches.lengths))
             fwd = runner.trunk_forward(seq[:, :n], caches)
         calls += 1
+        if i == 0:
+            _require_finite(fwd.logits[:, -1])
         seq[:, n] = _pick(fwd.logits[:, -1], sampling, generator)
         if eos_token_id is not None and bool((seq[:, T : n + 1] == eos_token_id).any(-1).all()):
             max_new_tokens = i + 1
@@ -248,6 +263,7 @@ class SpeculativeDecoder:
         if hist_z is not None:
             hist_z[:, :T] = fwd.z
         p = torch.full((b,), T - 1, dtype=torch.long, device=dev)  # last processed position
+        _require_finite(fwd.logits[:, -1])
         seq[rows, p + 1] = _pick(fwd.logits[:, -1], sampling, gen)
         calls, rounds = 1, 0
         active_rounds = torch.zeros((), dtype=torch.long, device=dev)  # row-rounds that drafted

@@ -1,84 +1,235 @@
-"""Checkpoints through DeepSpeed's save/load, with a crash-safe ``latest`` pointer.
+"""Checkpoints through DeepSpeed's save/load, each folder proven complete before it is used.
 
 Layout of ``<run_dir>/checkpoints``: one folder per tag (``step_000100``) written by DeepSpeed,
-and ``latest`` (the tag of the newest *complete* checkpoint, the file DeepSpeed's loader reads).
-Every rank writes its shards, all ranks meet at a barrier, and only then does rank 0 replace
-``latest`` atomically and delete checkpoints beyond ``keep_last``. A crash or preemption during a
-save leaves ``latest`` on the previous complete checkpoint.
+and ``latest`` (the tag of the newest complete checkpoint). A save goes: every rank writes its
+shards and fsyncs them; at a barrier rank 0 writes ``run_state.json`` (step, world size, the
+recipe the run used) and then ``complete.json`` (every file's size) into the folder, fsynced;
+only then does it move ``latest`` (atomic rename) and prune checkpoints beyond ``keep_last``.
+
+So a folder without ``complete.json``, or whose files no longer have the recorded sizes, is not
+a checkpoint: a crash, preemption or full disk during a save leaves the previous one usable, and
+a resume (:func:`resume_candidates`) finds the newest complete folder even when ``latest`` is
+missing, empty or garbage. The trainer never saves a non-finite state (``train/guard.py``), so
+pruning cannot delete the last good checkpoint in favour of a diverged one.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 
 LATEST = "latest"
+COMPLETE = "complete.json"
+RUN_STATE = "run_state.json"
 _TAG = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message names the file and the fix."""
 
 
 def tag_for(step: int) -> str:
     return f"step_{step:06d}"
 
 
+def step_folders(ckpt_dir: Path) -> list[Path]:
+    """Every ``step_*`` folder under ``ckpt_dir``, newest (highest step) first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _TAG.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True) if p.is_dir()]
+
+
 def read_latest(ckpt_dir: Path) -> str | None:
-    """The tag ``latest`` points at, if it exists and its folder is there."""
+    """The tag ``latest`` names, if that folder is a complete checkpoint; else None."""
+    tag, problem = _latest_tag(ckpt_dir)
+    return tag if problem is None else None
+
+
+def _latest_tag(ckpt_dir: Path) -> tuple[str | None, str | None]:
+    """(tag, None) or (None, what is wrong with ``latest``)."""
     path = ckpt_dir / LATEST
     if not path.is_file():
-        return None
-    tag = path.read_text().strip()
-    return tag if (ckpt_dir / tag).is_dir() else None
+        return None, f"{path} is missing"
+    try:
+        tag = path.read_bytes().decode("ascii").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        return None, f"{path} is unreadable ({type(e).__name__})"
+    if not tag:
+        return None, f"{path} is empty"
+    if not _TAG.match(tag):
+        return None, f"{path} holds {tag[:40]!r}, not a step_NNNNNN tag"
+    problem = verify(ckpt_dir / tag)
+    if problem is not None:
+        return None, f"{path} names {tag}, which {problem}"
+    return tag, None
 
 
-def _write_latest(ckpt_dir: Path, tag: str) -> None:
-    tmp = ckpt_dir / f".{LATEST}.tmp"
+def verify(folder: Path) -> str | None:
+    """None when ``folder`` is a complete checkpoint; else what is wrong (for messages)."""
+    marker = folder / COMPLETE
+    if not folder.is_dir():
+        return "does not exist"
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except FileNotFoundError:
+        return f"has no {COMPLETE} (its save never finished)"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"has an unreadable {COMPLETE} ({type(e).__name__})"
+    for rel, size in files.items():
+        path = folder / rel
+        if not path.is_file():
+            return f"lacks {path} (deleted?)"
+        actual = path.stat().st_size
+        if actual != size:
+            return f"has {path} of {actual:,} bytes where {size:,} were written (truncated?)"
+    return None
+
+
+def checkpoint_bytes(folder: Path) -> int:
+    """Total size of a checkpoint folder's files."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def read_run_state(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / RUN_STATE).read_text())
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temp file, fsync, rename, fsync the folder)."""
+    tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
-        f.write(tag)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, ckpt_dir / LATEST)
+    os.replace(tmp, path)
+    _fsync_file(path.parent)
 
 
 def _prune(ckpt_dir: Path, keep_last: int, current: str) -> None:
-    tags = sorted(
-        (int(m.group(1)), p.name)
-        for p in ckpt_dir.iterdir()
-        if p.is_dir() and (m := _TAG.match(p.name))
-    )
-    complete_until = int(_TAG.match(current).group(1))
-    # keep the newest `keep_last` complete ones; never touch a (partial) newer folder
-    old = [name for step, name in tags if step <= complete_until]
-    for name in old[:-keep_last]:
-        shutil.rmtree(ckpt_dir / name, ignore_errors=True)
+    """Keep the newest ``keep_last`` complete checkpoints up to ``current``; delete older step
+    folders (complete or not). A newer folder (a save in progress elsewhere) is left alone."""
+    current_step = int(_TAG.match(current).group(1))
+    kept = 0
+    for folder in step_folders(ckpt_dir):
+        step = int(_TAG.match(folder.name).group(1))
+        if step > current_step:
+            continue
+        if kept < keep_last and verify(folder) is None:
+            kept += 1
+            continue
+        if step < current_step:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def save_checkpoint(
-    engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], keep_last: int
+    engine,
+    ckpt_dir: Path,
+    step: int,
+    client_state: dict[str, Any],
+    keep_last: int,
+    run_state: dict[str, Any],
 ) -> str:
-    """Collective: every rank calls it. Returns the tag written."""
+    """Collective: every rank calls it. Returns the tag written; raises CheckpointError (on every
+    rank) when any rank's save failed, with ``latest`` left where it was."""
     tag = tag_for(step)
-    if dist.get_rank() == 0:
+    folder = ckpt_dir / tag
+    rank = dist.get_rank()
+    if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
+        (folder / COMPLETE).unlink(missing_ok=True)  # a folder being rewritten is not complete
     dist.barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    dist.barrier()  # every rank's shards are on disk
-    if dist.get_rank() == 0:
-        _write_latest(ckpt_dir, tag)
+    error = ""
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+        for path in folder.rglob("*"):  # this rank's shards are durable before the marker
+            if path.is_file():
+                _fsync_file(path)
+    except (OSError, RuntimeError) as e:  # torch reports ENOSPC as "unexpected pos ..."
+        error = f"rank {rank}: {type(e).__name__}: {e}"
+    errors: list[str] = [""] * dist.get_world_size()
+    dist.all_gather_object(errors, error)  # every shard on disk, or everyone learns who failed
+    failed = [e for e in errors if e]
+    if failed:
+        if rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+        dist.barrier()
+        free = shutil.disk_usage(ckpt_dir).free
+        raise CheckpointError(
+            f"saving checkpoint {folder} failed ({failed[0]}); {free / 2**20:,.0f} MiB are free "
+            f"on that disk{' (it is full)' if free < 2**20 * 64 else ''}. The partial folder was "
+            f"removed and {ckpt_dir / LATEST} still names the previous checkpoint: free space "
+            "or move train.run_dir, then resume"
+        )
+    if rank == 0:
+        _write_synced(folder / RUN_STATE, json.dumps(run_state, indent=1))
+        files = {
+            str(p.relative_to(folder)): p.stat().st_size
+            for p in sorted(folder.rglob("*"))
+            if p.is_file()
+        }
+        _write_synced(folder / COMPLETE, json.dumps({"step": step, "files": files}, indent=1))
+        _write_synced(ckpt_dir / LATEST, tag)
         _prune(ckpt_dir, keep_last, tag)
     dist.barrier()
     return tag
 
 
-def load_latest(engine, ckpt_dir: Path) -> dict[str, Any] | None:
-    """Load the newest complete checkpoint into ``engine``; its client state, or None."""
-    tag = read_latest(ckpt_dir)
-    if tag is None:
-        return None
-    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+@dataclass
+class ResumePlan:
+    """What a resume found under a checkpoint directory (the same on every rank)."""
+
+    candidates: list[Path]
+    """Complete checkpoints to try, newest first."""
+    notes: list[str]
+    """What was skipped and why (shown to the user)."""
+    any_checkpoint: bool
+    """Whether the directory holds anything checkpoint-like (a ``latest`` or step folders)."""
+
+
+def resume_candidates(ckpt_dir: Path) -> ResumePlan:
+    """The complete checkpoints to resume from, newest first, and notes on what was skipped.
+
+    ``latest`` is only a hint: the marker is written before ``latest`` moves, so a complete
+    folder newer than the one ``latest`` names is a save whose last rename did not happen."""
+    folders = step_folders(ckpt_dir)
+    notes = []
+    tag, problem = _latest_tag(ckpt_dir)
+    if problem is not None and ((ckpt_dir / LATEST).exists() or folders):
+        notes.append(problem)
+    candidates = []
+    for folder in folders:
+        why = verify(folder)
+        if why is None:
+            candidates.append(folder)
+        elif not candidates:  # only folders newer than the one we resume from matter
+            notes.append(f"{folder} {why}")
+    any_checkpoint = bool(folders) or (ckpt_dir / LATEST).exists()
+    return ResumePlan(candidates, notes, any_checkpoint)
+
+
+def load_checkpoint(engine, folder: Path) -> dict[str, Any]:
+    """Load ``folder`` into ``engine`` (this rank's part); its client state. Not collective:
+    DeepSpeed's loader reads files only, so a failure on one rank cannot hang the others."""
+    try:
+        path, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name)
+    except Exception as e:  # noqa: BLE001  (torch / DeepSpeed raise many kinds; name the file)
+        raise CheckpointError(f"{folder} could not be loaded: {type(e).__name__}: {e}") from e
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+        raise CheckpointError(f"DeepSpeed found no checkpoint files in {folder}")
     return client_state

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 from mtp_megatron.config import ConfigError, MTPTrainingConfig
+
+# train.* settings that a resume may change when listed in train.resume_overrides: the
+# optimizer's hyperparameters (re-applied after the checkpoint is loaded) and the LR schedule.
+RESUME_OVERRIDABLE = ("lr", "min_lr_ratio", "lr_warmup_steps", "weight_decay", "betas", "steps")
 
 
 @dataclass
@@ -50,6 +55,17 @@ class TrainConfig:
     """Checkpoints kept; older ones are deleted after a newer one is complete."""
     run_dir: str | None = None
     """Run directory (checkpoints, TensorBoard, resolved recipe); None: runs/<recipe name>."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A step whose loss, an MTP step loss or the gradient norm is NaN / inf: 'stop' (exit
+    non-zero, nothing of that state saved) or 'skip' (DeepSpeed drops the update; ZeRO >= 1)."""
+    max_skipped_steps: int = 10
+    """With on_nonfinite='skip': consecutive non-finite steps tolerated before the run stops."""
+    collective_timeout_s: float = 120.0
+    """A rank silent this long (stopped, swapped out, lost) ends the job with a message naming
+    it; collectives time out 30 s later. Raise it if a checkpoint save takes longer."""
+    resume_overrides: list[str] = field(default_factory=list)
+    """Settings a resume may change against its checkpoint, applied for real: any of
+    RESUME_OVERRIDABLE (e.g. [lr]); every other difference from the checkpoint is refused."""
     mtp: MTPTrainingConfig = field(default_factory=MTPTrainingConfig)
     """Memory-saving execution of the model (the guide's MTPTrainingConfig): sequential MTP
     forward/backward and activation checkpointing; the losses and gradients do not change."""
@@ -76,6 +92,41 @@ class TrainConfig:
             )
         if self.seq_len is not None and self.seq_len < 2:
             raise ConfigError(f"{path}.seq_len={self.seq_len!r} is invalid: must be >= 2")
-        if self.grad_clip < 0:
+        if not self.grad_clip >= 0:  # also refuses NaN, which would turn clipping off
             raise ConfigError(f"{path}.grad_clip={self.grad_clip!r} is invalid: must be >= 0")
+        numbers = {"lr": self.lr, "min_lr_ratio": self.min_lr_ratio, "grad_clip": self.grad_clip}
+        numbers.update(
+            weight_decay=self.weight_decay, collective_timeout_s=self.collective_timeout_s
+        )
+        numbers.update({f"betas[{i}]": b for i, b in enumerate(self.betas)})
+        for name, value in numbers.items():
+            if not math.isfinite(value):
+                raise ConfigError(f"{path}.{name}={value!r} is invalid: must be a finite number")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"{path}.betas={self.betas!r} is invalid: two numbers in [0, 1)")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ConfigError(
+                f"{path}.on_nonfinite={self.on_nonfinite!r} is invalid: 'stop' or 'skip'"
+            )
+        if self.on_nonfinite == "skip" and self.zero_stage == 0:
+            raise ConfigError(
+                f"{path}.on_nonfinite='skip' is invalid with {path}.zero_stage=0: without ZeRO, "
+                "DeepSpeed applies a non-finite update instead of dropping it; use zero_stage "
+                "1-3 to skip such steps, or on_nonfinite='stop'"
+            )
+        if not isinstance(self.max_skipped_steps, int) or self.max_skipped_steps < 0:
+            raise ConfigError(
+                f"{path}.max_skipped_steps={self.max_skipped_steps!r} is invalid: an integer >= 0"
+            )
+        if not self.collective_timeout_s >= 10:
+            raise ConfigError(
+                f"{path}.collective_timeout_s={self.collective_timeout_s!r} is invalid: must be "
+                ">= 10 seconds (a rank is declared stalled after this long without progress)"
+            )
+        unknown = [name for name in self.resume_overrides if name not in RESUME_OVERRIDABLE]
+        if unknown:
+            raise ConfigError(
+                f"{path}.resume_overrides={self.resume_overrides!r} is invalid: {unknown} cannot "
+                f"change on resume; allowed: {list(RESUME_OVERRIDABLE)}"
+            )
         self.mtp.validate(f"{path}.mtp")

@@ -7,6 +7,8 @@ chance the draft would survive, given the earlier drafts did.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -14,6 +16,7 @@ from megatron.core import parallel_state
 from mtp_megatron.model.etd import etd_metrics
 from mtp_megatron.model.loss import IGNORE_INDEX, step_targets
 from mtp_megatron.parallel import tensor_parallel_group, vocab_parallel_argmax
+from mtp_megatron.train.guard import NonFiniteError
 
 
 @torch.no_grad()
@@ -62,9 +65,16 @@ def reduce_stats(sums: dict[str, tuple[float, float]], dp_group) -> dict[str, fl
     names = sorted(sums)
     totals = torch.tensor([[sums[n][0], sums[n][1]] for n in names], dtype=torch.float64)
     dist.all_reduce(totals, group=dp_group)
-    return {
+    metrics = {
         f"val/{n}": (totals[i, 0] / totals[i, 1].clamp_min(1)).item() for i, n in enumerate(names)
     }
+    # NaN logits would still give accuracies (argmax of NaN is an index): refuse on the losses
+    bad = [n[4:] for n, v in metrics.items() if n.startswith("val/loss_") and not math.isfinite(v)]
+    if bad:
+        raise NonFiniteError(
+            f"validation: non-finite {', '.join(bad)} (NaN / inf logits: the weights diverged)"
+        )
+    return metrics
 
 
 def _accuracy(pred: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:

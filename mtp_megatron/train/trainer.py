@@ -3,12 +3,16 @@
 Every batch is a function of (step, micro-step, data-parallel rank), so a run resumed from the
 checkpoint of step N continues with exactly the batches an uninterrupted run would have seen.
 SIGTERM and SIGUSR1 (SLURM preemption) make every rank save a checkpoint at the end of the
-current step and return.
+current step and return. Faults are bounded: bad set-ups fail before step 1
+(``train/preflight.py``, ``train/resume.py``), a non-finite step stops or is skipped
+(``train/guard.py``), a stalled rank ends the job (``train/watchdog.py``), and only complete,
+finite checkpoints are ever resumed from (``train/checkpoint.py``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import signal
 import time
@@ -28,11 +32,29 @@ from mtp_megatron.model import build_model
 from mtp_megatron.model.etd import etd_metrics
 from mtp_megatron.parallel import initialize_parallel
 from mtp_megatron.recipe import Recipe
-from mtp_megatron.train.checkpoint import load_latest, read_latest, save_checkpoint
-from mtp_megatron.train.engine import build_engine
+from mtp_megatron.train.checkpoint import (
+    CheckpointError,
+    ResumePlan,
+    checkpoint_bytes,
+    load_checkpoint,
+    read_run_state,
+    resume_candidates,
+    save_checkpoint,
+)
+from mtp_megatron.train.engine import build_engine, use_bf16
 from mtp_megatron.train.evaluate import evaluate
+from mtp_megatron.train.guard import (
+    NonFiniteError,
+    NonFiniteGuard,
+    agree_any,
+    local_state_finite,
+    nonfinite_terms,
+)
 from mtp_megatron.train.logger import RunLogger
 from mtp_megatron.train.pipeline_engine import PipelineSteps, build_pipeline_engine
+from mtp_megatron.train.preflight import check_free_space, check_writable, estimate_checkpoint_bytes
+from mtp_megatron.train.resume import apply_overrides, check_resume
+from mtp_megatron.train.watchdog import StallWatchdog
 
 ResumeMode = Literal["auto", "require", "never"]
 
@@ -53,10 +75,14 @@ class TrainResult:
     """The last validation metrics."""
     stopped_early: bool = False
     """True when a signal (SIGTERM / SIGUSR1) or stop_after_steps ended the run early."""
+    lrs: dict[int, float] = field(default_factory=dict)
+    """Learning rate each step's update used (read from the optimizer), by step."""
+    skipped_steps: list[int] = field(default_factory=list)
+    """Steps (1-based) whose non-finite update was skipped (train.on_nonfinite='skip')."""
 
 
 class _StopFlag:
-    """Set by SIGTERM / SIGUSR1; checked once per step and agreed on by all ranks."""
+    """Set by SIGTERM / SIGUSR1; agreed on by all ranks once per step (``agree_any``)."""
 
     def __init__(self):
         self.raised = False
@@ -73,11 +99,6 @@ class _StopFlag:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
-    def agreed(self, device: torch.device) -> bool:
-        flag = torch.tensor([1.0 if self.raised else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
 
 def run_directory(recipe: Recipe) -> Path:
     return Path(recipe.train.run_dir or Path("runs") / recipe.name)
@@ -92,27 +113,120 @@ def train(
     """Run ``recipe`` in this process (one of the ``torchrun`` world). Collective.
 
     ``stop_after_steps``: checkpoint and return after this many steps of this invocation, as a
-    preemption would (for time-limited jobs and resume tests).
+    preemption would (for time-limited jobs and resume tests). Raises ConfigError (bad recipe,
+    run directory or resume) before step 1, NonFiniteError on divergence, CheckpointError when
+    a save fails; in every case the latest complete checkpoint is left as it was.
     """
     recipe.validate()
+    stop = _StopFlag()
+    stop.install()  # first, so that a preemption during set-up is not lost
+    watchdog = None
+    try:
+        layout = initialize_parallel(
+            recipe.parallel.tensor_parallel_size,
+            recipe.parallel.pipeline_parallel_size,
+            # the watchdog (which names the stalled rank) speaks first; this bounds a collective
+            # that hangs while every rank is still alive
+            timeout_s=recipe.train.collective_timeout_s + 30,
+        )
+        watchdog = StallWatchdog(recipe.train.collective_timeout_s, layout.rank, layout.world_size)
+        watchdog.start()
+        return _train(recipe, layout, resume, log, stop_after_steps, stop, watchdog)
+    finally:
+        stop.restore()
+        if watchdog is not None:
+            watchdog.close()
+
+
+def _plan_resume(ckpt_dir: Path, resume: ResumeMode) -> ResumePlan:
+    """Rank 0 inspects ``ckpt_dir``; every rank gets its plan (or the same ConfigError)."""
+    plan = [resume_candidates(ckpt_dir) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(plan, src=0)
+    plan = plan[0]
+    found = "; ".join(plan.notes)
+    if resume == "never" and plan.any_checkpoint:
+        raise ConfigError(
+            f"{ckpt_dir} already holds checkpoints; resume them (--resume auto), or pick "
+            "another train.run_dir"
+        )
+    if resume == "require" and not plan.candidates:
+        raise ConfigError(f"--resume require: no complete checkpoint under {ckpt_dir} ({found})")
+    if plan.any_checkpoint and not plan.candidates:
+        raise ConfigError(
+            f"{ckpt_dir} holds checkpoints but none is complete ({found}); refusing to start "
+            "over, which would overwrite them: move that folder away, or set another "
+            "train.run_dir"
+        )
+    return plan
+
+
+def _resume(engine, recipe: Recipe, plan: ResumePlan, world: int, say) -> tuple[dict, Path]:
+    """Load the newest loadable checkpoint of ``plan`` (collective); (client state, folder)."""
+    for note in plan.notes:
+        say(f"[resume] skipped: {note}")
+    current = asdict(recipe)
+    for i, folder in enumerate(plan.candidates):
+        run_state = read_run_state(folder)
+        changes = check_resume(
+            run_state["recipe"],
+            current,
+            recipe.train.resume_overrides,
+            run_state["world_size"],
+            world,
+            str(folder),
+        )
+        error = ""
+        try:
+            state = load_checkpoint(engine, folder)
+        except CheckpointError as e:
+            error = f"rank {dist.get_rank()}: {e}"
+        errors: list[str] = [""] * world
+        dist.all_gather_object(errors, error)
+        failed = [e for e in errors if e]
+        if not failed:
+            for line in changes:
+                say(f"[resume] changed: {line}")
+            if recipe.train.resume_overrides:
+                apply_overrides(engine, recipe.train)
+            return state, folder
+        more = "trying the previous complete checkpoint" if i + 1 < len(plan.candidates) else ""
+        say(f"[resume] skipped {folder}: {failed[0]}{'; ' + more if more else ''}")
+    raise ConfigError(
+        f"no checkpoint under {plan.candidates[0].parent} could be loaded (see above); refusing "
+        "to start over: move that folder away, or set another train.run_dir"
+    )
+
+
+def _train(
+    recipe: Recipe,
+    layout,
+    resume: ResumeMode,
+    log,
+    stop_after_steps: int | None,
+    stop: _StopFlag,
+    watchdog: StallWatchdog,
+) -> TrainResult:
     tcfg = recipe.train
     par = recipe.parallel
-    layout = initialize_parallel(par.tensor_parallel_size, par.pipeline_parallel_size)
     par.validate_world(layout.world_size)
     is_logger = layout.rank == 0
     say = log if is_logger else (lambda *a, **k: None)
     device = layout.device
     run_dir = run_directory(recipe)
     ckpt_dir = run_dir / "checkpoints"
-    has_checkpoint = read_latest(ckpt_dir) is not None
-    if resume == "require" and not has_checkpoint:
-        raise ConfigError(f"--resume require: no complete checkpoint under {ckpt_dir}")
-    if resume == "never" and has_checkpoint:
-        raise ConfigError(
-            f"{ckpt_dir} already holds a checkpoint; resume it (--resume auto), or pick another "
-            "train.run_dir"
-        )
+    check_writable(ckpt_dir)
+    plan = _plan_resume(ckpt_dir, resume)
     say(f"[setup] {recipe.name}: {layout.describe()}, ZeRO {tcfg.zero_stage}, run dir {run_dir}")
+    if plan.candidates:  # refuse a changed recipe before seconds of data and model set-up
+        first = read_run_state(plan.candidates[0])
+        check_resume(
+            first["recipe"],
+            asdict(recipe),
+            tcfg.resume_overrides,
+            first["world_size"],
+            layout.world_size,
+            str(plan.candidates[0]),
+        )
 
     data = prepare_data(recipe.data, recipe.model.vocab_size, log=say)
     seq_len = recipe.seq_len
@@ -124,6 +238,22 @@ def train(
         layout.data_parallel_size,
         tcfg.seed,
     )
+
+    def val_batches():
+        # every DP rank runs the same number of batches (ZeRO-3 gathers are collective)
+        return eval_batches(
+            data.validation,
+            seq_len,
+            tcfg.micro_batch_size,
+            tcfg.eval_batches * layout.data_parallel_size,
+            dp_rank=layout.data_parallel_rank,
+            dp_size=layout.data_parallel_size,
+        )
+
+    try:
+        val_batches()  # raises now, not at the first evaluation, when validation is too small
+    except ValueError as e:
+        raise ConfigError(f"data: {e}") from None
 
     torch.manual_seed(tcfg.seed)  # same master weights on every rank, sliced per TP rank
     model = build_model(recipe.model, training=tcfg.mtp)
@@ -139,17 +269,22 @@ def train(
     n_params = sum(p.numel() for p in model.parameters())
     say(f"[setup] model: {n_params / 1e6:.2f}M parameters on this rank, seq_len {seq_len}")
 
-    start_step, tb_dir = 0, None
-    if resume != "never" and has_checkpoint:
-        state = load_latest(engine, ckpt_dir)
+    start_step, tb_dir, latest = 0, None, ""
+    if plan.candidates:
+        size = checkpoint_bytes(plan.candidates[0])
+    else:
+        size = estimate_checkpoint_bytes(engine.module, use_bf16(tcfg, device))
+    check_free_space(ckpt_dir, size)
+    if plan.candidates:
+        state, folder = _resume(engine, recipe, plan, layout.world_size, say)
         start_step = int(state["step"])
         tb_dir = state.get("tb_dir")
         batches.load_state_dict(state["data"])
-        say(f"[resume] from {ckpt_dir} at step {start_step}")
+        latest = folder.name
+        say(f"[resume] from {folder} at step {start_step}")
     if tb_dir is None:
         tb_dir = str(run_dir / datetime.now().strftime("%Y%m%d-%H%M%S"))
-    if is_logger:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    if is_logger:  # what this run trains with (resume_overrides included)
         (run_dir / "recipe.yaml").write_text(yaml.safe_dump(asdict(recipe), sort_keys=False))
         shutil.copyfile(data.tokenizer_path, run_dir / "tokenizer.json")
     logger = RunLogger(Path(tb_dir) if is_logger else None, tcfg.steps, start_step)
@@ -159,28 +294,29 @@ def train(
     def client_state(next_step: int) -> dict:
         return {"step": next_step, "tb_dir": tb_dir, "data": batches.state_dict()}
 
-    def run_eval() -> dict[str, float]:
-        # every DP rank runs the same number of batches (ZeRO-3 gathers are collective)
-        val = eval_batches(
-            data.validation,
-            seq_len,
-            tcfg.micro_batch_size,
-            tcfg.eval_batches * layout.data_parallel_size,
-            dp_rank=layout.data_parallel_rank,
-            dp_size=layout.data_parallel_size,
-        )
-        if pipe is not None:
-            return pipe.evaluate(val)
-        return evaluate(engine.module, ((i.to(device), lab.to(device)) for i, lab in val))
+    def run_state(next_step: int) -> dict:
+        return {"step": next_step, "world_size": layout.world_size, "recipe": asdict(recipe)}
 
-    stop = _StopFlag()
-    stop.install()
+    def run_eval(step: int) -> dict[str, float]:
+        watchdog.update(step, "evaluation")
+        try:
+            if pipe is not None:
+                return pipe.evaluate(val_batches())
+            batches_on_device = ((i.to(device), lab.to(device)) for i, lab in val_batches())
+            return evaluate(engine.module, batches_on_device)
+        except NonFiniteError as e:
+            keep = f"{latest} is kept as the latest checkpoint" if latest else "nothing was saved"
+            raise NonFiniteError(f"step {step}: {e}; {keep}") from None
+
+    guard = NonFiniteGuard(tcfg.on_nonfinite, tcfg.max_skipped_steps, log=say)
     result = TrainResult(run_dir=run_dir, last_step=start_step)
     dp_group = parallel_state.get_data_parallel_group()
     tokens_per_step = tcfg.micro_batch_size * tcfg.grad_accum * layout.data_parallel_size * seq_len
     try:
         for step in range(start_step, tcfg.steps):
+            watchdog.update(step + 1, "train")
             t0 = time.perf_counter()
+            lr = result.lrs[step] = engine.get_lr()[0]  # the LR this step's update uses
             if pipe is not None:  # the last stage's values, DP mean, on every rank
                 metrics = pipe.train_step(batches, step, tcfg.grad_accum)
             else:
@@ -198,38 +334,57 @@ def train(
                 metrics = _named(sums, out)
                 metrics.update(etd_metrics(engine.module, "train/"))  # last micro-batch, this rank
             dt = time.perf_counter() - t0
-            metrics["train/lr"] = engine.get_lr()[0]
+            metrics["train/lr"] = lr
             grad_norm = engine.get_global_grad_norm()
             if grad_norm is not None:
                 metrics["train/grad_norm"] = result.grad_norms[step] = float(grad_norm)
             metrics["train/tokens_per_s"] = tokens_per_step / dt
             result.losses[step] = metrics["train/loss"]
             result.last_step = step + 1
+            bad = nonfinite_terms(metrics, None if grad_norm is None else float(grad_norm))
+            stop_requested, any_bad = agree_any([stop.raised, bool(bad)], device)
             if tcfg.log_every and (step + 1) % tcfg.log_every == 0 or step + 1 == tcfg.steps:
                 logger.scalars(step + 1, metrics)
                 logger.progress(step, metrics["train/loss"], metrics["train/tokens_per_s"])
+            if any_bad:
+                bad = bad or ["(on another rank)"]
+            if not guard.check(step + 1, bad if any_bad else [], engine.was_step_applied(), latest):
+                result.skipped_steps.append(step + 1)
             last = step + 1 == tcfg.steps
             if (tcfg.eval_every and (step + 1) % tcfg.eval_every == 0) or last:
-                result.eval = run_eval()
+                result.eval = run_eval(step + 1)
                 logger.scalars(step + 1, result.eval)
                 say(_eval_line(step + 1, result.eval))
-            stopping = stop.agreed(device) or (
+            stopping = stop_requested or (
                 stop_after_steps is not None and step + 1 - start_step >= stop_after_steps
             )
             due = tcfg.checkpoint_every and (step + 1) % tcfg.checkpoint_every == 0
             if due or last or stopping:
-                state = client_state(step + 1)
-                tag = save_checkpoint(engine, ckpt_dir, step + 1, state, tcfg.keep_last)
+                watchdog.update(step + 1, "checkpoint")
+                if agree_any([not local_state_finite(engine.module)], device)[0]:
+                    raise NonFiniteError(
+                        f"step {step + 1}: the weights are not finite; not saving them. "
+                        f"{latest or 'No checkpoint'} stays the latest checkpoint"
+                    )
+                tag = save_checkpoint(
+                    engine,
+                    ckpt_dir,
+                    step + 1,
+                    client_state(step + 1),
+                    tcfg.keep_last,
+                    run_state(step + 1),
+                )
+                latest = tag
                 say(f"[checkpoint] {ckpt_dir / tag}")
             if stopping:
                 result.stopped_early = True
                 say(f"[stop] stopping after step {step + 1}; a resumed run continues from here")
                 break
     finally:
-        stop.restore()
         logger.close()
     if is_logger and result.eval:
-        (run_dir / "final_eval.json").write_text(json.dumps(result.eval, indent=2))
+        finite = {k: (v if math.isfinite(v) else None) for k, v in result.eval.items()}
+        (run_dir / "final_eval.json").write_text(json.dumps(finite, indent=2, allow_nan=False))
     return result
 
 

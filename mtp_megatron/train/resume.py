@@ -1,0 +1,113 @@
+"""What a resume may change: the recipe a checkpoint was trained with against the one resuming it.
+
+A checkpoint fixes the model, the parallel layout, the data and its order, and (through the
+optimizer and LR-scheduler states DeepSpeed restores) the optimizer's hyperparameters. A resume
+that changes any of those is refused with the field's name, except the settings the recipe
+lists in ``train.resume_overrides`` (see ``RESUME_OVERRIDABLE``), which :func:`apply_overrides`
+puts into effect after the load. Logging, evaluation, checkpoint cadence and the fault settings
+may change freely; each change is reported.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mtp_megatron.config import ConfigError
+from mtp_megatron.train.config import RESUME_OVERRIDABLE, TrainConfig
+
+# train.* fields that do not change what is trained: free to change on resume
+FREE_TRAIN_FIELDS = frozenset(
+    {
+        "log_every",
+        "eval_every",
+        "eval_batches",
+        "checkpoint_every",
+        "keep_last",
+        "run_dir",
+        "on_nonfinite",
+        "max_skipped_steps",
+        "collective_timeout_s",
+        "resume_overrides",
+        "grad_clip",  # DeepSpeed reads it from the config each run; the checkpoint holds none
+    }
+)
+FREE_TOP_LEVEL = frozenset({"name", "description"})
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def recipe_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple]:
+    """{dotted field: (saved value, current value)} for every field that differs."""
+    a, b = _flatten(saved), _flatten(current)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def check_resume(
+    saved: dict[str, Any],
+    current: dict[str, Any],
+    overrides: list[str],
+    saved_world: int,
+    world: int,
+    where: str,
+) -> list[str]:
+    """Refuse (ConfigError) a resume that changes what the checkpoint at ``where`` fixes; the
+    lines to report for the changes that are allowed."""
+    if saved_world != world:
+        raise ConfigError(
+            f"{where} was saved by {saved_world} processes; this run has {world}. DeepSpeed's "
+            f"optimizer shards are per data-parallel rank: resume with {saved_world} processes "
+            "(NPROC x NNODES), or start a new train.run_dir"
+        )
+    lines, refused = [], []
+    for name, (old, new) in recipe_changes(saved, current).items():
+        section, _, field = name.partition(".")
+        free = name in FREE_TOP_LEVEL or (section == "train" and field in FREE_TRAIN_FIELDS)
+        if free:
+            lines.append(f"{name}: {old!r} -> {new!r}")
+        elif section == "train" and field in overrides:
+            lines.append(f"{name}: {old!r} -> {new!r} (train.resume_overrides: applied)")
+        else:
+            refused.append((name, old, new))
+    if refused:
+        shown = "; ".join(f"{n}: {o!r} in the checkpoint, {v!r} now" for n, o, v in refused)
+        overridable = [n for n, _, _ in refused if n.split(".", 1)[1] in RESUME_OVERRIDABLE]
+        fix = (
+            f"list {[n.split('.', 1)[1] for n in overridable]} in train.resume_overrides to "
+            "apply the new values, or "
+            if overridable and len(overridable) == len(refused)
+            else ""
+        )
+        raise ConfigError(
+            f"resuming {where} with a recipe that changes what the checkpoint fixes: {shown}. "
+            f"To resume, {fix}restore the checkpoint's values (its run_state.json holds the "
+            "recipe); or start a new train.run_dir"
+        )
+    return lines
+
+
+def apply_overrides(engine, cfg: TrainConfig) -> None:
+    """Put lr, weight_decay and betas of ``cfg`` into the loaded optimizer and LR scheduler.
+
+    DeepSpeed restored the checkpoint's param_groups and scheduler state; the schedule's shape
+    (steps, warm-up, floor) is ``cfg``'s already, since the scheduler's lambda is not saved. The
+    LR becomes cfg.lr x the schedule's factor at the scheduler's position (the steps applied)."""
+    from mtp_megatron.train.engine import lr_lambda
+
+    scheduler = engine.lr_scheduler
+    groups = engine.optimizer.param_groups
+    factor = lr_lambda(cfg)(scheduler.last_epoch)
+    scheduler.base_lrs = [cfg.lr for _ in scheduler.base_lrs]
+    for i, group in enumerate(groups):
+        group["initial_lr"] = cfg.lr
+        group["lr"] = cfg.lr * factor
+        group["betas"] = tuple(cfg.betas)
+        if i == 0:  # parameter_groups(): group 0 decays (matrices), group 1 does not
+            group["weight_decay"] = cfg.weight_decay
