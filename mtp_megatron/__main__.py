@@ -78,10 +78,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train a recipe in this process; run it under torchrun (launch/train.sh) for several."""
     from mtp_megatron.parallel import destroy_parallel
     from mtp_megatron.recipe import load_recipe
-    from mtp_megatron.train.trainer import train
-
     from mtp_megatron.train.checkpoint import CheckpointError
     from mtp_megatron.train.guard import NonFiniteError
+    from mtp_megatron.train.trainer import train
 
     recipe = load_recipe(args.recipe, args.overrides)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tolerance import VALUE_RTOL, assert_close_to_scale
 
 from mtp_megatron.bench.plain_model import PlainDecoder, load_trunk_weights
 from mtp_megatron.bench.train_throughput import (
@@ -34,7 +35,7 @@ def test_plain_model_is_our_trunk(single_process, extra):
     load_trunk_weights(plain, ours.state_dict())
     input_ids = torch.randint(0, cfg.vocab_size, (2, cfg.max_seq_len))
     expected = ours(input_ids).main_loss
-    torch.testing.assert_close(plain(input_ids), expected, atol=1e-5, rtol=0)
+    assert_close_to_scale(plain(input_ids), expected, VALUE_RTOL)
 
 
 def test_weight_mapping_rejects_unknown_parameters(single_process):

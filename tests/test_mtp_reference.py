@@ -3,6 +3,7 @@
 import pytest
 import torch
 from reference import reference_losses
+from tolerance import VALUE_RTOL, assert_close_to_scale
 from variants import (
     all_combinations,
     is_valid,
@@ -47,12 +48,12 @@ def test_mtp_loss_matches_plain_pytorch(
     main, steps = reference_losses(sd, cfg, ids, labels)
     alphas = mtp.step_weights()
     # fp32 on both sides, same operations in a different order: agreement to ~1e-6 relative.
-    torch.testing.assert_close(out.main_loss, main, rtol=1e-5, atol=1e-5)
+    assert_close_to_scale(out.main_loss, main, VALUE_RTOL)
     for k, ref in enumerate(steps, start=1):
-        torch.testing.assert_close(out.mtp_step_losses[f"mtp_step_{k}"], ref, rtol=1e-5, atol=1e-5)
+        assert_close_to_scale(out.mtp_step_losses[f"mtp_step_{k}"], ref, VALUE_RTOL)
     expected_mtp = sum(a * s for a, s in zip(alphas, steps))
-    torch.testing.assert_close(out.mtp_loss, expected_mtp, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out.loss, main + 0.5 * expected_mtp, rtol=1e-5, atol=1e-5)
+    assert_close_to_scale(out.mtp_loss, expected_mtp, VALUE_RTOL)
+    assert_close_to_scale(out.loss, main + 0.5 * expected_mtp, VALUE_RTOL)
 
 
 def test_tied_embeddings_match_reference(single_process):
@@ -63,8 +64,8 @@ def test_tied_embeddings_match_reference(single_process):
     ids, labels = _batch(cfg)
     out = model(ids, labels=labels)
     main, steps = reference_losses(_weights(model), cfg, ids, labels)
-    torch.testing.assert_close(out.main_loss, main, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out.mtp_step_losses["mtp_step_3"], steps[2], rtol=1e-5, atol=1e-5)
+    assert_close_to_scale(out.main_loss, main, VALUE_RTOL)
+    assert_close_to_scale(out.mtp_step_losses["mtp_step_3"], steps[2], VALUE_RTOL)
 
 
 def test_labels_default_to_shifted_inputs(single_process):

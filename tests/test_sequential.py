@@ -8,6 +8,7 @@ import pytest
 import torch
 from distributed import run_distributed
 from test_training import _overrides, _train
+from tolerance import VALUE_RTOL, assert_close_to_scale
 from variants import mtp_config, randomize_norm_weights, tiny_model_config, valid_combinations
 
 from mtp_megatron import ConfigError, MTPTrainingConfig, build_model
@@ -52,13 +53,7 @@ def _assert_same(ref, got, exact_grads: bool, where: str) -> None:
         # Sequential: each step's gradient is computed at upstream 1 and scaled after the output
         # layer's matmul instead of before it, and W's per-step gradients are summed in another
         # order: fp32 rounding, ~1e-6 of each tensor's largest entry.
-        torch.testing.assert_close(
-            grads[name],
-            g,
-            rtol=1e-5,
-            atol=1e-5 * g.abs().max().item(),
-            msg=lambda m, n=name: f"{where} grad {n}: {m}",
-        )
+        assert_close_to_scale(grads[name], g, VALUE_RTOL, msg=f"{where} grad {name}")
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(map(str, v)))

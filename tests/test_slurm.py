@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 SLURM = REPO / "launch" / "slurm"
 ABLATIONS = REPO / "recipes" / "ablations"
 STEPS = 100
-SIGNAL_AT = 10  # the step after which the preempted job gets its USR1
+SIGNAL_AT = 10  # the step after which the preempted jobs get their signal
 JOB_TIMEOUT = 420  # s: generous, the 2 cores are shared
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]
@@ -71,15 +71,24 @@ class Preemption:
 
 
 @dataclass
+class Preempted:
+    """A job the watcher stops mid-run with ``signal`` (then SLURM requeues it)."""
+
+    job: str
+    run_dir: Path
+    log: Path
+    preemption: Preemption
+
+
+@dataclass
 class Jobs:
     cluster: SlurmCluster
     work: Path
     sweep_dir: Path
     array_id: str
-    preempt_id: str
-    preempt_run: Path
-    preempt_log: Path
-    preemption: Preemption
+    preempted: dict[str, Preempted]
+    """By signal: USR1 (SLURM's --signal=B:USR1@120 before the time limit), TERM (scancel's
+    signal, or a site's preemption)."""
 
 
 def _submit(cluster: SlurmCluster, *submissions: tuple[list, str], cwd: Path) -> list[str]:
@@ -105,8 +114,8 @@ def _submit(cluster: SlurmCluster, *submissions: tuple[list, str], cwd: Path) ->
     return ids
 
 
-def _watch(cluster: SlurmCluster, job: str, log: Path, out: Preemption) -> None:
-    """Send USR1 to the batch script once the log shows step SIGNAL_AT (as SLURM's
+def _watch(cluster: SlurmCluster, job: str, log: Path, out: Preemption, sig: str) -> None:
+    """Send ``sig`` to the batch script once the log shows step SIGNAL_AT (as SLURM's
     --signal=B:USR1@120 does before the time limit)."""
     deadline = time.time() + JOB_TIMEOUT
     step = re.compile(r"^step +(\d+)/", re.M)
@@ -115,7 +124,7 @@ def _watch(cluster: SlurmCluster, job: str, log: Path, out: Preemption) -> None:
         steps = [int(s) for s in step.findall(text)]
         if steps and max(steps) >= SIGNAL_AT:
             out.signalled_at = max(steps)
-            cluster.run("scancel", "--signal=USR1", "--batch", job)
+            cluster.run("scancel", f"--signal={sig}", "--batch", job)
             return
         if "run finished" in text or "training failed" in text or "invalid" in text:
             out.error = f"job {job} ended before it could be signalled:\n{text[-3000:]}"
@@ -140,8 +149,8 @@ def cluster(tmp_path_factory):
 def jobs(cluster, tmp_path_factory):
     work = tmp_path_factory.mktemp("work")
     overrides = _overrides(work / "data_cache")
-    preempt_run = work / "preempted"
-    array_id, preempt_id = _submit(
+    runs = {"USR1": work / "preempted", "TERM": work / "terminated"}
+    array_id, usr1_id, term_id = _submit(
         cluster,
         (
             [
@@ -167,21 +176,33 @@ def jobs(cluster, tmp_path_factory):
                 "1",
                 ABLATIONS / "mtp_k2.yaml",
                 *overrides,
-                f"train.run_dir={preempt_run}",
+                f"train.run_dir={runs['USR1']}",
+            ],
+            r"submitted job (\d+):",
+        ),
+        (  # one node, two processes: the same world size as the sweep's mtp_k2
+            [
+                SLURM / "submit.sh",
+                "--nproc",
+                "2",
+                ABLATIONS / "mtp_k2.yaml",
+                *overrides,
+                f"train.run_dir={runs['TERM']}",
             ],
             r"submitted job (\d+):",
         ),
         cwd=work,
     )
-    log = work / "runs" / "slurm" / f"mtp-preempted-{preempt_id}.out"
-    preemption = Preemption()
-    preemption.thread = threading.Thread(
-        target=_watch, daemon=True, args=(cluster, preempt_id, log, preemption)
-    )
-    preemption.thread.start()
-    return Jobs(
-        cluster, work, work / "runs" / "abl", array_id, preempt_id, preempt_run, log, preemption
-    )
+    preempted = {}
+    for sig, job in (("USR1", usr1_id), ("TERM", term_id)):
+        log = work / "runs" / "slurm" / f"mtp-{runs[sig].name}-{job}.out"
+        preemption = Preemption()
+        preemption.thread = threading.Thread(
+            target=_watch, daemon=True, args=(cluster, job, log, preemption, sig)
+        )
+        preemption.thread.start()
+        preempted[sig] = Preempted(job, runs[sig], log, preemption)
+    return Jobs(cluster, work, work / "runs" / "abl", array_id, preempted)
 
 
 def _job_fields(cluster: SlurmCluster, job: str) -> list[dict[str, str]]:
@@ -224,38 +245,40 @@ def test_sweep_runs_as_one_array_and_reports(jobs):
         assert (out / png).read_bytes().startswith(b"\x89PNG"), png
 
 
-def test_preempted_job_requeues_resumes_and_matches_the_uninterrupted_run(jobs):
-    cluster = jobs.cluster
-    states = cluster.wait_done(jobs.preempt_id, JOB_TIMEOUT)
-    jobs.preemption.thread.join(timeout=5)
-    log = jobs.preempt_log.read_text(errors="replace")
-    assert jobs.preemption.error is None, jobs.preemption.error
-    assert states == {jobs.preempt_id: "COMPLETED"}, log[-4000:]
-    (info,) = _job_fields(cluster, jobs.preempt_id)
+@pytest.mark.parametrize("sig", ["USR1", "TERM"])
+def test_preempted_job_requeues_resumes_and_matches_the_uninterrupted_run(jobs, sig):
+    cluster, job = jobs.cluster, jobs.preempted[sig]
+    states = cluster.wait_done(job.job, JOB_TIMEOUT)
+    job.preemption.thread.join(timeout=5)
+    log = job.log.read_text(errors="replace")
+    assert job.preemption.error is None, job.preemption.error
+    assert states == {job.job: "COMPLETED"}, log[-4000:]
+    (info,) = _job_fields(cluster, job.job)
     assert info["Restarts"] == "1" and info["ExitCode"] == "0:0", info
 
     # one task per node, a rendezvous on the first node, in both launches
-    assert log.count("[entrypoint]") == 4 and "node 1 of 2, 1 processes" in log
-    assert "USR1: asking the trainer to checkpoint and stop" in log
+    nodes = 2 if sig == "USR1" else 1
+    assert log.count("[entrypoint]") == 2 * nodes
+    if nodes == 2:
+        assert "node 1 of 2, 1 processes" in log
+    assert f"{sig}: asking the trainer to checkpoint and stop" in log
     stop = re.search(r"\[stop\] stopping after step (\d+)", log)
     assert stop, f"the trainer never stopped early:\n{log[-4000:]}"
     stopped = int(stop.group(1))
-    assert jobs.preemption.signalled_at <= stopped < STEPS
+    assert job.preemption.signalled_at <= stopped < STEPS
     # the trainer exited 0 and so did torchrun (it ignores USR1): a clean step, then the requeue
     assert f"unfinished at step_{stopped:06d} of {STEPS} steps (step exit 0): requeueing" in log
     assert "srun: error" not in log
-    assert (
-        "(restart 1)" in log
-        and f"[resume] from {jobs.preempt_run}/checkpoints at step {stopped}" in log
-    )
-    assert f"run finished: {jobs.preempt_run} ({STEPS} steps), exit 0" in log
-    assert (jobs.preempt_run / "checkpoints" / "latest").read_text() == f"step_{STEPS:06d}"
+    resumed_from = f"{job.run_dir}/checkpoints/step_{stopped:06d} at step {stopped}"
+    assert "(restart 1)" in log and f"[resume] from {resumed_from}" in log
+    assert f"run finished: {job.run_dir} ({STEPS} steps), exit 0" in log
+    assert (job.run_dir / "checkpoints" / "latest").read_text() == f"step_{STEPS:06d}"
 
     # the uninterrupted run: the sweep's mtp_k2 (same recipe, same world size)
     cluster.wait_done(jobs.array_id, JOB_TIMEOUT)
-    resumed = load_run(jobs.preempt_run, "preempted")
+    resumed = load_run(job.run_dir, job.run_dir.name)
     reference = load_run(jobs.sweep_dir / "mtp_k2", "mtp_k2")
-    assert len(list(jobs.preempt_run.glob("2*/events.out.tfevents*"))) >= 1
+    assert len(list(job.run_dir.glob("2*/events.out.tfevents*"))) >= 1
     for tag in ("train/loss", "train/grad_norm", "val/loss_main", "val/acceptance_pos_1"):
         assert resumed.scalars[tag] == reference.scalars[tag], tag  # exact, every step
     assert resumed.scalars["train/loss"][STEPS] == reference.scalars["train/loss"][STEPS]

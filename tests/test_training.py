@@ -1,15 +1,11 @@
 """Training under DeepSpeed with gloo processes: ZeRO 1/2/3, TP=2, exact resume, SIGTERM."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 from distributed import run_distributed
+from tolerance import VALUE_RTOL, assert_close_to_scale
 
 pytestmark = pytest.mark.distributed
 
@@ -112,50 +108,6 @@ def test_resume_is_exact(tmp_path, data_cache):
         assert got == full["losses"][step], (step, got, full["losses"][step])
 
 
-def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, data_cache):
-    run_dir = tmp_path / "run"
-    overrides = _overrides(run_dir, data_cache, **{"train.steps": 400, "train.log_every": 1})
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "mtp_megatron",
-        "train",
-        str(REPO / "recipes" / "demo.yaml"),
-        *overrides,
-    ]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-    lines = []
-    deadline = time.time() + 240
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("step ") and int(line.split()[1].split("/")[0]) >= 5:
-            break
-        assert time.time() < deadline, "".join(lines[-30:])
-    os.killpg(proc.pid, signal.SIGTERM)  # what SLURM sends on preemption
-    rest, _ = proc.communicate(timeout=120)
-    log = "".join(lines) + rest
-    assert "[stop] stopping after step" in log, log[-3000:]
-    tag = (run_dir / "checkpoints" / "latest").read_text()
-    stopped = int(tag.split("_")[1])
-    assert 5 <= stopped < 400
-    # resume and finish a few more steps from that checkpoint
-    finish = _overrides(run_dir, data_cache, **{"train.steps": 400, "train.log_every": 1})
-    out = run_distributed(_train, 2, finish, 3)[0]
-    assert sorted(out["losses"]) == [stopped, stopped + 1, stopped + 2]
-
-
 def _train_then_load(rank: int, world: int, overrides: list[str]):
     """Train, then load the checkpoint back at the same TP size; logits of a fixed batch."""
     import torch
@@ -186,7 +138,7 @@ def test_checkpoint_trained_at_tp2_loads_into_one_process(
     with torch.no_grad():
         at_tp1 = run.model(ids).logits
     # TP=2 -> TP=1 changes only the order of fp32 reductions
-    torch.testing.assert_close(at_tp1, at_tp2, rtol=1e-4, atol=1e-5)
+    assert_close_to_scale(at_tp1, at_tp2, VALUE_RTOL)
     out, stats = run.model.mtp_decoder.generate(ids[:1, :8], max_new_tokens=8)
     assert stats["new_tokens"] == 8
 

@@ -223,13 +223,27 @@ def resume_candidates(ckpt_dir: Path) -> ResumePlan:
     return ResumePlan(candidates, notes, any_checkpoint)
 
 
+def _unreadable_file(folder: Path) -> Path | None:
+    """The first ``*.pt`` file in ``folder`` that torch cannot open (memory-mapped: cheap)."""
+    import torch
+
+    for path in sorted(folder.glob("*.pt")):
+        try:
+            torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except Exception:  # noqa: BLE001
+            return path
+    return None
+
+
 def load_checkpoint(engine, folder: Path) -> dict[str, Any]:
     """Load ``folder`` into ``engine`` (this rank's part); its client state. Not collective:
     DeepSpeed's loader reads files only, so a failure on one rank cannot hang the others."""
     try:
         path, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name)
     except Exception as e:  # noqa: BLE001  (torch / DeepSpeed raise many kinds; name the file)
-        raise CheckpointError(f"{folder} could not be loaded: {type(e).__name__}: {e}") from e
+        bad = _unreadable_file(folder)
+        what = f"{bad} is unreadable" if bad else "it could not be loaded"
+        raise CheckpointError(f"{folder}: {what} ({type(e).__name__}: {e})") from e
     if path is None:
         raise CheckpointError(f"DeepSpeed found no checkpoint files in {folder}")
     return client_state
