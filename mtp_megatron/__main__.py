@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -85,8 +86,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     try:
         result = train(recipe, resume=args.resume)
-    except (NonFiniteError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+    except (NonFiniteError, CheckpointError) as e:  # agreed on by every rank: say it once
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr, flush=True)
         return 3
     finally:
         destroy_parallel()
@@ -351,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank refuses alike
+            print(f"error: {e}", file=sys.stderr)
         return 2
 
 

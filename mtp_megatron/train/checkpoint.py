@@ -152,7 +152,9 @@ def save_checkpoint(
     rank = dist.get_rank()
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        (folder / COMPLETE).unlink(missing_ok=True)  # a folder being rewritten is not complete
+        # a leftover of this step (a save that failed, a run resumed from before it) is not
+        # complete: cleared, so that the marker lists only this save's files
+        shutil.rmtree(folder, ignore_errors=True)
     dist.barrier()
     error = ""
     try:

@@ -162,8 +162,6 @@ def _plan_resume(ckpt_dir: Path, resume: ResumeMode) -> ResumePlan:
 
 def _resume(engine, recipe: Recipe, plan: ResumePlan, world: int, say) -> tuple[dict, Path]:
     """Load the newest loadable checkpoint of ``plan`` (collective); (client state, folder)."""
-    for note in plan.notes:
-        say(f"[resume] skipped: {note}")
     current = asdict(recipe)
     for i, folder in enumerate(plan.candidates):
         run_state = read_run_state(folder)
@@ -217,6 +215,8 @@ def _train(
     check_writable(ckpt_dir)
     plan = _plan_resume(ckpt_dir, resume)
     say(f"[setup] {recipe.name}: {layout.describe()}, ZeRO {tcfg.zero_stage}, run dir {run_dir}")
+    for note in plan.notes:
+        say(f"[resume] skipped: {note}")
     if plan.candidates:  # refuse a changed recipe before seconds of data and model set-up
         first = read_run_state(plan.candidates[0])
         check_resume(
