@@ -41,12 +41,16 @@ class StallWatchdog:
         store to meet at."""
         if self.world < 2 or not {"MASTER_ADDR", "MASTER_PORT"} <= set(os.environ):
             return False
-        store = dist.TCPStore(
-            os.environ["MASTER_ADDR"],
-            int(os.environ["MASTER_PORT"]),
-            is_master=False,
-            timeout=timedelta(seconds=self.bound),
-        )
+        try:
+            store = dist.TCPStore(
+                os.environ["MASTER_ADDR"],
+                int(os.environ["MASTER_PORT"]),
+                is_master=False,
+                timeout=timedelta(seconds=self.bound),
+            )
+        except (RuntimeError, ValueError) as e:  # training goes on, bounded by the PG timeout
+            print(f"[watchdog] rank {self.rank}: not started, no c10d store ({e})", file=sys.stderr)
+            return False
         attempt = "{}.{}".format(
             os.environ.get("TORCHELASTIC_RUN_ID", ""),
             os.environ.get("TORCHELASTIC_RESTART_COUNT", 0),
