@@ -2,6 +2,7 @@
 # Train a recipe on one node (or, with NNODES/NODE_RANK/MASTER_ADDR set, one node of several).
 #   launch/train.sh RECIPE [key=value ...]
 #   NPROC=4 launch/train.sh recipes/demo.yaml parallel.tensor_parallel_size=2 train.zero_stage=2
+# NPROC defaults to the node's GPUs (2 without one); MTP_DEVICE=cpu trains on the CPU anyway.
 # The recipe is validated for the whole world before any process starts.
 set -euo pipefail
 if [[ $# -lt 1 ]]; then
@@ -12,7 +13,15 @@ recipe=$1; shift
 here=$(cd "$(dirname "$0")/.." && pwd)
 py=${PYTHON:-$here/.venv/bin/python}
 [[ -x $py ]] || py=python3
-nproc=${NPROC:-2}
+# one process per GPU of this node by default (2 on a CPU machine or with MTP_DEVICE=cpu)
+gpus=0
+if [[ ${MTP_DEVICE:-} != cpu ]] && command -v nvidia-smi >/dev/null; then
+  gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+fi
+if ((gpus > 0)); then default_nproc=$gpus; else default_nproc=2; fi
+nproc=${NPROC:-$default_nproc}
+# megatron's TP layers order their kernels on one CUDA queue (it warns otherwise)
+if ((gpus > 0)); then export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}; fi
 nnodes=${NNODES:-1}
 
 "$py" -m mtp_megatron check "$recipe" "$@" --nproc "$nproc" --nnodes "$nnodes"

@@ -105,6 +105,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides)
     recipe = load_recipe(DEMO_RECIPE, overrides)  # fails here, before any process starts
+    if args.nproc is None:
+        from mtp_megatron.parallel import default_process_count
+
+        args.nproc = default_process_count()
     recipe.parallel.validate_world(args.nproc)
     cmd = [
         sys.executable,
@@ -336,7 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help=cmd_demo.__doc__)
     p.add_argument("overrides", nargs="*", help="dotted overrides of recipes/demo.yaml")
-    p.add_argument("--nproc", type=int, default=2, help="processes (data parallel)")
+    p.add_argument(
+        "--nproc", type=int, default=None, help="processes (default: one per GPU, or 2 on CPU)"
+    )
     p.set_defaults(func=cmd_demo)
     return parser
 

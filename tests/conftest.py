@@ -5,6 +5,9 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+# the suite runs on the CPU on any machine (gloo, CPU tensors), GPU or not; the tests marked
+# `gpu` choose their device themselves. Spawned processes inherit it.
+os.environ.setdefault("MTP_DEVICE", "cpu")
 
 
 def pytest_collection_modifyitems(config, items):

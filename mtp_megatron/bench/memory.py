@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from mtp_megatron.config import ConfigError, ModelConfig, MTPConfig, MTPTrainingConfig
+from mtp_megatron.parallel.state import uses_cuda
 
 CASES = {
     "ntp": "NTP",
@@ -266,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--warmup", type=int, default=1, help="untimed steps per case first")
     add("--steps", type=int, default=1, help="timed steps per case")
     add("--cases", nargs="+", choices=list(CASES), default=list(CASES), help="subset to run")
-    add("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
+    add("--device", default="cuda" if uses_cuda() else "cpu", choices=("cpu", "cuda"))
     add("--child", choices=list(CASES), help=argparse.SUPPRESS)
     return parser
 

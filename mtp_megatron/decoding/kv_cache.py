@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from mtp_megatron.decoding.host import host_read
 from mtp_megatron.model.layers import KVCacheLayer
 
 
@@ -30,6 +31,7 @@ class KVCacheSet:
     ):
         self.capacity = capacity
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.max_length = 0  # max(lengths) on the host: appending needs no device read
         shape = (batch, kv_heads, capacity, head_dim)
         self.layers = [
             _LayerCache(
@@ -46,9 +48,13 @@ class KVCacheSet:
 
     def advance(self, s: int) -> None:
         self.lengths += s
+        self.max_length += s
 
-    def set_lengths(self, lengths: torch.Tensor) -> None:
+    def set_lengths(self, lengths: torch.Tensor, max_length: int | None = None) -> None:
+        """Roll rows back (or forward) to ``lengths`` [b]; ``max_length`` is its maximum when the
+        caller knows it on the host (else it is read from the device)."""
         self.lengths.copy_(lengths)
+        self.max_length = int(host_read(lengths.max())) if max_length is None else max_length
 
 
 class _LayerCache(KVCacheLayer):
@@ -59,7 +65,7 @@ class _LayerCache(KVCacheLayer):
         """k, v: [b, g/p, s, d] -> all keys/values [b, g/p, E, d] and mask [b, 1, s, E]."""
         b, _, s, _ = k.shape
         lengths = self.owner.lengths
-        end = int(lengths.max()) + s
+        end = self.owner.max_length + s
         if end > self.owner.capacity:
             raise RuntimeError(
                 f"KV cache overflow: {end} slots needed, capacity {self.owner.capacity}"

@@ -110,17 +110,17 @@ def accept_drafts(
     rows = torch.arange(b, device=p.device)
     residual = p[rows, accepted].clone()  # [b, V] p at the first rejected position (or bonus)
     rejected = accepted < L
-    if rejected.any():
-        at = accepted.clamp(max=L - 1)
-        if q is None:
-            q_at = torch.zeros_like(residual).scatter(-1, drafts[rows, at][:, None], 1.0)
-        else:
-            q_at = q[rows, at]
-        fixed = (residual - q_at).clamp_min(0)
-        mass = fixed.sum(-1, keepdim=True)
-        # mass 0 only when p <= q everywhere, i.e. p == q: then the draft is always accepted
-        fixed = torch.where(mass > 0, fixed / mass.clamp_min(1e-30), residual)
-        residual = torch.where(rejected[:, None], fixed, residual)
+    # computed for every row (no host read of "any rejected?"); accepted rows keep p
+    at = accepted.clamp(max=L - 1)
+    if q is None:
+        q_at = torch.zeros_like(residual).scatter(-1, drafts[rows, at][:, None], 1.0)
+    else:
+        q_at = q[rows, at]
+    fixed = (residual - q_at).clamp_min(0)
+    mass = fixed.sum(-1, keepdim=True)
+    # mass 0 only when p <= q everywhere, i.e. p == q: then the draft is always accepted
+    fixed = torch.where(mass > 0, fixed / mass.clamp_min(1e-30), residual)
+    residual = torch.where(rejected[:, None], fixed, residual)
     return accepted, sample(residual, generator)
 
 

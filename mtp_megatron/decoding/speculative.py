@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from mtp_megatron.decoding.draft_vocab import DraftVocab
+from mtp_megatron.decoding.host import host_read
 from mtp_megatron.decoding.kv_cache import KVCacheSet
 from mtp_megatron.decoding.sampling import (
     SamplingConfig,
@@ -103,6 +104,18 @@ def _finish(seq: torch.Tensor, n: torch.Tensor, start: int, max_new: int, eos: i
     return out, lengths
 
 
+def _on_model_device(model, input_ids: torch.Tensor, generator: torch.Generator | None):
+    """The prompt and the sampling generator moved to the model's device (a CPU prompt or
+    generator with a CUDA model is the common case: ids from a tokenizer, a seeded Generator()).
+    A generator on another device is replaced by one there, seeded from it: reproducible."""
+    device = model.trunk.embedding.weight.device
+    input_ids = input_ids.to(device)
+    if generator is not None and generator.device != device:
+        seed = int(torch.randint(2**62, (1,), generator=generator))
+        generator = torch.Generator(device=device).manual_seed(seed)
+    return input_ids, generator
+
+
 class NonFiniteLogitsError(ValueError):
     """Decoding refused: the model produced NaN / inf logits."""
 
@@ -137,6 +150,7 @@ def generate_plain(
     """Plain decoding, one trunk forward per token (``use_cache=False`` recomputes everything)."""
     sampling = sampling or SamplingConfig()
     sampling.validate()
+    input_ids, generator = _on_model_device(model, input_ids, generator)
     capacity = _validate_request(model, input_ids, max_new_tokens, 1)
     runner = _Runner(model)
     b, T = input_ids.shape
@@ -152,13 +166,15 @@ def generate_plain(
             block = seq[:, :n] if i == 0 else seq[:, n - 1 : n]
             fwd = runner.trunk_forward(block, caches)
         else:
-            caches.set_lengths(torch.zeros_like(caches.lengths))
+            caches.set_lengths(torch.zeros_like(caches.lengths), max_length=0)
             fwd = runner.trunk_forward(seq[:, :n], caches)
         calls += 1
         if i == 0:
             _require_finite(fwd.logits[:, -1])
         seq[:, n] = _pick(fwd.logits[:, -1], sampling, generator)
-        if eos_token_id is not None and bool((seq[:, T : n + 1] == eos_token_id).any(-1).all()):
+        if eos_token_id is not None and host_read(
+            (seq[:, T : n + 1] == eos_token_id).any(-1).all()
+        ):
             max_new_tokens = i + 1
             break
     wall = time.perf_counter() - t0
@@ -219,6 +235,7 @@ class SpeculativeDecoder:
             temperature, top_p, top_k, speculation_temperature, acceptance_threshold
         )
         sampling.validate()
+        input_ids, generator = _on_model_device(self.model, input_ids, generator)
         capacity = _validate_request(self.model, input_ids, max_new_tokens, 2 * L + 2)
         capacity = max(capacity, input_ids.shape[1] + max_new_tokens + 2 * L + 2)
         return self._run(
@@ -269,15 +286,39 @@ class SpeculativeDecoder:
         active_rounds = torch.zeros((), dtype=torch.long, device=dev)  # row-rounds that drafted
         accepted_at = torch.zeros(L, dtype=torch.long, device=dev)  # per draft position
         draft_slots = torch.arange(L, device=dev)
+        slots = torch.arange(seq.shape[1], device=dev)
         draft_log = []
-        while int((p + 2 - T).min()) < max_new:  # tokens committed beyond the prompt
+        # the host's copy of p and of each head's cached prefix: one device read per round
+        valid_host = [[0] * b for _ in range(L + 1)]
+        while True:
+            if eos is None:
+                p_host = host_read(p)
+            else:  # the EOS flags (a row has committed EOS) in the same read
+                committed = (slots[None] >= T) & (slots[None] <= (p + 1)[:, None])
+                hit = ((seq == eos) & committed).any(-1)
+                *p_host, all_hit = host_read(torch.cat([p, hit.all()[None].long()]))
+                if rounds and all_hit:
+                    break
+            if min(p_host) + 2 - T >= max_new:  # tokens committed beyond the prompt
+                break
             p_before = p
             drafts, q = self._draft(
-                p, seq, hist, hist_z, head_caches, valid, L, sampling, gen, vocab
+                p,
+                p_host,
+                seq,
+                hist,
+                hist_z,
+                head_caches,
+                valid,
+                valid_host,
+                L,
+                sampling,
+                gen,
+                vocab,
             )
             seq[rows[:, None], (p + 2)[:, None] + draft_slots] = drafts  # x_{p+2}..x_{p+1+L}
             block = torch.cat([seq[rows, p + 1][:, None], drafts], dim=1)  # [b, L+1]
-            trunk_cache.set_lengths(p + 1)
+            trunk_cache.set_lengths(p + 1, max_length=max(p_host) + 1)
             fwd = runner.trunk_forward(block, trunk_cache)
             calls += 1
             rounds += 1
@@ -298,23 +339,20 @@ class SpeculativeDecoder:
             accepted_at += (m[:, None] > draft_slots).sum(0)
             if record_drafts:
                 draft_log.append((p_before.clone(), drafts.clone(), m.clone()))
-            if eos is not None and bool(
-                torch.stack([(seq[r, T : p[r] + 2] == eos).any() for r in range(b)]).all()
-            ):
-                break
         wall = time.perf_counter() - t0
-        max_new_done = min(max_new, int((p + 2 - T).min()))
+        max_new_done = min(max_new, min(host_read(p)) + 2 - T)
         out, lengths = _finish(seq, None, T, max_new if eos is None else max_new_done, eos)
-        new = int(lengths.sum())
-        drafted = max(1, int(active_rounds))  # every active row proposes L drafts per round
-        accepted_total = int(accepted_at.sum())
+        new = int(lengths.sum())  # lengths live on the host already
+        active_total, *accepted_list = host_read(torch.cat([active_rounds[None], accepted_at]))
+        drafted = max(1, active_total)  # every active row proposes L drafts per round
+        accepted_total = sum(accepted_list)
         stats = {
             "new_tokens": new,
             "forward_calls": calls,
             "rounds": rounds,
             "lookahead": L,
             "avg_acceptance_rate": accepted_total / (drafted * L),
-            "acceptance_rate_per_position": (accepted_at.float() / drafted).tolist(),
+            "acceptance_rate_per_position": [a / drafted for a in accepted_list],
             "mean_accepted_per_step": accepted_total / drafted,
             "tokens_per_forward": new / (calls * b),
             "wall_time_s": wall,
@@ -325,10 +363,13 @@ class SpeculativeDecoder:
             stats["drafts"] = draft_log  # (position p [b], drafts [b, L], accepted [b]) per round
         return out, stats
 
-    def _draft(self, p, seq, hist, hist_z, head_caches, valid, L, sampling, gen, vocab):
+    def _draft(
+        self, p, p_host, seq, hist, hist_z, head_caches, valid, valid_host, L, sampling, gen, vocab
+    ):
         """Propose L drafts per row from position p; returns (drafts [b, L], q [b, L, V] | None).
 
-        ``vocab``: the reduced draft vocabulary (None: the whole vocabulary).
+        ``p_host`` / ``valid_host``: host copies of p and valid (kept in step here), so that no
+        draft step reads the device. ``vocab``: the reduced draft vocabulary (None: all).
         """
         runner, mtp = self.runner, self.mtp
         trunk = runner.trunk
@@ -339,7 +380,8 @@ class SpeculativeDecoder:
         for k in range(1, L + 1):
             # block of positions [start, p] whose head-k state is not cached yet
             start = torch.minimum(valid[k], p)  # a finished row (p frozen) recomputes p only
-            width = int((p - start).max()) + 1
+            start_host = [min(v, pp) for v, pp in zip(valid_host[k], p_host)]
+            width = max(pp - st for pp, st in zip(p_host, start_host)) + 1
             pos = start[:, None] + torch.arange(width, device=dev)  # [b, w]; past p: padding
             pos = pos.clamp(max=seq.shape[1] - 1 - k)
             if mtp.chained:
@@ -349,7 +391,7 @@ class SpeculativeDecoder:
                 prev, emb = hist_z[rows, pos], None
             cache = head_caches[k - 1]
             if cache is not None:
-                cache.set_lengths(start)
+                cache.set_lengths(start, max_length=max(start_host))
                 kv = cache.layers[0]
             else:
                 kv = None
@@ -371,6 +413,7 @@ class SpeculativeDecoder:
             qs.append(q)
             # inputs of positions j <= p + 1 - k are committed: those states stay cached
             valid[k] = (p + 2 - k).clamp_min(0) if mtp.chained else p + 1
+            valid_host[k] = [max(pp + 2 - k, 0) if mtp.chained else pp + 1 for pp in p_host]
         q = None if qs[0] is None else torch.stack(qs, dim=1)
         return torch.stack(drafts, dim=1), q
 

@@ -54,13 +54,46 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+DEVICE_ENV = "MTP_DEVICE"
+"""Environment switch: 'cpu' keeps everything on the CPU even where CUDA exists (the tests set
+it); 'cuda' insists on a GPU; unset picks CUDA when available."""
+
+
+def uses_cuda() -> bool:
+    """Whether this process trains and decodes on CUDA (``MTP_DEVICE``, else availability)."""
+    forced = os.environ.get(DEVICE_ENV, "").strip().lower()
+    if forced not in ("", "cpu", "cuda"):
+        raise ValueError(f"{DEVICE_ENV}={forced!r} is invalid: 'cpu', 'cuda' or unset")
+    if forced == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"{DEVICE_ENV}=cuda, but torch sees no CUDA device")
+    return forced != "cpu" and torch.cuda.is_available()
+
+
 def default_device() -> torch.device:
-    """CUDA (this process's local GPU) when present, else CPU."""
-    if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+    """This process's GPU (``LOCAL_RANK``) when CUDA is present and not switched off with
+    ``MTP_DEVICE=cpu``; else the CPU."""
+    if not uses_cuda():
+        return torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise ValueError(
+            f"LOCAL_RANK={local_rank}, but this node has {count} GPU(s): launch at most {count} "
+            f"processes per node (NPROC={count}), or set {DEVICE_ENV}=cpu to train on the CPU"
+        )
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def default_process_count() -> int:
+    """Processes to launch on this node by default: one per GPU, or 2 on the CPU."""
+    return torch.cuda.device_count() if uses_cuda() and torch.cuda.device_count() > 0 else 2
+
+
+def process_group_backend(device: torch.device) -> str:
+    """gloo on the CPU; on a GPU NCCL for CUDA tensors *and* gloo for CPU ones, so that a CPU
+    tensor reduced anywhere (megatron's groups inherit the default backend) still works."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
 def initialize_parallel(
@@ -76,7 +109,7 @@ def initialize_parallel(
     """
     device = device or default_device()
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        backend = process_group_backend(device)
         timeout = datetime.timedelta(seconds=timeout_s)
         launched = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR"))
         if launched:  # torchrun (a bare RANK may be inherited from a one-process parent)

@@ -15,6 +15,7 @@ import torch
 from megatron.core import parallel_state
 from torch import nn
 
+from mtp_megatron.config import ConfigError
 from mtp_megatron.train.config import TrainConfig
 
 
@@ -45,7 +46,20 @@ def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
 
 
 def deepspeed_config(cfg: TrainConfig, data_parallel_size: int, device: torch.device) -> dict:
-    """The DeepSpeed JSON config of a run."""
+    """The DeepSpeed JSON config of a run.
+
+    Under bf16, micro-batch gradients accumulate in fp32 and the data-parallel reduction runs in
+    fp32, as megatron does (DeepSpeed's default would do both in bf16): ZeRO-1 then runs
+    DeepSpeed's BF16_Optimizer, ZeRO-2/3 keep fp32 gradient partitions. DeepSpeed has no fp32
+    accumulation without ZeRO, so bf16 needs ZeRO >= 1."""
+    bf16 = use_bf16(cfg, device)
+    if bf16 and cfg.zero_stage == 0:
+        raise ConfigError(
+            "train.zero_stage=0 is invalid in bf16 (train.precision="
+            f"{cfg.precision!r} on {device.type}): without ZeRO, DeepSpeed accumulates and "
+            "reduces gradients in bf16; use train.zero_stage=1 (fp32 accumulation, the same "
+            "memory as ZeRO-0 plus sharded optimizer states) or train.precision=fp32"
+        )
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
@@ -62,10 +76,13 @@ def deepspeed_config(cfg: TrainConfig, data_parallel_size: int, device: torch.de
             },
         },
         "zero_optimization": {"stage": cfg.zero_stage},
-        "bf16": {"enabled": use_bf16(cfg, device)},
+        "bf16": {"enabled": bf16},
         "steps_per_print": 10**9,  # we print our own progress line
         "wall_clock_breakdown": False,
     }
+    if bf16:
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+        config["communication_data_type"] = "fp32"
     return config
 
 

@@ -389,11 +389,14 @@ def _train(
 
 
 def _step_values(out) -> torch.Tensor:
-    """[loss, main, mtp, mtp_weight, step_1..step_K] of one micro-batch, detached."""
-    mtp = out.mtp_loss.detach() if out.mtp_loss is not None else torch.zeros(())
-    parts = [out.loss.detach(), out.main_loss.detach(), mtp, torch.tensor(out.mtp_weight)]
-    parts += [v for v in out.mtp_step_losses.values()]
-    return torch.stack([p.float().reshape(()).cpu() for p in parts])
+    """[loss, main, mtp, mtp_weight, step_1..step_K] of one micro-batch, detached, on the
+    loss's device: summed there and all-reduced there, read by the host once per step."""
+    device = out.loss.device
+    mtp = out.mtp_loss.detach() if out.mtp_loss is not None else torch.zeros((), device=device)
+    weight = torch.tensor(float(out.mtp_weight), device=device)
+    parts = [out.loss.detach(), out.main_loss.detach(), mtp, weight]
+    parts += [v.detach() for v in out.mtp_step_losses.values()]
+    return torch.stack([p.float().reshape(()) for p in parts])
 
 
 def _named(values: torch.Tensor, out) -> dict[str, float]:

@@ -1,0 +1,147 @@
+"""The GPU path, checked on the CPU: backend choice, the forced-CPU switch, process counts,
+inputs moved to the model's device, the bf16 DeepSpeed config, and decoding's host reads."""
+
+import os
+
+import pytest
+import torch
+from distributed import run_distributed
+from test_training import _overrides
+from variants import mtp_config, tiny_model_config
+
+from mtp_megatron.config import ConfigError
+from mtp_megatron.parallel import state
+from mtp_megatron.train.config import TrainConfig
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch):
+    """torch reports CUDA with 2 devices; set_device calls are recorded, not made."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    return calls
+
+
+def test_the_backend_on_cuda_serves_cpu_and_cuda_tensors():
+    assert state.process_group_backend(torch.device("cuda", 0)) == "cpu:gloo,cuda:nccl"
+    assert state.process_group_backend(torch.device("cpu")) == "gloo"
+
+
+def test_device_choice_and_the_forced_cpu_switch(fake_gpus, monkeypatch):
+    assert os.environ.get("MTP_DEVICE") == "cpu"  # conftest: the suite runs on the CPU anywhere
+    assert state.default_device() == torch.device("cpu") and fake_gpus == []
+    monkeypatch.delenv("MTP_DEVICE")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert state.default_device() == torch.device("cuda", 1) and fake_gpus == [1]
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(ValueError, match=r"LOCAL_RANK=2, but this node has 2 GPU\(s\).*NPROC=2"):
+        state.default_device()
+    monkeypatch.setenv("MTP_DEVICE", "tpu")
+    with pytest.raises(ValueError, match="MTP_DEVICE='tpu' is invalid"):
+        state.default_device()
+
+
+def test_default_process_count_is_the_gpus_of_the_node(fake_gpus, monkeypatch):
+    assert state.default_process_count() == 2  # forced CPU: the CPU default
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.delenv("MTP_DEVICE")
+    assert state.default_process_count() == 8
+
+
+def _train_with_cuda_claimed(rank, world, overrides):
+    """A run in a process where torch claims CUDA: MTP_DEVICE=cpu keeps it on gloo / CPU."""
+    import torch.distributed as dist
+
+    torch.cuda.is_available = lambda: True
+    from test_training import _train
+
+    out = _train(rank, world, overrides)
+    out["backend"] = dist.get_backend()
+    return out
+
+
+@pytest.mark.distributed
+def test_a_run_stays_on_the_cpu_when_forced_even_if_cuda_is_claimed(tmp_path):
+    overrides = _overrides(tmp_path / "run", tmp_path / "cache", **{"train.steps": 2})
+    out = run_distributed(_train_with_cuda_claimed, 2, overrides)[0]
+    assert out["backend"] == "gloo" and sorted(out["losses"]) == [0, 1]
+
+
+def test_decoding_moves_inputs_and_generator_to_the_model_device(single_process, monkeypatch):
+    from mtp_megatron.decoding import speculative
+
+    class _Model:  # a model on the meta device: a tensor can move there, a generator cannot
+        class trunk:  # noqa: N801
+            class embedding:  # noqa: N801
+                weight = torch.empty(4, 4, device="meta")
+
+    made = []
+
+    class _Generator:
+        def __init__(self, device):
+            made.append(device)
+
+        def manual_seed(self, seed):
+            made.append(seed)
+            return self
+
+    ids = torch.tensor([[1, 2, 3]])
+    cpu_gen = torch.Generator().manual_seed(7)
+    monkeypatch.setattr(speculative.torch, "Generator", _Generator)
+    moved, gen = speculative._on_model_device(_Model, ids, cpu_gen)
+    assert moved.device.type == "meta" and isinstance(gen, _Generator)
+    assert made[0] == torch.device("meta") and isinstance(made[1], int)  # seeded from cpu_gen
+    same, kept = speculative._on_model_device(
+        type("M", (), {"trunk": type("T", (), {"embedding": torch.nn.Embedding(4, 4)})}),
+        ids,
+        cpu_gen,
+    )
+    assert same is not None and kept is cpu_gen  # already on the model's device: untouched
+
+
+def test_bf16_accumulates_and_reduces_gradients_in_fp32():
+    from mtp_megatron.train.engine import deepspeed_config
+
+    cfg = TrainConfig(precision="bf16", zero_stage=1, grad_accum=4)
+    config = deepspeed_config(cfg, 2, torch.device("cpu"))
+    assert config["bf16"] == {"enabled": True}
+    assert config["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert config["communication_data_type"] == "fp32"
+    auto = deepspeed_config(TrainConfig(precision="auto"), 2, torch.device("cuda", 0))
+    assert auto["data_types"] == {"grad_accum_dtype": "fp32"}  # auto is bf16 on a GPU
+    assert "data_types" not in deepspeed_config(TrainConfig(), 2, torch.device("cpu"))  # fp32
+    with pytest.raises(ConfigError, match="zero_stage=0 is invalid in bf16"):
+        deepspeed_config(TrainConfig(precision="bf16", zero_stage=0), 1, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("eos", [None, 5])
+def test_decoding_reads_the_device_at_most_twice_per_token_or_round(single_process, eos):
+    from mtp_megatron import build_model
+    from mtp_megatron.decoding import SamplingConfig, generate_plain
+    from mtp_megatron.decoding.host import HostReads
+
+    cfg = tiny_model_config(mtp_config("transformer", True, "chained", k=3), max_seq_len=96)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    # a vocabulary token never produced keeps EOS from ending the run early
+    eos_id = None if eos is None else cfg.vocab_size + 1
+    before = HostReads.count
+    out, _ = generate_plain(model, ids, 64, eos_token_id=eos_id)
+    plain_reads = HostReads.count - before
+    assert plain_reads <= 2 * 64, plain_reads
+    for sampling in (SamplingConfig(), SamplingConfig(temperature=0.8)):
+        before = HostReads.count
+        _, stats = model.mtp_decoder.generate(
+            ids,
+            max_new_tokens=64,
+            temperature=sampling.temperature,
+            eos_token_id=eos_id,
+            generator=torch.Generator().manual_seed(1),
+        )
+        reads = HostReads.count - before
+        assert reads <= 2 * (stats["rounds"] + 1), (reads, stats["rounds"])
+    greedy, _ = model.mtp_decoder.generate(ids, max_new_tokens=64, eos_token_id=eos_id)
+    assert torch.equal(greedy, out)  # the bookkeeping on the host changed no token
