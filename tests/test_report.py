@@ -8,6 +8,7 @@ import csv
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -341,3 +342,28 @@ def test_sweep_submits_one_array_with_a_task_file_per_run(tmp_path, fake_sbatch)
     assert f"dry run: {n} runs valid; would submit:" in proc.stdout
     assert f"--array=0-{n - 1} --job-name=mtp-ablations" in proc.stdout
     assert not calls.exists() and not list((tmp_path / "dry").rglob("*.args"))
+
+
+@pytest.mark.parametrize(
+    "args, nproc",
+    [
+        (["--", "--gpus-per-node=8"], "8"),  # one process per requested GPU
+        (["--", "--gpus-per-node", "h100:4"], "4"),
+        (["--nproc", "2", "--", "--gpus-per-node=8"], "2"),  # --nproc wins
+        ([], "1"),
+    ],
+)
+def test_submit_takes_the_process_count_from_the_gpus_requested(args, nproc):
+    recipe = str(REPO / "recipes" / "demo.yaml")
+    opts = args[args.index("--") :] if "--" in args else []
+    before = args[: args.index("--")] if "--" in args else args
+    env = {k: v for k, v in os.environ.items() if k != "NPROC"}
+    proc = subprocess.run(
+        ["bash", str(REPO / "launch" / "slurm" / "submit.sh"), "--dry-run", *before, recipe, *opts],
+        env=dict(env, PYTHON=sys.executable),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"NPROC={nproc} " in proc.stdout, proc.stdout

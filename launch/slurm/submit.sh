@@ -10,7 +10,7 @@ py=${PYTHON:-$repo/.venv/bin/python}
 [[ -x $py ]] || py=python3
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit "$1"; }
-nodes=1 nproc=${NPROC:-1} dry_run=0 args=() sbatch_opts=()
+nodes=1 nproc=${NPROC:-} dry_run=0 args=() sbatch_opts=()
 while [[ $# -gt 0 ]]; do
   case $1 in
     --nodes) nodes=${2:?}; shift 2 ;;
@@ -22,6 +22,10 @@ while [[ $# -gt 0 ]]; do
     *) args+=("$1"); shift ;;
   esac
 done
+# processes per node: --nproc, else $NPROC, else the GPUs requested per node, else 1
+source "$repo/launch/slurm/common.sh"
+nproc=${nproc:-$(gpus_per_node "${sbatch_opts[@]}")}
+nproc=${nproc:-1}
 [[ ${#args[@]} -gt 0 ]] || usage 2
 recipe=$(realpath "${args[0]}" 2>/dev/null || echo "${args[0]}")
 overrides=("${args[@]:1}")

@@ -15,7 +15,7 @@
 #   --grid KEY=V1,V2   an axis of the override grid; several --grid: their product
 #   --zip KEY=V1,V2    axes that advance together (same length); times the --grid product
 #   --nodes M          nodes per run (default 1)
-#   --nproc N          processes per node (default: $NPROC, else 1)
+#   --nproc N          processes per node (default: $NPROC, else --gpus-per-node, else 1)
 #   --max-parallel P   run at most P array tasks at once
 #   --dry-run          validate and print the sbatch command; submit nothing
 # key=value words apply to every run. Everything after `--` goes to sbatch (--time, --partition,
@@ -26,7 +26,7 @@ py=${PYTHON:-$repo/.venv/bin/python}
 [[ -x $py ]] || py=python3
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit "${1:-2}"; }
-name='' runs=runs nodes=1 nproc=${NPROC:-1} max_parallel='' dry_run=0
+name='' runs=runs nodes=1 nproc=${NPROC:-} max_parallel='' dry_run=0
 items=() axes=() sbatch_opts=()
 while [[ $# -gt 0 ]]; do
   case $1 in
@@ -43,6 +43,10 @@ while [[ $# -gt 0 ]]; do
     *) items+=("$1"); shift ;;
   esac
 done
+# processes per node: --nproc, else $NPROC, else the GPUs requested per node, else 1
+source "$repo/launch/slurm/common.sh"
+nproc=${nproc:-$(gpus_per_node "${sbatch_opts[@]}")}
+nproc=${nproc:-1}
 [[ ${#items[@]} -gt 0 ]] || { echo "error: no recipes given" >&2; usage; }
 # instant checks of the paths (the planner repeats them, then validates every run's recipe)
 errors=()

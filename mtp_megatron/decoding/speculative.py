@@ -45,7 +45,7 @@ class _Forward:
 
     z: torch.Tensor  # pre-norm trunk output [b, s, h] (independent heads read it)
     h: torch.Tensor  # normalised state [b, s, h]
-    logits: torch.Tensor  # full-vocabulary logits [b, s, V]
+    logits: torch.Tensor  # full-vocabulary logits [b, s, V] ([b, 1, V] with last_only)
 
 
 class _Runner:
@@ -61,12 +61,16 @@ class _Runner:
         full = gather_last_dim(self.trunk.logits(h), self.tp_group)  # [b, s, V_padded]
         return full[..., : self.vocab].float()
 
-    def trunk_forward(self, tokens: torch.Tensor, caches: KVCacheSet) -> _Forward:
+    def trunk_forward(
+        self, tokens: torch.Tensor, caches: KVCacheSet, last_only: bool = False
+    ) -> _Forward:
+        """``last_only``: logits of the last position only (a prompt's other positions need
+        none: at a 2k prompt and 128k vocabulary that is 1 GB of fp32 saved)."""
         positions = caches.positions(tokens.shape[1])  # [b, s]
         z = self.trunk.run_layers(self.trunk.embed(tokens), positions, kv_caches=caches.layers)
         caches.advance(tokens.shape[1])
         h = self.trunk.final_norm(z)
-        return _Forward(z=z, h=h, logits=self.logits(h))
+        return _Forward(z=z, h=h, logits=self.logits(h[:, -1:] if last_only else h))
 
     def new_caches(self, batch: int, capacity: int, num: int, ref: torch.Tensor) -> KVCacheSet:
         attn = self.trunk.layers[0].attention.inner
@@ -122,7 +126,7 @@ class NonFiniteLogitsError(ValueError):
 
 def _require_finite(logits: torch.Tensor) -> None:
     """Refuse to decode from NaN / inf logits (argmax of NaN would 'accept' every draft)."""
-    if not bool(torch.isfinite(logits).all()):
+    if not host_read(torch.isfinite(logits).all()):
         raise NonFiniteLogitsError(
             "the model's logits for the prompt are not finite (NaN or inf): its weights are "
             "broken (a diverged run?); decode from an earlier checkpoint"
@@ -164,10 +168,10 @@ def generate_plain(
         n = T + i
         if use_cache:
             block = seq[:, :n] if i == 0 else seq[:, n - 1 : n]
-            fwd = runner.trunk_forward(block, caches)
+            fwd = runner.trunk_forward(block, caches, last_only=True)
         else:
             caches.set_lengths(torch.zeros_like(caches.lengths), max_length=0)
-            fwd = runner.trunk_forward(seq[:, :n], caches)
+            fwd = runner.trunk_forward(seq[:, :n], caches, last_only=True)
         calls += 1
         if i == 0:
             _require_finite(fwd.logits[:, -1])
@@ -275,7 +279,7 @@ class SpeculativeDecoder:
         ]
         valid = torch.zeros(L + 1, b, dtype=torch.long, device=dev)  # committed-valid prefix
 
-        fwd = runner.trunk_forward(input_ids, trunk_cache)  # prefill
+        fwd = runner.trunk_forward(input_ids, trunk_cache, last_only=True)  # prefill
         hist[0][:, :T] = fwd.h
         if hist_z is not None:
             hist_z[:, :T] = fwd.z

@@ -80,6 +80,9 @@ def deepspeed_config(cfg: TrainConfig, data_parallel_size: int, device: torch.de
         "steps_per_print": 10**9,  # we print our own progress line
         "wall_clock_breakdown": False,
     }
+    if device.type == "cuda" and data_parallel_size > 1 and cfg.zero_stage in (1, 2):
+        # reduce gradient buckets on a side stream while backward runs (ZeRO-3 does by default)
+        config["zero_optimization"]["overlap_comm"] = True
     if bf16:
         config["data_types"] = {"grad_accum_dtype": "fp32"}
         config["communication_data_type"] = "fp32"
