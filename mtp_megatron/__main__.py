@@ -262,6 +262,11 @@ PASSTHROUGH = {
         "main_etd_split",
         "Angular distance between the layers of a trained run, and the ETD split it proposes.",
     ),
+    "gpu-check": (
+        "mtp_megatron.bench.gpu_check",
+        "main_gpu_check",
+        "The GPU check: gpu tests, training + resume, SDPA kernels, decoding, MFU, memory.",
+    ),
     "report": (
         "mtp_megatron.report",
         "main_report",

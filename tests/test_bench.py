@@ -77,3 +77,35 @@ def test_cli_subset_and_errors(single_process, capsys):
     assert "max_seq_len" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="cases"):
         run_benchmark(ModelConfig(**TINY), batch=1, seq_len=8, cases=["moe"])
+
+
+def test_gpu_check_runs_its_stages_on_the_cpu(tmp_path):
+    """The GPU check's commands, dry-run on the CPU with tiny shapes (a GPU runs them for real)."""
+    import json
+    import subprocess
+    import sys
+
+    stages = "tests,train,sdpa,decode,throughput,transformers"
+    cmd = [sys.executable, "-m", "mtp_megatron", "gpu-check", "--device", "cpu", "--quick"]
+    cmd += ["--stages", stages, "--out", str(tmp_path), "--budget-s", "300"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    status = {name: s["status"] for name, s in summary["stages"].items()}
+    assert status == {
+        "tests": "skipped",  # needs CUDA
+        "train": "ok",
+        "sdpa": "ok",
+        "decode": "ok",
+        "throughput": "ok",
+        "transformers": "skipped",  # needs the Hugging Face exporter
+    }, summary
+    assert summary["stages"]["sdpa"]["kernels"]["math"] == {"train": "ok", "decode": "ok"}
+    assert summary["stages"]["decode"]["host_reads_per_token"] <= 2
+    assert set(summary["stages"]["throughput"]["cases"]) == {
+        "NTP",
+        "MTP K=3",
+        "MTP K=3 sequential",
+        "MTP K=3 sequential + checkpointing",
+    }
+    assert "[gpu-check] summary" in proc.stdout

@@ -1,0 +1,96 @@
+"""On a CUDA device: the same numbers as on the CPU (fp32; bf16 within a stated bound), the
+memory-saving paths equal to the plain one, decoding greedy-equal and sync-lean, and a short
+bf16 ZeRO-1 training run. Marked ``gpu``: skipped where torch sees no CUDA device."""
+
+import pytest
+import torch
+from distributed import run_distributed
+from test_training import _overrides
+from tolerance import GRAD_RTOL, VALUE_RTOL, assert_close_to_scale
+from variants import mtp_config, randomize_norm_weights, tiny_model_config
+
+from mtp_megatron import MTPTrainingConfig, build_model
+
+pytestmark = pytest.mark.gpu
+CUDA = torch.device("cuda", 0)
+
+
+def _loss_and_grads(device, dtype=torch.float32, training=None):
+    cfg = tiny_model_config(mtp_config("transformer", True, "chained", k=3))
+    torch.manual_seed(0)
+    model = build_model(cfg, training=training)
+    randomize_norm_weights(model)
+    model = model.to(device, dtype)
+    ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    out = model(ids.to(device))
+    out.loss.backward()
+    grads = {n: p.grad.float().cpu() for n, p in model.named_parameters()}
+    return out.loss.float().cpu(), grads
+
+
+def test_fp32_cuda_matches_cpu_and_bf16_stays_close(single_process):
+    loss_cpu, grads_cpu = _loss_and_grads(torch.device("cpu"))
+    loss_gpu, grads_gpu = _loss_and_grads(CUDA)
+    # fp32 on both (TF32 is off for matmuls by default): other kernels, rounding only
+    assert_close_to_scale(loss_gpu, loss_cpu, VALUE_RTOL)
+    for name, g in grads_cpu.items():
+        assert_close_to_scale(grads_gpu[name], g, GRAD_RTOL, msg=name)
+    # bf16 keeps 8 bits of mantissa: the loss within 2%, each gradient pointing the same way
+    loss_bf16, grads_bf16 = _loss_and_grads(CUDA, torch.bfloat16)
+    assert abs(loss_bf16 - loss_cpu) <= 0.02 * abs(loss_cpu)
+    for name, g in grads_cpu.items():
+        cos = torch.nn.functional.cosine_similarity(grads_bf16[name].flatten(), g.flatten(), 0)
+        assert cos > 0.98 or g.abs().max() < 1e-6, (name, float(cos))
+
+
+@pytest.mark.parametrize(
+    "training",
+    [
+        MTPTrainingConfig(sequential_forward=True),
+        MTPTrainingConfig(gradient_checkpointing=True),
+        MTPTrainingConfig(sequential_forward=True, gradient_checkpointing=True),
+    ],
+    ids=["sequential", "checkpointing", "both"],
+)
+def test_memory_saving_paths_equal_plain_on_cuda(single_process, training):
+    loss, grads = _loss_and_grads(CUDA)
+    got_loss, got_grads = _loss_and_grads(CUDA, training=training)
+    assert_close_to_scale(got_loss, loss, VALUE_RTOL)
+    for name, g in grads.items():
+        assert_close_to_scale(got_grads[name], g, VALUE_RTOL, msg=name)
+
+
+def test_decoding_on_cuda_is_greedy_equal_and_reads_the_host_rarely(single_process):
+    from mtp_megatron.decoding import generate_plain
+    from mtp_megatron.decoding.host import HostReads
+
+    cfg = tiny_model_config(mtp_config("transformer", True, "chained", k=3), max_seq_len=96)
+    torch.manual_seed(0)
+    model = build_model(cfg).to(CUDA).eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, 8))  # on the CPU: moved to the model's device
+    before = HostReads.count
+    plain, _ = generate_plain(model, ids, 64)
+    assert HostReads.count - before <= 2 * 64
+    spec, stats = model.mtp_decoder.generate(ids, max_new_tokens=64)
+    assert torch.equal(spec, plain)
+    sampled, _ = model.mtp_decoder.generate(
+        ids, max_new_tokens=16, temperature=0.8, generator=torch.Generator().manual_seed(0)
+    )
+    assert sampled.device == CUDA and sampled.shape == (1, 24)
+
+
+def _train_on_cuda(rank, world, overrides):
+    import os
+
+    os.environ["MTP_DEVICE"] = "cuda"
+    from test_training import _train
+
+    return _train(rank, world, overrides)
+
+
+def test_bf16_zero1_training_on_one_gpu(tmp_path):
+    extra = {"train.steps": 20, "train.zero_stage": 1, "train.precision": "bf16"}
+    out = run_distributed(_train_on_cuda, 1, _overrides(tmp_path / "run", tmp_path / "c", **extra))
+    losses = out[0]["losses"]
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    assert losses[19] < losses[0] - 0.5, losses
