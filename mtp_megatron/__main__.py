@@ -141,6 +141,7 @@ def decode_benchmark(
     max_new_tokens: int,
     threads: int = 1,
     draft_vocab_size: int = 0,
+    dtype: str = "fp32",
 ) -> int:
     import torch
 
@@ -155,7 +156,9 @@ def decode_benchmark(
 
     # batch-1 decoding is a chain of tiny matmuls: extra intra-op threads only add sync cost
     torch.set_num_threads(threads)
-    run = load_run(run_dir)
+    run = load_run(run_dir, dtype=dtype)
+    device = next(run.model.parameters()).device
+    where = "GPU" if device.type == "cuda" else f"{threads} CPU thread(s)"
     held_out, vocab = benchmark_inputs(run, prompts, prompt_len, draft_vocab_size)
     k = run.model.mtp.num_steps
     rows = run_decode_benchmark(run, held_out, max_new_tokens, list(range(1, k + 1)), vocab)
@@ -164,7 +167,7 @@ def decode_benchmark(
     print(
         f"\nself-speculative decoding: {speedup:.2f}x wall-clock speed-up over plain KV-cached "
         f"decoding at lookahead {lookahead} ({len(held_out)} held-out prompts of {prompt_len} "
-        f"tokens, {max_new_tokens} new tokens each, greedy, batch 1, {threads} CPU thread(s), "
+        f"tokens, {max_new_tokens} new tokens each, greedy, batch 1, {dtype}, {where}, "
         f"drafts from {'all tokens' if vocab is None else f'the {len(vocab)} most frequent'})"
     )
     print(f"results: {save_results(run, rows)}")
@@ -180,6 +183,7 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
         args.max_new_tokens,
         args.threads,
         args.draft_vocab,
+        args.dtype,
     )
 
 
@@ -201,7 +205,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--lookahead={args.lookahead} is invalid: must be >= 1")
     if not args.prompt:
         raise ConfigError("--prompt is empty")
-    run = load_run(args.checkpoint)
+    run = load_run(args.checkpoint, dtype=args.dtype)
     tok = load_tokenizer(str(run.tokenizer_path))
     ids = torch.tensor([tok.encode(args.prompt).ids])
     if ids.shape[1] == 0:
@@ -324,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--acceptance-threshold", type=float, default=1.0, help="< 1 is lossy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plain", action="store_true", help="plain decoding, no drafts")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: faster on GPU")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench-decode", help=cmd_bench_decode.__doc__)
@@ -332,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: faster on GPU")
     p.add_argument(
         "--draft-vocab",
         type=int,

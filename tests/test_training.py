@@ -152,6 +152,8 @@ def test_checkpoint_trained_at_tp2_loads_into_one_process(
         )
         == 0
     )
+    bf16 = ["generate", "--checkpoint", run_dir, "--prompt", "def f(x):", "--dtype", "bf16"]
+    assert main([*bf16, "--max-new-tokens", "6"]) == 0  # bf16 decoding (KV caches in bf16 too)
     bench = ["bench-decode", "--checkpoint", run_dir, "--prompts", "2", "--prompt-len", "8"]
     assert main([*bench, "--max-new-tokens", "8", "--draft-vocab", "64"]) == 0
     out = capsys.readouterr().out

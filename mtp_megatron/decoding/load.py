@@ -98,8 +98,19 @@ def _slice_for_rank(full: dict[str, torch.Tensor], model: MTPModel) -> dict[str,
     return out
 
 
-def load_run(path: str | Path, device: torch.device | None = None) -> LoadedRun:
-    """Build the run's model for the current TP size and load its latest (or given) checkpoint."""
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+"""Decoding precisions: fp32 (the default: exact greedy equality with plain decoding) or bf16
+(faster on a GPU; the verification's batched matmuls round unlike one-token steps, so a
+near-tied greedy token may differ from plain bf16 decoding)."""
+
+
+def load_run(
+    path: str | Path, device: torch.device | None = None, dtype: str = "fp32"
+) -> LoadedRun:
+    """Build the run's model for the current TP size and load its latest (or given) checkpoint,
+    in ``dtype`` ('fp32' or 'bf16', see DTYPES)."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype={dtype!r} is invalid: one of {sorted(DTYPES)}")
     from mtp_megatron.parallel import default_device, ensure_parallel_initialized
     from mtp_megatron.recipe import Recipe
 
@@ -131,7 +142,7 @@ def load_run(path: str | Path, device: torch.device | None = None) -> LoadedRun:
             "checkpoint (pass its step_NNNNNN folder)"
         )
     model.load_state_dict(_slice_for_rank(full, model), strict=False)
-    model = model.to(device or default_device()).eval()
+    model = model.to(device or default_device(), DTYPES[dtype]).eval()
     return LoadedRun(model, run_dir / "tokenizer.json", recipe, ckpt)
 
 

@@ -120,6 +120,11 @@ def _on_model_device(model, input_ids: torch.Tensor, generator: torch.Generator 
     return input_ids, generator
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class NonFiniteLogitsError(ValueError):
     """Decoding refused: the model produced NaN / inf logits."""
 
@@ -181,6 +186,7 @@ def generate_plain(
         ):
             max_new_tokens = i + 1
             break
+    _sync(seq.device)  # the device has finished what it was given
     wall = time.perf_counter() - t0
     out, lengths = _finish(seq, None, T, max_new_tokens, eos_token_id)
     new = int(lengths.sum())
@@ -343,6 +349,7 @@ class SpeculativeDecoder:
             accepted_at += (m[:, None] > draft_slots).sum(0)
             if record_drafts:
                 draft_log.append((p_before.clone(), drafts.clone(), m.clone()))
+        _sync(seq.device)  # the device has finished what it was given
         wall = time.perf_counter() - t0
         max_new_done = min(max_new, min(host_read(p)) + 2 - T)
         out, lengths = _finish(seq, None, T, max_new if eos is None else max_new_done, eos)
