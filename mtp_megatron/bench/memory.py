@@ -154,7 +154,7 @@ def run_case(args: argparse.Namespace, key: str) -> CaseResult:
     def step() -> tuple[float, float]:
         model.zero_grad(set_to_none=True)
         start, start_cpu = time.perf_counter(), time.process_time()
-        out = model(input_ids, labels=labels)
+        out = model(input_ids, labels=labels, return_logits=False)  # as the trainer does
         out.loss.backward()  # `out` stays alive through backward, as in a training loop
         if meter.cuda:
             torch.cuda.synchronize()

@@ -210,7 +210,7 @@ def _build_cases(
     def loss_fn(key: str, model: nn.Module) -> Callable[[], torch.Tensor]:
         if key == PLAIN_KEY:
             return lambda: model(input_ids, labels)
-        return lambda: model(input_ids, labels=labels).loss
+        return lambda: model(input_ids, labels=labels, return_logits=False).loss
 
     cases = []
     for key, model in models.items():

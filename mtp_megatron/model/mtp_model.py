@@ -32,8 +32,9 @@ class MTPOutput:
     """main_loss + mtp_weight * mtp_loss (+ ETD's depth cost): the quantity to backpropagate."""
     main_loss: torch.Tensor
     """Next-token CE of the main head."""
-    logits: torch.Tensor
-    """Main-head logits [b, s, V/p]: this rank's vocabulary shard (all of V at TP=1)."""
+    logits: torch.Tensor | None
+    """Main-head logits [b, s, V/p]: this rank's vocabulary shard (all of V at TP=1); None with
+    ``return_logits=False``."""
     mtp_loss: torch.Tensor | None = None
     """sum_k alpha_k CE_k, before the MTP weight (None for an NTP model)."""
     mtp_step_losses: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -102,15 +103,19 @@ class MTPModel(nn.Module):
         labels: torch.Tensor | None = None,
         step: int | None = None,
         return_mtp_logits: bool = False,
+        return_logits: bool = True,
     ) -> MTPOutput:
         """input_ids, labels: [b, s]; labels[:, i] = t_{i+1} (derived from input_ids if None).
 
         ``step`` is the optimizer step, for the MTP weight warm-up (None: full weight).
+        ``return_logits=False`` (training): the main logits are not returned, so they are not
+        kept alive through backward (at 8 x 4k tokens and a 128k vocabulary that is 8.6 GB in
+        bf16), and the loss may overwrite them.
         """
         trunk = self.trunk
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         hidden = trunk.run_layers(trunk.embed(input_ids), positions)  # z [b, s, h]
-        return self.final_stage(hidden, input_ids, labels, step, return_mtp_logits)
+        return self.final_stage(hidden, input_ids, labels, step, return_mtp_logits, return_logits)
 
     def final_stage(
         self,
@@ -119,6 +124,7 @@ class MTPModel(nn.Module):
         labels: torch.Tensor | None = None,
         step: int | None = None,
         return_mtp_logits: bool = False,
+        return_logits: bool = True,
     ) -> MTPOutput:
         """Everything after the trunk's layers (the last pipeline stage's work): final norm,
         main head, the MTP steps and the loss. hidden: z [b, s, h]; the rest as in forward.
@@ -145,7 +151,9 @@ class MTPModel(nn.Module):
             steps = self._steps(hidden, normed, input_ids, positions, checkpoint=True)
             mtp_loss, step_losses = sequential_mtp_loss(trunk, steps, labels, self._step_weights)
         logits = trunk.logits(normed)  # [b, s, V/p]
-        main_loss = masked_cross_entropy(logits, labels)
+        main_loss = masked_cross_entropy(logits, labels, inplace=not return_logits)
+        if not return_logits:
+            logits = None
         aux = trunk.take_aux_loss()  # ETD's depth cost of the layers' last run (None: none)
         if self.mtp is None:
             loss = main_loss if aux is None else main_loss + aux

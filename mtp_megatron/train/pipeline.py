@@ -129,7 +129,9 @@ class FinalStagePipe(nn.Module):
         labels, input_ids, step = batch
         if self.training:
             self.last_output = None
-            out = self.model.final_stage(hidden, input_ids, labels, step=int(step))
+            out = self.model.final_stage(
+                hidden, input_ids, labels, step=int(step), return_logits=False
+            )
             self.records.append(logged_values(out))
             return out.loss
         out = self.model.final_stage(hidden, input_ids, labels, return_mtp_logits=True)
@@ -139,11 +141,15 @@ class FinalStagePipe(nn.Module):
 
 
 def logged_values(out: MTPOutput) -> torch.Tensor:
-    """[loss, main, mtp, mtp_weight, step_1..step_K] of one micro-batch (as the PP=1 trainer)."""
-    mtp = out.mtp_loss.detach() if out.mtp_loss is not None else torch.zeros(())
-    parts = [out.loss.detach(), out.main_loss.detach(), mtp, torch.tensor(out.mtp_weight)]
-    parts += list(out.mtp_step_losses.values())
-    return torch.stack([p.float().reshape(()).cpu() for p in parts])
+    """[loss, main, mtp, mtp_weight, step_1..step_K] of one micro-batch, detached, on the loss's
+    device (the PP=1 trainer and the last pipeline stage log these; summed and reduced there,
+    read by the host once per step)."""
+    device = out.loss.device
+    mtp = out.mtp_loss.detach() if out.mtp_loss is not None else torch.zeros((), device=device)
+    weight = torch.tensor(float(out.mtp_weight), device=device)
+    parts = [out.loss.detach(), out.main_loss.detach(), mtp, weight]
+    parts += [v.detach() for v in out.mtp_step_losses.values()]
+    return torch.stack([p.float().reshape(()) for p in parts])
 
 
 def last_stage_needs_embedding(model: MTPModel) -> bool:

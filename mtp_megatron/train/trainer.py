@@ -51,6 +51,7 @@ from mtp_megatron.train.guard import (
     nonfinite_terms,
 )
 from mtp_megatron.train.logger import RunLogger
+from mtp_megatron.train.pipeline import logged_values
 from mtp_megatron.train.pipeline_engine import PipelineSteps, build_pipeline_engine
 from mtp_megatron.train.preflight import check_free_space, check_writable, estimate_checkpoint_bytes
 from mtp_megatron.train.resume import apply_overrides, check_resume
@@ -323,10 +324,15 @@ def _train(
                 sums = None
                 for micro in range(tcfg.grad_accum):
                     input_ids, labels = batches.batch(step, micro, tcfg.grad_accum)
-                    out = engine(input_ids.to(device), labels=labels.to(device), step=step)
+                    out = engine(
+                        input_ids.to(device),
+                        labels=labels.to(device),
+                        step=step,
+                        return_logits=False,
+                    )
                     engine.backward(out.loss)
                     engine.step()
-                    values = _step_values(out)
+                    values = logged_values(out)
                     sums = values if sums is None else sums + values
                 # mean over micro-batches and data-parallel ranks, in one all-reduce
                 sums = sums / (tcfg.grad_accum * layout.data_parallel_size)
@@ -386,17 +392,6 @@ def _train(
         finite = {k: (v if math.isfinite(v) else None) for k, v in result.eval.items()}
         (run_dir / "final_eval.json").write_text(json.dumps(finite, indent=2, allow_nan=False))
     return result
-
-
-def _step_values(out) -> torch.Tensor:
-    """[loss, main, mtp, mtp_weight, step_1..step_K] of one micro-batch, detached, on the
-    loss's device: summed there and all-reduced there, read by the host once per step."""
-    device = out.loss.device
-    mtp = out.mtp_loss.detach() if out.mtp_loss is not None else torch.zeros((), device=device)
-    weight = torch.tensor(float(out.mtp_weight), device=device)
-    parts = [out.loss.detach(), out.main_loss.detach(), mtp, weight]
-    parts += [v.detach() for v in out.mtp_step_losses.values()]
-    return torch.stack([p.float().reshape(()) for p in parts])
 
 
 def _named(values: torch.Tensor, out) -> dict[str, float]:
