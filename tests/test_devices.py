@@ -147,3 +147,31 @@ def test_decoding_reads_the_device_at_most_twice_per_token_or_round(single_proce
         assert reads <= 2 * (stats["rounds"] + 1), (reads, stats["rounds"])
     greedy, _ = model.mtp_decoder.generate(ids, max_new_tokens=64, eos_token_id=eos_id)
     assert torch.equal(greedy, out)  # the bookkeeping on the host changed no token
+
+
+def _bench_with_cuda_claimed(rank, world):
+    import torch.distributed as dist
+    from test_bench import TINY
+
+    from mtp_megatron.bench.train_throughput import main_bench_train
+
+    torch.cuda.is_available = lambda: True  # as on a GPU machine; MTP_DEVICE=cpu holds
+    backends = []
+    init = dist.init_process_group
+
+    def recording_init(*args, **kwargs):
+        backends.append(kwargs.get("backend"))
+        return init(*args, **kwargs)
+
+    dist.init_process_group = recording_init
+    if dist.is_initialized():  # a fresh world, so that the backend choice is made here
+        dist.destroy_process_group()
+    tiny = [f"model.{k}={v}" for k, v in TINY.items()] + ["model.mtp=null"]
+    argv = [*tiny, "--cases", "ntp", "--rounds", "1", "--steps-per-round", "1", "--warmup", "0"]
+    code = main_bench_train([*argv, "--batch", "1", "--seq-len", "8"])
+    return code, backends
+
+
+def test_bench_train_stays_on_the_cpu_when_forced_even_if_cuda_is_claimed():
+    code, backends = run_distributed(_bench_with_cuda_claimed, 1)[0]
+    assert code == 0 and backends == ["gloo"]  # NCCL would fail on the CPU tensors

@@ -27,6 +27,10 @@ echo "[entrypoint] $(hostname) (${SLURMD_NODENAME:-?}): node ${SLURM_NODEID:-0} 
 # checkpoints at the end of the step and exits 0, and torchrun then exits 0 too.
 trap '' USR1
 export PYTHONUNBUFFERED=1
+# megatron's TP layers order their kernels on one CUDA queue (it warns otherwise)
+if [[ -n ${SLURM_GPUS_ON_NODE:-} || -n ${CUDA_VISIBLE_DEVICES:-} ]]; then
+  export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+fi
 exec "$py" -m torch.distributed.run --nnodes "$nnodes" --nproc_per_node "$nproc" \
   --rdzv_backend c10d --rdzv_endpoint "$head_addr:$port" --rdzv_id "$SLURM_JOB_ID" \
   --rdzv_conf "is_host=$is_host" \
