@@ -514,6 +514,7 @@ def test_a_stalled_rank_ends_the_job_within_the_bound(tmp_path, data_cache):
     assert proc.returncode != 0
     assert f"[watchdog] rank 1 on {os.uname().nodename} (pid {stalled})" in log, log[-3000:]
     assert f"more than train.collective_timeout_s={bound}" in log
+    print(f"stalled rank 1: the job ended {elapsed:.1f} s after SIGSTOP (bound {bound} s)")
     assert elapsed < bound + 60, elapsed  # the bound, a heartbeat period and torchrun's teardown
 
 
