@@ -147,3 +147,34 @@ def test_deepspeed_zero2_grad_accum_matches_plain(tmp_path, data_cache):
         # identical forward values; fp32 gradient rounding (see above) compounded by Adam steps
         assert seq["losses"][step] == pytest.approx(plain["losses"][step], rel=1e-5)
         assert seq["grad_norms"][step] == pytest.approx(plain["grad_norms"][step], rel=1e-5)
+
+
+def _train_zero3_partitioned(rank, world, overrides):
+    """ZeRO-3 with every parameter partitioned away after its module's forward (persistence
+    threshold 0): the sequential loss reaches the output weight through the identity call."""
+    from mtp_megatron.train import engine
+
+    original = engine.deepspeed_config
+
+    def config(*args, **kwargs):
+        out = original(*args, **kwargs)
+        out["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        return out
+
+    engine.deepspeed_config = config
+    return _train(rank, world, overrides)
+
+
+@pytest.mark.distributed
+def test_deepspeed_zero3_partitioned_output_weight_matches_plain(tmp_path, data_cache):
+    extra = {"train.steps": 2, "train.zero_stage": 3, "model.tie_embeddings": False}
+    runs = {}
+    for name, seq in (("plain", False), ("seq", True)):
+        more = {**extra, "train.mtp.sequential_forward": seq}
+        overrides = _overrides(tmp_path / name, data_cache, **more)
+        runs[name] = run_distributed(_train_zero3_partitioned, 2, overrides)[0]
+    for step in range(2):
+        assert runs["seq"]["losses"][step] == pytest.approx(runs["plain"]["losses"][step], rel=1e-5)
+        assert runs["seq"]["grad_norms"][step] == pytest.approx(
+            runs["plain"]["grad_norms"][step], rel=1e-5
+        )
