@@ -18,3 +18,9 @@ def test_table_of_two_cases(capsys):
 def test_bad_shape_is_a_clear_error(capsys):
     assert main_bench_memory([*TINY, "--hidden", "66"]) == 2  # not divisible by 4 heads
     assert "hidden_size" in capsys.readouterr().err
+
+
+def test_bf16_case_runs_and_is_labelled(capsys):
+    assert main_bench_memory([*TINY, "--cases", "ntp", "--dtype", "bf16"]) == 0
+    out = capsys.readouterr().out
+    assert "heads; bf16, TP=1" in out and "| NTP |" in out

@@ -271,7 +271,9 @@ def _sync(device: torch.device) -> None:
 
 
 def stage_memory(ctx: Context) -> dict:
+    dtype = "bf16" if ctx.bf16 else "fp32"
     cmd = [sys.executable, "-m", "mtp_megatron", "bench-memory", "--device", ctx.device.type]
+    cmd += ["--dtype", dtype]
     if ctx.quick:
         cmd += ["--vocab", "512", "--hidden", "64", "--layers", "2", "--seq-len", "64"]
     proc = subprocess.run(
@@ -281,7 +283,7 @@ def stage_memory(ctx: Context) -> dict:
     return {
         "status": "ok" if proc.returncode == 0 else "failed",
         "output": lines[-12:],
-        "note": "fp32 (bench-memory has no bf16 option yet)",
+        "dtype": dtype,
     }
 
 

@@ -1,7 +1,8 @@
 """Peak memory and step time of one training step: NTP against MTP K=4 plain, sequential, and
 sequential + activation checkpointing, at a vocabulary-heavy shape where the logits dominate.
 
-A step is forward + backward (gradients set to None before it; no optimizer), fp32, TP=1. Every
+A step is forward + backward (gradients set to None before it; no optimizer), fp32 or bf16
+(``--dtype``), TP=1. Every
 case runs in a fresh subprocess, one after the other, so that no case inherits another's heap:
 
 - CPU: the peak resident set size of the child during a step (``VmHWM``, reset before each step
@@ -143,7 +144,8 @@ def run_case(args: argparse.Namespace, key: str) -> CaseResult:
     ensure_parallel_initialized()
     cfg, training = _model_config(args, key)
     torch.manual_seed(0)
-    model = build_model(cfg, training=training).to(device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    model = build_model(cfg, training=training).to(device, dtype)
     model.train()
     generator = torch.Generator().manual_seed(1)
     input_ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len), generator=generator)
@@ -185,7 +187,7 @@ def _child_argv(args: argparse.Namespace, key: str) -> list[str]:
     for name in ("vocab", "hidden", "layers", "heads", "seq_len", "batch", "k", "warmup", "steps"):
         argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     argv += ["--head-type", args.head_type, "--arrangement", args.arrangement]
-    return argv + ["--device", args.device]
+    return argv + ["--device", args.device, "--dtype", args.dtype]
 
 
 def measure(args: argparse.Namespace, progress=None) -> dict[str, CaseResult]:
@@ -211,7 +213,7 @@ def report(args: argparse.Namespace, results: dict[str, CaseResult]) -> str:
         f"shape: vocab {cfg.vocab_size} (padded {cfg.padded_vocab_size}), hidden {cfg.hidden_size}"
         f", {cfg.num_layers} layers, {cfg.num_attention_heads} heads, ffn {cfg.ffn_size}; batch "
         f"{args.batch} x seq {args.seq_len}; MTP K={args.k} {args.arrangement} {args.head_type} "
-        f"heads; fp32, TP=1",
+        f"heads; {args.dtype}, TP=1",
         f"step = forward + backward; memory: {on} above the model, per step; {args.warmup} "
         f"warm-up + {args.steps} timed steps per case, each case in a fresh process; "
         f"{torch.get_num_threads()} threads",
@@ -268,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--steps", type=int, default=1, help="timed steps per case")
     add("--cases", nargs="+", choices=list(CASES), default=list(CASES), help="subset to run")
     add("--device", default="cuda" if uses_cuda() else "cpu", choices=("cpu", "cuda"))
+    add("--dtype", choices=("fp32", "bf16"), default="fp32", help="weights and activations")
     add("--child", choices=list(CASES), help=argparse.SUPPRESS)
     return parser
 
