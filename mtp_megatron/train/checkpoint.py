@@ -47,12 +47,6 @@ def step_folders(ckpt_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True) if p.is_dir()]
 
 
-def read_latest(ckpt_dir: Path) -> str | None:
-    """The tag ``latest`` names, if that folder is a complete checkpoint; else None."""
-    tag, problem = _latest_tag(ckpt_dir)
-    return tag if problem is None else None
-
-
 def _latest_tag(ckpt_dir: Path) -> tuple[str | None, str | None]:
     """(tag, None) or (None, what is wrong with ``latest``)."""
     path = ckpt_dir / LATEST

@@ -161,19 +161,24 @@ def _plan_resume(ckpt_dir: Path, resume: ResumeMode) -> ResumePlan:
     return plan
 
 
+def _check_against(folder: Path, recipe: Recipe, world: int) -> list[str]:
+    """Refuse (ConfigError) resuming ``folder`` with ``recipe`` on ``world`` processes where
+    that changes what the checkpoint fixes; the allowed changes, as report lines."""
+    saved = read_run_state(folder)
+    return check_resume(
+        saved["recipe"],
+        asdict(recipe),
+        recipe.train.resume_overrides,
+        saved["world_size"],
+        world,
+        str(folder),
+    )
+
+
 def _resume(engine, recipe: Recipe, plan: ResumePlan, world: int, say) -> tuple[dict, Path]:
     """Load the newest loadable checkpoint of ``plan`` (collective); (client state, folder)."""
-    current = asdict(recipe)
     for i, folder in enumerate(plan.candidates):
-        run_state = read_run_state(folder)
-        changes = check_resume(
-            run_state["recipe"],
-            current,
-            recipe.train.resume_overrides,
-            run_state["world_size"],
-            world,
-            str(folder),
-        )
+        changes = _check_against(folder, recipe, world)
         error = ""
         try:
             state = load_checkpoint(engine, folder)
@@ -219,15 +224,7 @@ def _train(
     for note in plan.notes:
         say(f"[resume] skipped: {note}")
     if plan.candidates:  # refuse a changed recipe before seconds of data and model set-up
-        first = read_run_state(plan.candidates[0])
-        check_resume(
-            first["recipe"],
-            asdict(recipe),
-            tcfg.resume_overrides,
-            first["world_size"],
-            layout.world_size,
-            str(plan.candidates[0]),
-        )
+        _check_against(plan.candidates[0], recipe, layout.world_size)
 
     data = prepare_data(recipe.data, recipe.model.vocab_size, log=say)
     seq_len = recipe.seq_len
