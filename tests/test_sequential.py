@@ -96,6 +96,33 @@ def test_sequential_keeps_one_step_of_logits(single_process):
     assert _saved_vocab_tensors(MODES["sequential"]) == 1
 
 
+def _output_layer_calls(training, tie: bool) -> int:
+    """Calls of the output layer (trunk.logits) in one forward + backward."""
+    cfg = tiny_model_config(mtp_config("transformer", True, "chained", k=3), tie_embeddings=tie)
+    torch.manual_seed(0)
+    model = build_model(cfg, training=training)
+    calls = 0
+    logits = model.trunk.logits
+
+    def counted(x):
+        nonlocal calls
+        calls += 1
+        return logits(x)
+
+    model.trunk.logits = counted
+    out = model(torch.randint(0, cfg.vocab_size, (2, 16)))
+    out.loss.backward()
+    return calls
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_sequential_adds_no_output_layer_call(single_process, tie):
+    # main head + K = 3 steps in both; W's summed gradient is attached to W directly (the extra
+    # identity call is only for a ZeRO-3 partitioned W, tested under DeepSpeed below)
+    assert _output_layer_calls(None, tie) == 4
+    assert _output_layer_calls(MODES["sequential"], tie) == 4
+
+
 def test_evaluation_and_config(single_process):
     variant = ("mlp", False, "chained")
     cfg = tiny_model_config(mtp_config(*variant, k=3))

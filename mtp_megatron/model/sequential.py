@@ -17,11 +17,14 @@ step's inputs are kept and its head is recomputed in backward):
 Why it is exact: CE_k depends on h^k and W only, and its gradient is linear in the upstream
 scalar, so the unit-upstream gradient scaled by whatever backward brings (alpha_k, w, DeepSpeed's
 1/grad_accum, a loss scale) is the plain path's gradient, up to the order of fp roundings. The
-dCE_k/dW are summed (times alpha_k) and reach W through one more call of the output layer, on the
-identity: output_layer(I_h) = W^T, whose backward with upstream c * sum^T adds exactly c * sum to
-W's gradient. Every parameter's gradient therefore arrives inside the ordinary backward pass,
-through the module that owns it (ZeRO-3 gathers W for that call as for any other; DeepSpeed's
-gradient hooks and loss scaling see one normal backward per micro-batch). For chained heads, step
+dCE_k/dW are summed (times alpha_k) and attached to W itself: a zero-valued term whose backward
+sends c * sum to W (c the upstream scalar), so W's gradient arrives inside the ordinary backward
+pass (DeepSpeed's gradient hooks and loss scaling see one normal backward per micro-batch) at no
+extra matmul. A ZeRO-3 partitioned W is an empty placeholder outside its module's call, so there
+the sum reaches W through one more call of the output layer, on the identity: output_layer(I_h) =
+W^T, whose backward with upstream c * sum^T adds exactly c * sum (ZeRO-3 gathers W for that call
+as for any other). That costs one [h, h] x [h, V/p] matmul each way per micro-batch, so it is
+kept to the partitioned case. For chained heads, step
 k's backward needs dL/dh^k from the later steps: the autograd engine runs the steps' recomputed
 backwards from K down to 1, one step's head activations at a time.
 """
@@ -94,11 +97,26 @@ def sequential_mtp_loss(
         elif w_grad is not None:
             weight_grad.add_(w_grad, alpha=alpha)
     if weight_grad is not None:
-        h = weight_grad.shape[1]
-        eye = torch.eye(h, dtype=trunk.output_weight.dtype, device=weight_grad.device)
-        w_t = trunk.logits(eye.unsqueeze(0))  # W^T [1, h, V/p]: megatron's linear wants 3-d input
-        grad_t = weight_grad.t().unsqueeze(0).to(w_t.dtype)  # [1, h, V/p]
-        zero = torch.zeros((), device=mtp_loss.device, dtype=mtp_loss.dtype)
         # + 0: the value stays the plain path's, bit for bit
-        mtp_loss = mtp_loss + _attach(w_t, zero, grad_t)
+        mtp_loss = mtp_loss + _attach_weight_grad(trunk, weight_grad, mtp_loss)
     return mtp_loss, step_losses
+
+
+def _is_partitioned(weight: torch.nn.Parameter) -> bool:
+    """A ZeRO-3 parameter: its data is gathered only inside its module's forward / backward."""
+    return hasattr(weight, "ds_id")
+
+
+def _attach_weight_grad(
+    trunk: DecoderTrunk, weight_grad: torch.Tensor, like: torch.Tensor
+) -> torch.Tensor:
+    """A zero scalar whose backward adds upstream * ``weight_grad`` [V/p, h] to W's gradient."""
+    zero = torch.zeros((), device=like.device, dtype=like.dtype)
+    weight = trunk.output_weight
+    if not _is_partitioned(weight):
+        return _attach(weight, zero, weight_grad.to(weight.dtype))
+    h = weight_grad.shape[1]
+    eye = torch.eye(h, dtype=weight.dtype, device=weight_grad.device)
+    w_t = trunk.logits(eye.unsqueeze(0))  # W^T [1, h, V/p]: megatron's linear wants 3-d input
+    grad_t = weight_grad.t().unsqueeze(0).to(w_t.dtype)  # [1, h, V/p]
+    return _attach(w_t, zero, grad_t)
