@@ -67,6 +67,17 @@ def layer(x, sd, p, cfg: ModelConfig, with_attention=True):
     return residual(x, lambda y: swiglu(y, sd, m + "inner."), sd[m + "norm.weight"], cfg)
 
 
+def linear_block(x, sd, p):
+    """The 'linear' head: x + W2 SiLU(W1 x)."""
+    return x + F.silu(x @ sd[p + "up.weight"].T) @ sd[p + "down.weight"].T
+
+
+def head_block(x, sd, p, cfg: ModelConfig, head_type: str):
+    if head_type == "linear":
+        return linear_block(x, sd, p)
+    return layer(x, sd, p, cfg, with_attention=head_type == "transformer")
+
+
 def ce(logits, targets):
     v = logits.shape[-1]
     return F.cross_entropy(logits.reshape(-1, v), targets.reshape(-1), ignore_index=-100)
@@ -107,7 +118,7 @@ def reference_losses(sd: dict, cfg: ModelConfig, input_ids: torch.Tensor, labels
         else:
             x = z  # Meta: every head reads the trunk output
         if mtp.mtp_head_type != "shared_lm_head":
-            x = layer(x, sd, p + "block.", cfg, with_attention=mtp.mtp_head_type == "transformer")
+            x = head_block(x, sd, p + "block.", cfg, mtp.mtp_head_type)
             norm_w = sd[p + "final_norm.weight"]
         else:
             norm_w = sd["trunk.final_norm.weight"]

@@ -104,3 +104,23 @@ def test_returned_logits_are_the_real_logits(single_process):
     torch.testing.assert_close(out.logits, logits)
     assert (out.logits < 0).any()  # exp(logits - max) would be all positive
     assert all((lg < 0).any() for lg in out.mtp_logits)
+
+
+def test_head_type_registry_names_every_type(single_process):
+    from mtp_megatron.config import HEAD_TYPES
+    from mtp_megatron.model.heads import HEAD_TYPES as BUILT
+    from mtp_megatron.model.heads import head_type
+
+    assert list(BUILT) == list(HEAD_TYPES)  # recipe names and builders: one list
+    with pytest.raises(ConfigError, match="'rnn'.*'transformer', 'mlp', 'linear'"):
+        head_type("rnn")
+    # the linear head: x + W2 SiLU(W1 x), h x h each, no attention (no KV cache when decoding)
+    cfg = tiny_model_config(mtp_config("linear", False, "chained", k=2))
+    model = build_model(cfg)
+    h = cfg.hidden_size
+    block = dict(model.mtp.heads[0].block.named_parameters())
+    assert {n: tuple(p.shape) for n, p in block.items()} == {
+        "up.weight": (h, h),
+        "down.weight": (h, h),
+    }
+    assert not model.mtp.heads[0].has_attention

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parent.parent
 SEQ, MICRO_BATCH, GRAD_ACCUM, STEP = 16, 2, 2, 5
 
-# (head type, shared, arrangement, tie_embeddings, partition, memory savers): two head types,
+# (head type, shared, arrangement, tie_embeddings, partition, memory savers): every head type,
 # chained and independent, with and without the embedding tie across the first and last stage;
 # the memory savers (sequential MTP forward, activation checkpointing) must not change a thing
 VARIANTS = [
@@ -27,6 +27,7 @@ VARIANTS = [
     ("mlp", False, "independent", False, "parameters", False),
     ("shared_lm_head", True, "chained", True, "uniform", False),
     ("transformer", False, "chained", True, "uniform", True),
+    ("linear", False, "independent", True, "parameters", True),
 ]
 
 

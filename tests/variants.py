@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import itertools
 
-from mtp_megatron.config import ConfigError, ModelConfig, MTPConfig
-
-HEAD_TYPES = ("transformer", "mlp", "shared_lm_head")
+from mtp_megatron.config import HEAD_TYPES, ConfigError, ModelConfig, MTPConfig
 
 
 def all_combinations() -> list[tuple[str, bool, str]]:

@@ -33,7 +33,13 @@ from dataclasses import dataclass
 
 import torch
 
-from mtp_megatron.config import ConfigError, ModelConfig, MTPConfig, MTPTrainingConfig
+from mtp_megatron.config import (
+    HEAD_TYPES,
+    ConfigError,
+    ModelConfig,
+    MTPConfig,
+    MTPTrainingConfig,
+)
 from mtp_megatron.parallel.state import uses_cuda
 
 CASES = {
@@ -264,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seq-len", type=int, default=1024, help="tokens per sequence")
     add("--batch", type=int, default=4, help="sequences per step")
     add("--k", type=int, default=4, help="MTP steps K")
-    add("--head-type", default="transformer", choices=("transformer", "mlp", "shared_lm_head"))
+    add("--head-type", default="transformer", choices=tuple(HEAD_TYPES))
     add("--arrangement", default="chained", choices=("chained", "independent"))
     add("--warmup", type=int, default=1, help="untimed steps per case first")
     add("--steps", type=int, default=1, help="timed steps per case")

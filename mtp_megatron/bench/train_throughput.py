@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mtp_megatron.config import ConfigError, ModelConfig, MTPConfig
+from mtp_megatron.config import HEAD_TYPES, ConfigError, ModelConfig, MTPConfig
 
 SMALL_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "small.yaml"
 DEFAULT_BATCH = 8
@@ -31,7 +31,7 @@ DEFAULT_BATCH = 8
 MTP_STEPS = 4
 """K of the MTP cases."""
 PLAIN_KEY, NTP_KEY = "plain", "ntp"
-MTP_HEAD_KEYS = ("transformer", "mlp", "shared_lm_head")
+MTP_HEAD_KEYS = tuple(HEAD_TYPES)
 CASE_KEYS = (PLAIN_KEY, NTP_KEY, *MTP_HEAD_KEYS)
 """``--cases`` choices: plain NTP, our NTP, and our chained shared MTP head of each type."""
 GOAL_RATIO = 1.05

@@ -12,8 +12,8 @@ Step k (1..K) predicts t_{i+k+1} at position i.
 - independent (Meta, arXiv:2404.19737): h^k = final_norm_k(block_k(z)) with z the trunk output
   before its final norm; no step reads another.
 
-Head types: 'transformer' (projection + one decoder layer), 'mlp' (projection + SwiGLU block),
-'shared_lm_head' (no parameters: h^k = final_norm(rms(h^{k-1}) + rms(e_{i+k})) with the trunk's
+Head types (``model/heads.py``) choose the block: 'transformer', 'mlp', 'linear', or none
+('shared_lm_head', no parameters: h^k = final_norm(rms(h^{k-1}) + rms(e_{i+k})) with the trunk's
 final norm). Every head reuses the trunk's embedding and output layer (logits_k = W_out h^k);
 heads with parameters have their own final norm. FastMTP (``share_weights_across_steps``)
 applies one head module at every step.
@@ -28,13 +28,12 @@ from megatron.core.tensor_parallel import ColumnParallelLinear
 from torch import nn
 
 from mtp_megatron.config import MTPConfig
+from mtp_megatron.model.heads import head_type
 from mtp_megatron.model.layers import (
     KVCacheLayer,
     LayerContext,
-    MLPLayer,
     RMSNorm,
     RotaryEmbedding,
-    TransformerLayer,
     tp_linear,
 )
 from mtp_megatron.model.loss import future_token_ids
@@ -52,7 +51,9 @@ class MTPHead(nn.Module):
         self.tp_group = ctx.tp_group
         self.final_norm: RMSNorm | None = None  # None: the trunk's final norm
         self.block: nn.Module | None = None
-        if mtp.mtp_head_type == "shared_lm_head":
+        kind = head_type(mtp.mtp_head_type)
+        self.has_attention = kind.has_attention
+        if kind.block is None:  # parameter-free
             self.hnorm = RMSNorm(h, eps, affine=False)
             self.enorm = RMSNorm(h, eps, affine=False)
             self.eh_proj = None
@@ -70,13 +71,8 @@ class MTPHead(nn.Module):
                 gather_output=False,
                 tp_group=ctx.tp_group,
             )
-        block_cls = TransformerLayer if mtp.mtp_head_type == "transformer" else MLPLayer
-        self.block = block_cls(ctx)
+        self.block = kind.block(ctx)
         self.final_norm = RMSNorm(h, eps)
-
-    @property
-    def has_attention(self) -> bool:
-        return isinstance(self.block, TransformerLayer)
 
     def forward(
         self,

@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from mtp_megatron.config import ModelConfig, MTPConfig
+from mtp_megatron.config import HEAD_TYPES, ModelConfig, MTPConfig
 
 OLMO2_1B = ModelConfig(
     vocab_size=100_352,
@@ -52,7 +52,7 @@ def overhead_table(base: ModelConfig = OLMO2_1B, k: int = 4) -> list[dict]:
     """Head overhead of every head type x shared/unshared x arrangement that validates."""
     rows = []
     for arrangement in ("chained", "independent"):
-        for head_type in ("transformer", "mlp", "shared_lm_head"):
+        for head_type in HEAD_TYPES:
             for shared in (True, False):
                 mtp = MTPConfig(
                     num_predict_tokens=k,
