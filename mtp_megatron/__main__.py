@@ -70,7 +70,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         for flag, value in (("--nproc (NPROC)", args.nproc), ("--nnodes (NNODES)", args.nnodes)):
             if value < 1:
                 raise ConfigError(f"{flag}={value} is invalid: must be at least 1")
-        recipe.parallel.validate_world(args.nproc * args.nnodes)
+        recipe.dims(args.nproc * args.nnodes)
     print(f"recipe {recipe.name}: ok")
     return 0
 
@@ -109,7 +109,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from mtp_megatron.parallel import default_process_count
 
         args.nproc = default_process_count()
-    recipe.parallel.validate_world(args.nproc)
+    recipe.dims(args.nproc)
     cmd = [
         sys.executable,
         "-m",

@@ -14,7 +14,18 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
-HEAD_TYPES = ("transformer", "mlp", "shared_lm_head")
+HEAD_TYPES: dict[str, str] = {
+    "transformer": "projection + one decoder layer (DeepSeek-V3's MTP module)",
+    "mlp": "projection + a SwiGLU block",
+    "linear": "projection + a Medusa-style residual block x + W2 SiLU(W1 x)",
+    "shared_lm_head": "no parameters: the trunk's final norm and output layer",
+}
+"""The MTP head types a recipe may name: the builders live in ``model/heads.py``, which checks at
+import that it builds exactly these. Named here, torch-free, so that recipes validate without
+importing the model (megatron-core takes ~10 s to import)."""
+PARAMETER_FREE_HEAD_TYPES = ("shared_lm_head",)
+"""Head types without parameters of their own (they cannot be independent, see validate)."""
+HeadTypeName = Literal[tuple(HEAD_TYPES)]  # type: ignore[valid-type]
 HEAD_ARRANGEMENTS = ("chained", "independent")
 NORM_PLACEMENTS = ("post", "pre")
 PIPELINE_PARTITIONS = ("uniform", "parameters")
@@ -38,9 +49,8 @@ class MTPConfig:
 
     num_predict_tokens: int = 4
     """K: future tokens predicted beyond the next one (4 is the paper optimum)."""
-    mtp_head_type: Literal["transformer", "mlp", "shared_lm_head"] = "transformer"
-    """'transformer' (projection + one decoder layer), 'mlp' (projection + SwiGLU), or
-    'shared_lm_head' (no new parameters: the trunk's final norm and output layer)."""
+    mtp_head_type: HeadTypeName = "transformer"
+    """A key of ``HEAD_TYPES``: 'transformer', 'mlp', 'linear' or 'shared_lm_head'."""
     share_weights_across_steps: bool = True
     """FastMTP: one head module applied at every step instead of K separate ones."""
     loss_weight_decay: float = 0.5
@@ -74,7 +84,9 @@ class MTPConfig:
                 f"{path}.num_predict_tokens", k, "must be an integer >= 1 (use mtp: null for NTP)"
             )
         if self.mtp_head_type not in HEAD_TYPES:
-            _fail(f"{path}.mtp_head_type", self.mtp_head_type, f"must be one of {HEAD_TYPES}")
+            _fail(
+                f"{path}.mtp_head_type", self.mtp_head_type, f"must be one of {tuple(HEAD_TYPES)}"
+            )
         if self.head_arrangement not in HEAD_ARRANGEMENTS:
             _fail(
                 f"{path}.head_arrangement",
@@ -97,13 +109,14 @@ class MTPConfig:
         if self.head_arrangement == "independent":
             # An independent head sees only the trunk output h_i. Without parameters of its own, or
             # with one module shared by all steps, every step would compute the same logits.
-            if self.mtp_head_type == "shared_lm_head":
+            if self.mtp_head_type in PARAMETER_FREE_HEAD_TYPES:
+                with_parameters = [t for t in HEAD_TYPES if t not in PARAMETER_FREE_HEAD_TYPES]
                 _fail(
                     f"{path}.mtp_head_type",
                     self.mtp_head_type,
                     "independent heads read only the trunk output, so a parameter-free head would "
-                    "reproduce the main head; use head_arrangement='chained' or a 'transformer' / "
-                    "'mlp' head",
+                    "reproduce the main head; use head_arrangement='chained' or a head with "
+                    f"parameters ({', '.join(with_parameters)})",
                 )
             if self.share_weights_across_steps and k > 1:
                 _fail(
@@ -396,21 +409,6 @@ class ParallelConfig:
                 f"{path}.pipeline_partition",
                 self.pipeline_partition,
                 f"must be one of {PIPELINE_PARTITIONS}",
-            )
-
-    def validate_world(self, world_size: int) -> None:
-        model_parallel = self.tensor_parallel_size * self.pipeline_parallel_size
-        if not isinstance(world_size, int) or world_size < 1:
-            raise ConfigError(
-                f"{world_size!r} processes is invalid: launch at least one process "
-                f"(a multiple of {model_parallel}: NPROC x NNODES)"
-            )
-        if world_size % model_parallel:
-            raise ConfigError(
-                f"{world_size} processes cannot be split into tensor_parallel_size "
-                f"({self.tensor_parallel_size}) x pipeline_parallel_size "
-                f"({self.pipeline_parallel_size}) x data parallel; launch a multiple of "
-                f"{model_parallel} processes"
             )
 
 

@@ -15,6 +15,7 @@ import yaml
 
 from mtp_megatron.config import ConfigError, ModelConfig, ParallelConfig, from_dict
 from mtp_megatron.data.config import DataConfig
+from mtp_megatron.parallel.dims import ParallelDims, check_model_layout
 from mtp_megatron.train.config import TrainConfig
 
 
@@ -35,13 +36,17 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     """Corpus, split, tokenizer cache."""
 
+    def dims(self, world: int) -> ParallelDims:
+        """This recipe's layout over ``world`` processes (ConfigError if they do not split)."""
+        return ParallelDims.from_config(self.parallel, world)
+
     @property
     def seq_len(self) -> int:
         return self.train.seq_len or self.model.max_seq_len
 
     def validate(self) -> None:
         self.parallel.validate()
-        self.model.validate(tensor_parallel_size=self.parallel.tensor_parallel_size)
+        check_model_layout(self.model, self.parallel)
         self.train.validate()
         self.data.validate()
         if self.seq_len > self.model.max_seq_len:
@@ -50,21 +55,6 @@ class Recipe:
                 f"({self.model.max_seq_len}); raise max_seq_len or shorten seq_len"
             )
         pp = self.parallel.pipeline_parallel_size
-        if pp > self.model.num_layers:
-            raise ConfigError(
-                f"parallel.pipeline_parallel_size={pp} is invalid with model.num_layers="
-                f"{self.model.num_layers}: every pipeline stage needs at least one decoder layer; "
-                f"use at most {self.model.num_layers} stages or more layers"
-            )
-        if self.model.etd is not None and pp > 1:  # the think block must not cross a stage
-            etd_partition = self.parallel.pipeline_partition
-            self.model.etd.validate_pipeline(self.model.num_layers, pp, etd_partition)
-            raise ConfigError(
-                f"model.etd with parallel.pipeline_parallel_size={pp} is not supported yet: the "
-                "pipeline stages run decoder layers one by one, not the iterated think block "
-                "(and its depth cost would be lost off the last stage); use "
-                "pipeline_parallel_size=1 with ETD"
-            )
         if self.train.zero_stage > 1 and pp > 1:
             raise ConfigError(
                 f"train.zero_stage={self.train.zero_stage} is invalid with "

@@ -175,7 +175,7 @@ def plan(
         seen[run.name] = run
         try:
             recipe = load_recipe(run.recipe, run.overrides)
-            recipe.parallel.validate_world(nproc * nnodes)
+            recipe.dims(nproc * nnodes)
         except ConfigError as e:
             errors.setdefault(str(e), []).append(run.name)
     if errors:
@@ -245,7 +245,7 @@ def main_sweep(argv: list[str] | None = None) -> int:
             from mtp_megatron.recipe import load_recipe
 
             recipe = load_recipe(args.recipe, args.overrides)
-            recipe.parallel.validate_world(args.nproc * args.nnodes)
+            recipe.dims(args.nproc * args.nnodes)
             run_dir = Path(recipe.train.run_dir or Path("runs") / recipe.name).resolve()
             print(f"{run_dir}\t{recipe.train.steps}")
             return 0

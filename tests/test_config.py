@@ -84,3 +84,28 @@ def test_from_dict_rejects_unknown_and_mistyped_keys():
         from_dict(ModelConfig, {"hidden_size": "big"})
     with pytest.raises(ConfigError, match="mtp_head_type='rnn'"):
         from_dict(ModelConfig, {"mtp": {"mtp_head_type": "rnn"}})
+
+
+def test_parallel_dims_validates_the_layout_once():
+    from mtp_megatron.config import ETDConfig, ParallelConfig
+    from mtp_megatron.parallel.dims import ParallelDims, check_model_layout
+
+    dims = ParallelDims(world=16, tp=2, pp=2)
+    assert (dims.dp, dims.describe()) == (4, "world=16 = PP 2 x TP 2 x DP 4")
+    with pytest.raises(ConfigError) as err:
+        ParallelDims(world=6, tp=2, pp=2)
+    message = str(err.value)  # the arithmetic, and the process counts that would work
+    assert "needs a multiple of 2 x 2 = 4 (6 / 4 = 1.5)" in message and "launch 4 or 8" in message
+    with pytest.raises(ConfigError, match="at least one process"):
+        ParallelDims(world=0, tp=1, pp=1)
+    with pytest.raises(ConfigError, match="tensor_parallel_size=0"):
+        ParallelDims(world=4, tp=0, pp=1)
+    parallel = ParallelConfig(tensor_parallel_size=2, pipeline_parallel_size=5)
+    with pytest.raises(ConfigError, match="every pipeline stage needs at least one decoder layer"):
+        check_model_layout(ModelConfig(num_layers=4), parallel)
+    with pytest.raises(ConfigError, match="model.num_attention_heads=3 .*tensor_parallel_size"):
+        check_model_layout(ModelConfig(num_attention_heads=3, hidden_size=192), parallel)
+    etd = ModelConfig(num_layers=4, etd=ETDConfig(1, 2, 1))  # think layers 1..2 span stages
+    with pytest.raises(ConfigError, match="spans pipeline stages 0 and 1"):
+        check_model_layout(etd, ParallelConfig(pipeline_parallel_size=2))
+    check_model_layout(ModelConfig(num_layers=4), ParallelConfig(2, 4))

@@ -1,31 +1,32 @@
-"""Process groups and device-agnostic collectives for tensor / pipeline / data parallelism."""
+"""Process groups and device-agnostic collectives for tensor / pipeline / data parallelism.
 
-from mtp_megatron.parallel.collectives import (
-    gather_last_dim,
-    scatter_last_dim,
-    vocab_parallel_argmax,
-)
-from mtp_megatron.parallel.state import (
-    ParallelLayout,
-    current_layout,
-    default_device,
-    default_process_count,
-    destroy_parallel,
-    ensure_parallel_initialized,
-    initialize_parallel,
-    tensor_parallel_group,
-)
+``parallel.dims`` (the layout arithmetic) is torch-free, for recipe checks; the groups and
+collectives import torch and megatron-core, so they load on first use (PEP 562).
+"""
 
-__all__ = [
-    "ParallelLayout",
-    "current_layout",
-    "default_device",
-    "default_process_count",
-    "destroy_parallel",
-    "ensure_parallel_initialized",
-    "gather_last_dim",
-    "initialize_parallel",
-    "scatter_last_dim",
-    "tensor_parallel_group",
-    "vocab_parallel_argmax",
-]
+from mtp_megatron.parallel.dims import ParallelDims
+
+_LAZY = {
+    "gather_last_dim": "collectives",
+    "scatter_last_dim": "collectives",
+    "vocab_parallel_argmax": "collectives",
+    "ParallelLayout": "state",
+    "current_layout": "state",
+    "default_device": "state",
+    "default_process_count": "state",
+    "destroy_parallel": "state",
+    "ensure_parallel_initialized": "state",
+    "initialize_parallel": "state",
+    "tensor_parallel_group": "state",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"mtp_megatron.parallel.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'mtp_megatron.parallel' has no attribute {name!r}")
+
+
+__all__ = ["ParallelDims", *_LAZY]

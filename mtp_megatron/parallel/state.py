@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from mtp_megatron.parallel.dims import ParallelDims
+
 
 @dataclass(frozen=True)
 class ParallelLayout:
@@ -41,11 +43,12 @@ class ParallelLayout:
     device: torch.device
     """Device the model lives on."""
 
+    @property
+    def dims(self) -> ParallelDims:
+        return ParallelDims(self.world_size, self.tensor_parallel_size, self.pipeline_parallel_size)
+
     def describe(self) -> str:
-        return (
-            f"world={self.world_size} = PP {self.pipeline_parallel_size} x "
-            f"TP {self.tensor_parallel_size} x DP {self.data_parallel_size} on {self.device.type}"
-        )
+        return f"{self.dims.describe()} on {self.device.type}"
 
 
 def _free_port() -> int:
@@ -125,13 +128,7 @@ def initialize_parallel(
                 world_size=1,
                 timeout=timeout,
             )
-    world = dist.get_world_size()
-    if world % (tensor_parallel_size * pipeline_parallel_size) != 0:
-        raise ValueError(
-            f"world size {world} is not divisible by tensor_parallel_size "
-            f"({tensor_parallel_size}) x pipeline_parallel_size ({pipeline_parallel_size}); "
-            "launch a multiple of TP x PP processes or change the parallel sizes"
-        )
+    ParallelDims(dist.get_world_size(), tensor_parallel_size, pipeline_parallel_size)
     if parallel_state.model_parallel_is_initialized():
         current = (
             parallel_state.get_tensor_model_parallel_world_size(),

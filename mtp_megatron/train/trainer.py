@@ -212,7 +212,7 @@ def _train(
 ) -> TrainResult:
     tcfg = recipe.train
     par = recipe.parallel
-    par.validate_world(layout.world_size)
+    recipe.dims(layout.world_size)
     is_logger = layout.rank == 0
     say = log if is_logger else (lambda *a, **k: None)
     device = layout.device
