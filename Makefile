@@ -22,6 +22,7 @@ demo: $(STAMP)
 	$(BIN)/python -m mtp_megatron demo
 
 test: $(STAMP)
+	$(BIN)/ruff format --check mtp_megatron tests
 	$(BIN)/ruff check mtp_megatron tests
 	$(BIN)/python -m pytest -q -ra
 

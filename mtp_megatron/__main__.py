@@ -271,6 +271,11 @@ PASSTHROUGH = {
         "main_gpu_check",
         "The GPU check: gpu tests, training + resume, SDPA kernels, decoding, MFU, memory.",
     ),
+    "sweep": (
+        "mtp_megatron.sweep",
+        "main_sweep",
+        "Plan a SLURM sweep (grid / zip over recipes) and resolve one job (launch/slurm/ uses it).",
+    ),
     "report": (
         "mtp_megatron.report",
         "main_report",
@@ -369,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ValueError) as e:
+    except ConfigError as e:  # bad input: one line; anything else keeps its traceback
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank refuses alike
             print(f"error: {e}", file=sys.stderr)
         return 2

@@ -25,6 +25,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from mtp_megatron.config import ConfigError
+
 TASKS = "_slurm"
 """Sub-folder of a sweep directory holding the task files and the job logs (not a run)."""
 
@@ -42,7 +44,7 @@ class PlannedRun:
         return [str(self.recipe), *self.overrides, f"train.run_dir={self.run_dir}"]
 
 
-class SweepError(ValueError):
+class SweepError(ConfigError):
     """Bad sweep input: the message says what and how to fix it."""
 
 
@@ -130,7 +132,6 @@ def plan(
     nnodes: int = 1,
 ) -> list[PlannedRun]:
     """Every run of the sweep, validated for ``nproc x nnodes`` processes; raises SweepError."""
-    from mtp_megatron.config import ConfigError
     from mtp_megatron.recipe import load_recipe, load_recipe_dict
 
     overrides = list(overrides or [])
@@ -217,7 +218,7 @@ def _split_inputs(items: list[str]) -> tuple[list[str], list[str]]:
 
 def main_sweep(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m mtp_megatron.sweep",
+        prog="python -m mtp_megatron sweep",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -238,7 +239,6 @@ def main_sweep(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import mtp_megatron  # noqa: F401  (quiets megatron's import-time warnings)
-    from mtp_megatron.config import ConfigError
 
     try:
         if args.command == "job":
@@ -260,10 +260,6 @@ def main_sweep(argv: list[str] | None = None) -> int:
             write_tasks(runs, args.sweep_dir)
         print(len(runs))
         return 0
-    except (SweepError, ConfigError) as e:
+    except ConfigError as e:  # SweepError included
         print(f"error: {e}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main_sweep())

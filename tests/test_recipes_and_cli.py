@@ -71,6 +71,21 @@ def test_dry_run_and_params_commands(capsys, single_process):
     out = capsys.readouterr().out
     assert "| chained | transformer | yes | 1.48B |" in out
     assert "| chained | shared_lm_head | yes | 1.48B | 0.00M | 0.0% |" in out
+    assert "| independent | linear | no | 1.48B |" in out
+
+
+def test_cli_turns_only_config_errors_into_exit_2(monkeypatch, capsys):
+    import mtp_megatron.__main__ as cli
+
+    def broken(args):
+        raise ValueError("a bug, not bad input")
+
+    monkeypatch.setattr(cli, "cmd_check", broken)
+    with pytest.raises(ValueError, match="a bug"):  # keeps its traceback
+        cli.main(["check", str(RECIPES[0])])
+    assert cli.main(["sweep", "job", str(RECIPES[0]), "model.mtp.num_predict_tokens=0"]) == 2
+    assert "num_predict_tokens=0" in capsys.readouterr().err
+    assert cli.main(["sweep", "job", str(RECIPES[0])]) == 0
 
 
 @pytest.mark.parametrize("variant", [("transformer", False, "chained"), ("mlp", True, "chained")])

@@ -30,7 +30,7 @@ nproc=${nproc:-1}
 recipe=$(realpath "${args[0]}" 2>/dev/null || echo "${args[0]}")
 overrides=("${args[@]:1}")
 
-resolved=$("$py" -m mtp_megatron.sweep job "$recipe" "${overrides[@]}" --nproc "$nproc" \
+resolved=$("$py" -m mtp_megatron sweep job "$recipe" "${overrides[@]}" --nproc "$nproc" \
   --nnodes "$nodes") || exit 2
 IFS=$'\t' read -r run_dir _ <<<"$resolved"
 name=$(basename "$run_dir")

@@ -71,7 +71,7 @@ fi
 mkdir -p "$runs"
 sweep_dir=$(cd "$runs" && pwd)/$name
 
-plan=("$py" -m mtp_megatron.sweep plan --sweep-dir "$sweep_dir" --nproc "$nproc"
+plan=("$py" -m mtp_megatron sweep plan --sweep-dir "$sweep_dir" --nproc "$nproc"
       --nnodes "$nodes" "${axes[@]}" "${items[@]}")
 ((dry_run)) && plan+=(--dry-run)
 n=$("${plan[@]}") || exit $?   # every run validated; errors listed, nothing submitted

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mtp_megatron.config import ConfigError
+
 
 def _positive(name: str, value: Any, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
@@ -33,7 +35,7 @@ def _num_chunks(tokens: np.ndarray, seq_len: int, what: str) -> int:
         raise ValueError(f"{what} must be a 1-D token stream, got shape {tokens.shape}")
     n = (len(tokens) - 1) // seq_len
     if n < 1:
-        raise ValueError(
+        raise ConfigError(
             f"the {what} has {len(tokens)} tokens, too few for one sequence of seq_len={seq_len} "
             f"(needs {seq_len + 1}: inputs plus the next token); use a shorter seq_len or more data"
         )
@@ -188,7 +190,7 @@ def eval_batches(
         total = min(total, max_batches)
     total -= total % dp_size
     if total == 0:
-        raise ValueError(
+        raise ConfigError(
             f"the validation token stream has {n} chunks of seq_len={seq_len}, fewer than one "
             f"batch of micro_batch_size={micro_batch_size} per rank (dp_size={dp_size}); raise "
             "data.validation_fraction or lower the micro-batch size"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from mtp_megatron.config import ConfigError
 from mtp_megatron.data.cache import unit_hash
 
 
@@ -20,7 +21,7 @@ def split_indices(
 ) -> tuple[list[int], list[int]]:
     """(train, validation) row indices of ``paths``, each in the order of ``paths``."""
     if len(paths) < 2:
-        raise ValueError(
+        raise ConfigError(
             f"the corpus has {len(paths)} document(s); a train/validation split needs at least 2 "
             "(use a directory of files or a .jsonl/.parquet file with several rows)"
         )

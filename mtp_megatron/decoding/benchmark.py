@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from mtp_megatron.config import ConfigError
 from mtp_megatron.decoding.draft_vocab import frequent_token_ids
 from mtp_megatron.decoding.load import LoadedRun
 from mtp_megatron.decoding.speculative import generate_plain
@@ -59,7 +60,7 @@ def benchmark_inputs(
     stream = torch.from_numpy(data.validation.astype("int64"))
     span = len(stream) - prompt_len - 1
     if span <= 0:
-        raise ValueError(f"validation split too short for {prompt_len}-token prompts")
+        raise ConfigError(f"validation split too short for {prompt_len}-token prompts")
     starts = [int(i * span / max(n, 1)) for i in range(n)]
     prompts = [stream[s : s + prompt_len][None] for s in starts]
     vocab = None

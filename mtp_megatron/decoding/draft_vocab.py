@@ -17,13 +17,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mtp_megatron.config import ConfigError
+
 
 def frequent_token_ids(
     tokens: np.ndarray | torch.Tensor, size: int, vocab_size: int
 ) -> torch.Tensor:
     """The ``size`` most frequent ids of a token stream (ties: lower id first), as a [D] tensor."""
     if not 1 <= size <= vocab_size:
-        raise ValueError(f"draft vocabulary size {size} is invalid: must be in 1..{vocab_size}")
+        raise ConfigError(f"draft vocabulary size {size} is invalid: must be in 1..{vocab_size}")
     counts = np.bincount(np.asarray(tokens, dtype=np.int64), minlength=vocab_size)[:vocab_size]
     order = np.argsort(-counts, kind="stable")[:size]
     return torch.from_numpy(np.sort(order))

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mtp_megatron.config import ConfigError
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -34,17 +36,17 @@ class SamplingConfig:
 
     def validate(self) -> None:
         if not self.temperature >= 0:
-            raise ValueError(f"temperature={self.temperature!r} is invalid: must be >= 0")
+            raise ConfigError(f"temperature={self.temperature!r} is invalid: must be >= 0")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p!r} is invalid: must be in (0, 1]")
+            raise ConfigError(f"top_p={self.top_p!r} is invalid: must be in (0, 1]")
         if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k={self.top_k!r} is invalid: must be >= 1 or None")
+            raise ConfigError(f"top_k={self.top_k!r} is invalid: must be >= 1 or None")
         if not self.speculation_temperature >= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"speculation_temperature={self.speculation_temperature!r} is invalid: must be >= 0"
             )
         if not 0 < self.acceptance_threshold <= 1:
-            raise ValueError(
+            raise ConfigError(
                 f"acceptance_threshold={self.acceptance_threshold!r} is invalid: must be in "
                 "(0, 1]; 1.0 is exact"
             )

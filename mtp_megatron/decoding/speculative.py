@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mtp_megatron.config import ConfigError
 from mtp_megatron.decoding.draft_vocab import DraftVocab
 from mtp_megatron.decoding.host import host_read
 from mtp_megatron.decoding.kv_cache import KVCacheSet
@@ -83,10 +84,10 @@ def _validate_request(model, input_ids: torch.Tensor, max_new_tokens: int, extra
     if input_ids.dim() != 2 or input_ids.shape[1] < 1:
         raise ValueError(f"input_ids must be [batch, prompt_len>=1], got {tuple(input_ids.shape)}")
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: must be >= 1")
+        raise ConfigError(f"max_new_tokens={max_new_tokens} is invalid: must be >= 1")
     needed = input_ids.shape[1] + max_new_tokens + extra
     if needed > model.cfg.max_seq_len:
-        raise ValueError(
+        raise ConfigError(
             f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) + lookahead "
             f"slack ({extra}) = {needed} exceeds model.max_seq_len ({model.cfg.max_seq_len})"
         )
@@ -204,7 +205,9 @@ class SpeculativeDecoder:
 
     def __init__(self, model):
         if model.mtp is None:
-            raise ValueError("speculative decoding needs MTP heads; this model has none (mtp=None)")
+            raise ConfigError(
+                "speculative decoding needs MTP heads; this model has none (mtp=None)"
+            )
         self.model = model
         self.runner = _Runner(model)
         self.mtp = model.mtp
@@ -240,7 +243,7 @@ class SpeculativeDecoder:
         K = self.mtp.num_steps
         L = self.mtp.cfg.speculation_lookahead if lookahead is None else lookahead
         if not isinstance(L, int) or not 1 <= L <= K:
-            raise ValueError(f"lookahead={L!r} is invalid: must be between 1 and {K} (MTP steps)")
+            raise ConfigError(f"lookahead={L!r} is invalid: must be between 1 and {K} (MTP steps)")
         sampling = SamplingConfig(
             temperature, top_p, top_k, speculation_temperature, acceptance_threshold
         )

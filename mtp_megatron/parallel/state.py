@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from mtp_megatron.config import ConfigError
 from mtp_megatron.parallel.dims import ParallelDims
 
 
@@ -66,7 +67,7 @@ def uses_cuda() -> bool:
     """Whether this process trains and decodes on CUDA (``MTP_DEVICE``, else availability)."""
     forced = os.environ.get(DEVICE_ENV, "").strip().lower()
     if forced not in ("", "cpu", "cuda"):
-        raise ValueError(f"{DEVICE_ENV}={forced!r} is invalid: 'cpu', 'cuda' or unset")
+        raise ConfigError(f"{DEVICE_ENV}={forced!r} is invalid: 'cpu', 'cuda' or unset")
     if forced == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"{DEVICE_ENV}=cuda, but torch sees no CUDA device")
     return forced != "cpu" and torch.cuda.is_available()
@@ -80,7 +81,7 @@ def default_device() -> torch.device:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     count = torch.cuda.device_count()
     if local_rank >= count:
-        raise ValueError(
+        raise ConfigError(
             f"LOCAL_RANK={local_rank}, but this node has {count} GPU(s): launch at most {count} "
             f"processes per node (NPROC={count}), or set {DEVICE_ENV}=cpu to train on the CPU"
         )

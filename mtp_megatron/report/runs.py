@@ -16,10 +16,12 @@ from pathlib import Path
 
 import yaml
 
+from mtp_megatron.config import ConfigError
+
 EVENTS = "events.out.tfevents"
 
 
-class ReportError(ValueError):
+class ReportError(ConfigError):
     """Bad report input: the message says what and where."""
 
 
