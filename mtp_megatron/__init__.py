@@ -30,8 +30,9 @@ _FROM_MODEL = (
 
 def __getattr__(name: str):
     if name in _FROM_MODEL:
-        from mtp_megatron import model
+        from mtp_megatron import decoding, model  # decoding: model.mtp_decoder
 
+        del decoding
         return getattr(model, name)
     raise AttributeError(f"module 'mtp_megatron' has no attribute {name!r}")
 

@@ -156,7 +156,7 @@ def decode_benchmark(
 
     # batch-1 decoding is a chain of tiny matmuls: extra intra-op threads only add sync cost
     torch.set_num_threads(threads)
-    run = load_run(run_dir, dtype=dtype)
+    run = load_run(_consolidated(run_dir), dtype=dtype)
     device = next(run.model.parameters()).device
     where = "GPU" if device.type == "cuda" else f"{threads} CPU thread(s)"
     held_out, vocab = benchmark_inputs(run, prompts, prompt_len, draft_vocab_size)
@@ -171,6 +171,22 @@ def decode_benchmark(
         f"drafts from {'all tokens' if vocab is None else f'the {len(vocab)} most frequent'})"
     )
     print(f"results: {save_results(run, rows)}")
+    return 0
+
+
+def _consolidated(path) -> Path:
+    """The consolidated folder of a run directory, checkpoints/ folder or step folder, written
+    first when missing or older than the run's newest checkpoint."""
+    from mtp_megatron.train.consolidate import consolidated_folder
+
+    return consolidated_folder(path)
+
+
+def cmd_consolidate(args: argparse.Namespace) -> int:
+    """Write the TP=1 model.safetensors (+ recipe, tokenizer) of a checkpoint (any TP, PP, ZeRO)."""
+    from mtp_megatron.train.consolidate import consolidate
+
+    consolidate(args.checkpoint, args.out)
     return 0
 
 
@@ -205,7 +221,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--lookahead={args.lookahead} is invalid: must be >= 1")
     if not args.prompt:
         raise ConfigError("--prompt is empty")
-    run = load_run(args.checkpoint, dtype=args.dtype)
+    run = load_run(_consolidated(args.checkpoint), dtype=args.dtype)
     tok = load_tokenizer(str(run.tokenizer_path))
     ids = torch.tensor([tok.encode(args.prompt).ids])
     if ids.shape[1] == 0:
@@ -335,6 +351,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plain", action="store_true", help="plain decoding, no drafts")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: faster on GPU")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("consolidate", help=cmd_consolidate.__doc__)
+    p.add_argument("checkpoint", help="run dir, checkpoints/ or step folder")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="folder to write (default: the run dir for its newest checkpoint, else "
+        "run_dir/consolidated/step_N)",
+    )
+    p.set_defaults(func=cmd_consolidate)
 
     p = sub.add_parser("bench-decode", help=cmd_bench_decode.__doc__)
     p.add_argument("--checkpoint", required=True, help="run dir, checkpoints/ or step folder")

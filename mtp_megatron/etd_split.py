@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 from collections.abc import Iterable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -131,8 +130,11 @@ def format_report(result: dict) -> str:
 
 def main_etd_split(argv: list[str] | None = None) -> int:
     """``python -m mtp_megatron etd-split``: measure a trained run and propose its ETD split."""
+    from mtp_megatron.config import from_dict
     from mtp_megatron.data import eval_batches, prepare_data
     from mtp_megatron.decoding.load import load_run
+    from mtp_megatron.recipe import Recipe
+    from mtp_megatron.train.consolidate import consolidated_folder
 
     parser = argparse.ArgumentParser(
         prog="python -m mtp_megatron etd-split",
@@ -146,15 +148,15 @@ def main_etd_split(argv: list[str] | None = None) -> int:
     if args.batches < 1:
         raise ValueError(f"--batches={args.batches} is invalid: must be >= 1")
 
-    run = load_run(args.checkpoint)
-    recipe = run.recipe
+    run = load_run(consolidated_folder(args.checkpoint))
+    recipe = from_dict(Recipe, run.recipe)
     data = prepare_data(recipe.data, recipe.model.vocab_size)
     batch_size = args.batch_size or recipe.train.micro_batch_size
     batches = eval_batches(data.validation, recipe.seq_len, batch_size, args.batches)
     result = propose_split(run.model, batches)
-    result["checkpoint"] = str(run.checkpoint)
+    result["checkpoint"] = run.metadata.get("checkpoint", str(run.folder))
     print(format_report(result))
-    out = Path(run.checkpoint).parent.parent / "etd_split.json"
+    out = run.folder / "etd_split.json"
     out.write_text(json.dumps(result, indent=2))
     print(f"results: {out}")
     return 0

@@ -57,11 +57,11 @@ def gather_full_tensor(t: torch.Tensor, param: torch.nn.Parameter, group) -> tor
     """
     import torch.distributed as dist
 
-    if not getattr(param, "tensor_model_parallel", False) or dist.get_world_size(group) == 1:
+    from mtp_megatron.parallel.sharding import partition_of, unshard
+
+    part = partition_of(param)
+    if part is None or dist.get_world_size(group) == 1:
         return t.detach().clone()
-    world = dist.get_world_size(group)
-    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
-    shards = [torch.empty_like(t) for _ in range(world)]
+    shards = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
     dist.all_gather(shards, t.contiguous(), group=group)
-    pieces = [s.chunk(stride, dim=dim) for s in shards]  # pieces[r][j]
-    return torch.cat([pieces[r][j] for j in range(stride) for r in range(world)], dim=dim)
+    return unshard(shards, part)

@@ -412,7 +412,7 @@ def test_trained_etd_run_loads_decodes_and_splits(single_process, tmp_path):
 
     run = load_run(run_dir)
     saved = torch.load(
-        next((run.checkpoint).glob("mp_rank_*_model_states.pt")), weights_only=False
+        next(Path(run.metadata["checkpoint"]).glob("mp_rank_*_model_states.pt")), weights_only=False
     )["module"]["trunk.expert_router.expert_bias"]
     assert torch.equal(run.model.trunk.expert_router.expert_bias, saved) and saved.abs().sum() > 0
     prompts = _ids(1, 5, 11, vocab=512)

@@ -161,3 +161,57 @@ def test_checkpoint_trained_at_tp2_loads_into_one_process(
     result = json.loads((tmp_path / "run" / "decode_benchmark.json").read_text())
     assert all(row["identical"] for row in result["rows"])
     assert [row["new_tokens"] for row in result["rows"]] == [16, 16, 16]
+
+
+ZERO3_PROMPT = [[(7 * i) % 500 for i in range(12)]]
+
+
+def _train_zero3_then_decode_live(rank: int, world: int, overrides: list[str]):
+    """Train at TP=2 under ZeRO-3, then greedy-decode with the live (partitioned) model, its
+    parameters gathered: the tokens the consolidated weights must reproduce."""
+    import deepspeed
+    import torch
+
+    import mtp_megatron.train.trainer as trainer
+    from mtp_megatron.decoding import generate_plain
+
+    built = []
+    build = trainer.build_model
+    trainer.build_model = lambda *a, **k: built.append(build(*a, **k)) or built[-1]
+    _train(rank, world, overrides)
+    model, prompt = built[0].eval(), torch.tensor(ZERO3_PROMPT)
+    with deepspeed.zero.GatheredParameters(list(model.parameters())), torch.no_grad():
+        plain, _ = generate_plain(model, prompt, max_new_tokens=8)
+        speculative, _ = model.mtp_decoder.generate(prompt, max_new_tokens=8)
+    return plain, speculative
+
+
+def test_zero3_tp2_run_consolidates_and_decodes_in_one_process(tmp_path, data_cache):
+    import torch
+
+    from mtp_megatron.__main__ import main
+    from mtp_megatron.decoding import generate_plain
+    from mtp_megatron.decoding.load import load_run
+
+    extra = {"train.steps": 4, "parallel.tensor_parallel_size": 2, "train.zero_stage": 3}
+    overrides = _overrides(tmp_path / "run", data_cache, **extra)
+    (live_plain, live_speculative), (other_plain, _) = run_distributed(
+        _train_zero3_then_decode_live, 2, overrides
+    )
+    assert torch.equal(other_plain, live_plain)  # both TP ranks decode the same tokens
+    step = tmp_path / "run" / "checkpoints" / "step_000004"
+    assert list(step.glob("*zero_pp_rank_0_mp_rank_01_optim_states.pt"))  # TP=2 ZeRO-3 shards
+    # the end of training wrote the TP=1 weights; load them in this process (TP=1, no DeepSpeed)
+    run = load_run(tmp_path / "run")
+    assert run.metadata["step"] == "4" and run.metadata["checkpoint"] == str(step)
+    prompt = torch.tensor(ZERO3_PROMPT)
+    plain, _ = generate_plain(run.model, prompt, max_new_tokens=8)
+    speculative, _ = run.model.mtp_decoder.generate(prompt, max_new_tokens=8)
+    assert torch.equal(plain, live_plain) and torch.equal(speculative, live_speculative)
+    # `consolidate` of the step folder elsewhere: the same weights
+    out = tmp_path / "again"
+    assert main(["consolidate", str(step), "--out", str(out)]) == 0
+    again = load_run(out).model.state_dict()
+    for name, tensor in run.model.state_dict().items():
+        if torch.is_tensor(tensor):
+            assert torch.equal(again[name], tensor), name

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from mtp_megatron.config import ConfigError
+from mtp_megatron.config import ConfigError, from_dict
 from mtp_megatron.decoding.draft_vocab import frequent_token_ids
 from mtp_megatron.decoding.load import LoadedRun
 from mtp_megatron.decoding.speculative import generate_plain
@@ -54,9 +54,11 @@ def benchmark_inputs(
     """n prompts of prompt_len tokens, evenly spaced over the validation token stream, and the
     draft_vocab_size most frequent training tokens (None when 0: drafts use every token)."""
     from mtp_megatron.data import prepare_data
+    from mtp_megatron.data.config import DataConfig
 
-    vocab_size = run.recipe.model.vocab_size
-    data = prepare_data(run.recipe.data, vocab_size, log=lambda *a: None)
+    vocab_size = run.model_config.vocab_size
+    data_cfg = from_dict(DataConfig, run.recipe.get("data") or {}, "data")
+    data = prepare_data(data_cfg, vocab_size, log=lambda *a: None)
     stream = torch.from_numpy(data.validation.astype("int64"))
     span = len(stream) - prompt_len - 1
     if span <= 0:
@@ -132,21 +134,17 @@ def best_speedup(rows: list[DecodeRow]) -> tuple[float, int]:
 
 
 def save_results(run: LoadedRun, rows: list[DecodeRow]) -> Path:
-    """decode_benchmark.json in the run dir, and decode/* scalars in its TensorBoard folder."""
+    """decode_benchmark.json in the run's (consolidated) folder, and decode/* scalars in its
+    TensorBoard folder."""
     speedup, lookahead = best_speedup(rows)
-    path = run.checkpoint.parent.parent / "decode_benchmark.json"
+    path = run.folder / "decode_benchmark.json"
     payload = {
         "rows": [asdict(r) | {"tokens_per_s": r.tokens_per_s} for r in rows],
         "best_speedup": speedup,
         "best_lookahead": lookahead,
     }
     path.write_text(json.dumps(payload, indent=2))
-    state = torch.load(
-        next(run.checkpoint.glob("mp_rank_*_model_states.pt")),
-        map_location="cpu",
-        weights_only=False,
-    )
-    tb_dir, step = state.get("tb_dir"), int(state.get("step", 0))
+    tb_dir, step = run.metadata.get("tb_dir"), int(run.metadata.get("step") or 0)
     if tb_dir:
         from torch.utils.tensorboard import SummaryWriter
 

@@ -41,6 +41,7 @@ from torch import nn
 
 from mtp_megatron.config import ETDConfig
 from mtp_megatron.model.layers import LayerContext, TransformerLayer
+from mtp_megatron.parallel.sharding import Partition, shard
 
 
 class ExpertRouting:
@@ -64,12 +65,10 @@ class ExpertRouting:
 
 
 def _sharded(master: torch.Tensor, dim: int, stride: int, ctx: LayerContext) -> nn.Parameter:
-    """This rank's slice of a master weight, split like megatron's: p * stride chunks along
-    ``dim``, rank r keeping chunks r, r + p, ..."""
+    """This rank's slice of a master weight, split like megatron's (``parallel/sharding.py``)."""
     tp = ctx.tp_size
     rank = torch.distributed.get_rank(ctx.tp_group) if tp > 1 else 0
-    shard = torch.cat(master.chunk(tp * stride, dim=dim)[rank::tp], dim=dim)
-    param = nn.Parameter(shard.clone())
+    param = nn.Parameter(shard(master, Partition(dim, stride), rank, tp).clone())
     set_tensor_model_parallel_attributes(param, True, dim, stride)
     return param
 

@@ -11,7 +11,9 @@ time) and/or activation checkpointing of the trunk layers and the steps' heads.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -76,12 +78,19 @@ class MTPModel(nn.Module):
         self._training_config = value
         self.trunk.checkpoint_layers = value.gradient_checkpointing
 
+    decoder_class: ClassVar[Callable[[MTPModel], Any] | None] = None
+    """What ``mtp_decoder`` builds: set by ``mtp_megatron.decoding`` when it is imported
+    (inference sits above the model; ``mtp_megatron.build_model`` imports it)."""
+
     @property
     def mtp_decoder(self):
         """Self-speculative decoder drafting with this model's MTP heads (the guide's API)."""
-        from mtp_megatron.decoding import SpeculativeDecoder
-
-        return SpeculativeDecoder(self)
+        if MTPModel.decoder_class is None:
+            raise RuntimeError(
+                "model.mtp_decoder needs the decoding package: `import mtp_megatron.decoding` "
+                "(or build the model with mtp_megatron.build_model, which does)"
+            )
+        return MTPModel.decoder_class(self)
 
     def _steps(self, hidden, normed, input_ids, positions, checkpoint: bool):
         """(k, normalised h^k [b, s, h]) for k = 1..K from z (``hidden``) and h^0 (``normed``)."""

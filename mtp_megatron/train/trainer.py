@@ -41,6 +41,7 @@ from mtp_megatron.train.checkpoint import (
     resume_candidates,
     save_checkpoint,
 )
+from mtp_megatron.train.consolidate import consolidate
 from mtp_megatron.train.engine import build_engine, use_bf16
 from mtp_megatron.train.evaluate import evaluate
 from mtp_megatron.train.guard import (
@@ -293,7 +294,12 @@ def _train(
         return {"step": next_step, "tb_dir": tb_dir, "data": batches.state_dict()}
 
     def run_state(next_step: int) -> dict:
-        return {"step": next_step, "world_size": layout.world_size, "recipe": asdict(recipe)}
+        return {
+            "step": next_step,
+            "world_size": layout.world_size,
+            "recipe": asdict(recipe),
+            "tb_dir": tb_dir,
+        }
 
     def run_eval(step: int) -> dict[str, float]:
         watchdog.update(step, "evaluation")
@@ -385,6 +391,12 @@ def _train(
                 break
     finally:
         logger.close()
+    if result.last_step == tcfg.steps and not result.stopped_early and latest:
+        # the finished run's TP=1 weights for inference and export (decoding reads only these)
+        watchdog.update(result.last_step, "consolidation")
+        if is_logger:
+            consolidate(ckpt_dir / latest, out=run_dir, log=say)
+        dist.barrier()
     if is_logger and result.eval:
         finite = {k: (v if math.isfinite(v) else None) for k, v in result.eval.items()}
         (run_dir / "final_eval.json").write_text(json.dumps(finite, indent=2, allow_nan=False))
