@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed import gather_full_tensor, run_distributed
-from tolerance import GRAD_RTOL, VALUE_RTOL, assert_close_to_scale
-from variants import mtp_config, randomize_norm_weights, tiny_model_config
 
 from mtp_megatron import ConfigError, ETDConfig, build_model, wrap_transformer_with_etd
 from mtp_megatron.decoding import generate_plain
 from mtp_megatron.decoding.kv_cache import KVCacheSet
 from mtp_megatron.model.etd import ETDTrunk, etd_metrics
 from mtp_megatron.model.lora import LoRAExperts
+from mtp_megatron.testing.distributed import gather_full_tensor, run_distributed
+from mtp_megatron.testing.tolerance import GRAD_RTOL, VALUE_RTOL, assert_close_to_scale
+from mtp_megatron.testing.variants import mtp_config, randomize_norm_weights, tiny_model_config
 
 REPO = Path(__file__).resolve().parent.parent
 MTP = mtp_config("transformer", True, "chained", k=3)
@@ -163,8 +163,9 @@ def test_halted_tokens_carry_their_state(single_process, training):
         got = trunk.run_layers(trunk.embed(ids), positions)
     assert torch.equal(got, reference)  # the straight-through term adds exactly 0
     assert torch.equal(trunk.last_stats.think_iterations, count)
-    aux = trunk.take_aux_loss()
-    assert (aux is not None) == training and trunk.take_aux_loss() is None
+    with torch.set_grad_enabled(training):
+        again, cost = trunk.run_layers_with_cost(trunk.embed(ids), positions)
+    assert torch.equal(again, got) and (cost is not None) == training  # the depth cost: a value
 
 
 def test_lora_experts_equal_the_dense_formula(single_process):
@@ -197,6 +198,8 @@ def test_expert_bias_balances_load_and_is_checkpointed(single_process):
     with torch.no_grad():
         router.weight.zero_()  # equal scores: the argmax picks expert 0 for every token
     model(_ids(2, 8, 4))
+    assert router.expert_bias.abs().sum() == 0  # a forward records its load; the step applies it
+    model.after_optimizer_step()
     assert router.expert_load.tolist() == [1.0, 0.0, 0.0]
     torch.testing.assert_close(router.expert_bias, torch.tensor([-0.01, 0.01, 0.01]))
     assert "trunk.expert_router.expert_bias" in model.state_dict()
@@ -206,13 +209,31 @@ def test_expert_bias_balances_load_and_is_checkpointed(single_process):
         and metrics["train/etd_mean_think_iterations"] == 2
     )
     model(_ids(2, 8, 5))  # the bias now sends every token to expert 1 (ties broken by index)
+    model.after_optimizer_step()
     assert router.expert_load.tolist() == [0.0, 1.0, 0.0]
     before = router.expert_bias.clone()
     model.eval()
     with torch.no_grad():
         model(_ids(2, 8, 6))
+    model.after_optimizer_step()
     assert torch.equal(router.expert_bias, before)  # evaluation does not update it
     assert model.to(torch.bfloat16).trunk.expert_router.expert_bias.dtype == torch.float32
+
+
+def test_expert_bias_moves_once_per_optimizer_step_under_grad_accumulation(single_process):
+    """Two micro-batches of one step route with the same bias; the update then sees both."""
+    model = _model(
+        _etd(use_lora_experts=True, max_think_iterations=2, expert_bias_update_rate=0.01)
+    )
+    router = model.trunk.expert_router
+    with torch.no_grad():
+        router.weight.zero_()  # every token to expert 0 while the bias is zero
+    for seed in (4, 5):  # grad_accum = 2
+        model(_ids(2, 8, seed))
+        assert router.expert_bias.abs().sum() == 0 and model.trunk.last_stats.expert_load[0] == 1
+    model.after_optimizer_step()  # one step: one move of rate towards equal load
+    torch.testing.assert_close(router.expert_bias, torch.tensor([-0.01, 0.01, 0.01]))
+    assert router.pending_counts.sum() == 0
 
 
 def test_activation_checkpointing_recomputes_each_iteration_with_its_own_routing(single_process):
@@ -243,6 +264,7 @@ def _tp_run(rank, world, tp):
     model = _model(_etd(use_layer_router=True, use_lora_experts=True, max_think_iterations=3))
     out = model(_ids(2, 16, 8))
     out.loss.backward()
+    model.after_optimizer_step()  # the routing bias moves by this step's load
     group = tensor_parallel_group()
     return {
         "loss": out.loss.detach(),

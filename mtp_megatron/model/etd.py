@@ -99,7 +99,6 @@ class ETDTrunk(DecoderTrunk):
             for i in self.think_layers:
                 add_lora_experts(self.layers[i], self.ctx, etd, self.routing)
         self.last_stats: ETDStats | None = None
-        self._aux_loss: torch.Tensor | None = None
 
     @property
     def think_layers(self) -> range:
@@ -110,10 +109,6 @@ class ETDTrunk(DecoderTrunk):
         e = self.etd
         return e.n_encoder_layers + e.n_think_layers * e.max_think_iterations + e.n_decoder_layers
 
-    def take_aux_loss(self) -> torch.Tensor | None:
-        aux, self._aux_loss = self._aux_loss, None
-        return aux
-
     def run_layers(
         self,
         hidden: torch.Tensor,
@@ -123,6 +118,22 @@ class ETDTrunk(DecoderTrunk):
     ) -> torch.Tensor:
         """Apply the layers ``layers`` (default: all; a pipeline stage's slice) in ETD order to
         [b, s, h]. The slice must hold all of the think block or none of it."""
+        return self._run(hidden, positions, layers, kv_caches)[0]
+
+    def run_layers_with_cost(
+        self, hidden: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """All layers, and the depth cost halting_cost x expected think iterations of a
+        training forward with the halting router (None otherwise): a term of the loss."""
+        return self._run(hidden, positions, None, None)
+
+    def after_optimizer_step(self) -> None:
+        """Move the experts' routing bias by the load of the step's training forwards (all
+        micro-batches, every data-parallel rank): one update per optimizer step."""
+        if self.expert_router is not None:
+            self.expert_router.update_bias()
+
+    def _run(self, hidden, positions, layers, kv_caches):
         layers = layers if layers is not None else range(len(self.layers))
         think = self.think_layers
         inside = [i in layers for i in think]
@@ -132,15 +143,16 @@ class ETDTrunk(DecoderTrunk):
                 f"{think.stop - 1}); a pipeline stage must hold all of it or none of it"
             )
         shift = (self.etd.max_think_iterations - 1) * len(think)  # decoder slots follow the loop
+        cost = None
         for i in layers:
             if i < think.start:
                 hidden = self._layer(i, i, hidden, positions, kv_caches)
         if all(inside):
-            hidden = self._think(hidden, positions, kv_caches)
+            hidden, cost = self._think(hidden, positions, kv_caches)
         for i in layers:
             if i >= think.stop:
                 hidden = self._layer(i, i + shift, hidden, positions, kv_caches)
-        return hidden
+        return hidden, cost
 
     # -- internals -------------------------------------------------------------------------------
     def _call_layer(self, i, hidden, positions, route, kv_cache=None):
@@ -198,16 +210,15 @@ class ETDTrunk(DecoderTrunk):
             state = mixed
             iterations += running.float()
         if train and self.expert_router is not None:
-            self.expert_router.update_bias(counts)
-        if train and self.halt_router is not None:
-            self._aux_loss = etd.halting_cost * expected
+            self.expert_router.record_load(counts)
+        cost = etd.halting_cost * expected if train and self.halt_router is not None else None
         self.last_stats = ETDStats(
             think_iterations=iterations,
             halt_prob=torch.stack(halt_probs).mean() if halt_probs else None,
             router_entropy=torch.stack(entropies).mean() if entropies else None,
             expert_load=counts.float() / counts.sum() if counts is not None else None,
         )
-        return state
+        return state, cost
 
 
 def wrap_transformer_with_etd(model: DecoderTrunk, cfg: ETDConfig) -> ETDTrunk:

@@ -45,6 +45,8 @@ class MTPOutput:
     """w used for this step (after warm-up)."""
     mtp_logits: list[torch.Tensor] | None = None
     """Per-step logits [b, s, V/p] (only with ``return_mtp_logits=True``, for evaluation)."""
+    depth_cost: torch.Tensor | None = None
+    """ETD's halting cost of a training forward (part of ``loss``); None otherwise."""
 
 
 class MTPModel(nn.Module):
@@ -123,8 +125,15 @@ class MTPModel(nn.Module):
         """
         trunk = self.trunk
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        hidden = trunk.run_layers(trunk.embed(input_ids), positions)  # z [b, s, h]
-        return self.final_stage(hidden, input_ids, labels, step, return_mtp_logits, return_logits)
+        hidden, depth_cost = trunk.run_layers_with_cost(trunk.embed(input_ids), positions)  # z
+        return self.final_stage(
+            hidden, input_ids, labels, step, return_mtp_logits, return_logits, depth_cost
+        )
+
+    def after_optimizer_step(self) -> None:
+        """Run once after every optimizer step (the trainer does; so must a custom loop): the
+        ETD experts' routing bias moves by the load of the step's forwards."""
+        self.trunk.after_optimizer_step()
 
     def final_stage(
         self,
@@ -134,9 +143,11 @@ class MTPModel(nn.Module):
         step: int | None = None,
         return_mtp_logits: bool = False,
         return_logits: bool = True,
+        depth_cost: torch.Tensor | None = None,
     ) -> MTPOutput:
         """Everything after the trunk's layers (the last pipeline stage's work): final norm,
-        main head, the MTP steps and the loss. hidden: z [b, s, h]; the rest as in forward.
+        main head, the MTP steps and the loss. hidden: z [b, s, h]; ``depth_cost``: the layers'
+        extra loss (ETD), added to ``loss``; the rest as in forward.
 
         Reads the trunk's final norm, output layer and rope, and its embedding only for chained
         steps or a tied output layer.
@@ -163,10 +174,10 @@ class MTPModel(nn.Module):
         main_loss = masked_cross_entropy(logits, labels, inplace=not return_logits)
         if not return_logits:
             logits = None
-        aux = trunk.take_aux_loss()  # ETD's depth cost of the layers' last run (None: none)
+        aux = depth_cost
         if self.mtp is None:
             loss = main_loss if aux is None else main_loss + aux
-            return MTPOutput(loss=loss, main_loss=main_loss, logits=logits)
+            return MTPOutput(loss=loss, main_loss=main_loss, logits=logits, depth_cost=aux)
 
         step_logits: list[torch.Tensor] = []
         if not sequential:
@@ -193,6 +204,7 @@ class MTPModel(nn.Module):
             mtp_step_losses=step_losses,
             mtp_weight=weight,
             mtp_logits=step_logits if return_mtp_logits else None,
+            depth_cost=aux,
         )
 
 

@@ -46,10 +46,12 @@ class ExpertRouter(nn.Module):
     """Top-1 choice among E LoRA experts with auxiliary-loss-free load balancing (DeepSeek-V3).
 
     Scores are softmax(W rms(x)) [b, s, E]; the expert is argmax(score + expert_bias) and its gate
-    is its score (the bias steers the choice only, so it does not bias the output). After each
-    training forward :meth:`update_bias` moves every bias by ``rate`` towards equal load, outside
-    autograd; the bias is a persistent buffer, so checkpoints carry it and a loaded model routes
-    as it did in training.
+    is its score (the bias steers the choice only, so it does not bias the output). Training
+    forwards record their load (:meth:`record_load`); once per optimizer step, after it,
+    :meth:`update_bias` moves every bias by ``rate`` towards equal load of everything recorded
+    since the last update (all micro-batches of the step: with gradient accumulation the bias is
+    fixed within a step, as the weights are), outside autograd. The bias is a persistent
+    buffer, so checkpoints carry it and a loaded model routes as it did in training.
     """
 
     def __init__(
@@ -66,8 +68,10 @@ class ExpertRouter(nn.Module):
         self.weight = nn.Parameter(torch.empty(experts, hidden))
         nn.init.normal_(self.weight, std=init_std)
         self.register_buffer("expert_bias", torch.zeros(experts))
-        # fraction of the tokens (x iterations) each expert got in the last training forward
+        # fraction of the tokens (x iterations) each expert got in the last optimizer step
         self.register_buffer("expert_load", torch.full((experts,), 1.0 / experts), persistent=False)
+        # tokens routed to each expert by the training forwards since the last update
+        self.register_buffer("pending_counts", torch.zeros(experts), persistent=False)
 
     @property
     def num_experts(self) -> int:
@@ -83,13 +87,21 @@ class ExpertRouter(nn.Module):
         return weights.to(x.dtype), scores, choice
 
     @torch.no_grad()
-    def update_bias(self, counts: torch.Tensor) -> None:
-        """counts [E]: tokens routed to each expert in this forward (summed over the data-parallel
-        group here, so every replica applies the same update and the biases stay identical)."""
-        counts = counts.float()
+    def record_load(self, counts: torch.Tensor) -> None:
+        """counts [E]: tokens routed to each expert by one training forward."""
+        self.pending_counts += counts.float()
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """Apply the recorded load (summed over the data-parallel group here, so every replica
+        applies the same update and the biases stay identical); nothing recorded: no change."""
+        counts = self.pending_counts.clone()
+        self.pending_counts.zero_()
         if self.dp_group is not None and dist.get_world_size(self.dp_group) > 1:
             dist.all_reduce(counts, group=self.dp_group)
-        load = counts / counts.sum().clamp_min(1)
+        if not bool(counts.sum() > 0):  # no training forward since the last update
+            return
+        load = counts / counts.sum()
         self.expert_load.copy_(load)
         self.expert_bias += self.rate * torch.sign(load.mean() - load)
 
@@ -98,4 +110,5 @@ class ExpertRouter(nn.Module):
         # keep the bias in fp32 when the model is cast to bf16: steps of 1e-3 would round away
         self.expert_bias = self.expert_bias.float()
         self.expert_load = self.expert_load.float()
+        self.pending_counts = self.pending_counts.float()
         return self

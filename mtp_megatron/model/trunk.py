@@ -94,10 +94,15 @@ class DecoderTrunk(nn.Module):
         """Length of the ``kv_caches`` list run_layers expects: one per layer application."""
         return len(self.layers)
 
-    def take_aux_loss(self) -> torch.Tensor | None:
-        """Extra training loss of the last run_layers, cleared on read (a trunk wrapped by ETD
-        returns its depth cost); None for the plain trunk."""
-        return None
+    def run_layers_with_cost(
+        self, hidden: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """All layers on [b, s, h] and their extra training loss (an ETD trunk's depth cost in
+        a training forward; None for the plain trunk)."""
+        return self.run_layers(hidden, positions), None
+
+    def after_optimizer_step(self) -> None:
+        """Called once per optimizer step, after it (an ETD trunk moves its routing bias)."""
 
     # -- last stage ------------------------------------------------------------------------------
     @property

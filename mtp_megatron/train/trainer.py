@@ -337,6 +337,7 @@ def _train(
                     engine.step()
                     values = logged_values(out)
                     sums = values if sums is None else sums + values
+                engine.module.after_optimizer_step()  # once per step: ETD's routing bias
                 # mean over micro-batches and data-parallel ranks, in one all-reduce
                 sums = sums / (tcfg.grad_accum * layout.data_parallel_size)
                 dist.all_reduce(sums, group=dp_group)
