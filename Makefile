@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # one ninja (the venv's) for every process, so DeepSpeed's CPU extension is built once, not per PATH
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo test lint install clean gpu-check
+.PHONY: demo test test-fast lint install clean gpu-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ test: $(STAMP)
 	$(BIN)/ruff format --check mtp_megatron tests
 	$(BIN)/ruff check mtp_megatron tests
 	$(BIN)/python -m pytest -q -ra
+
+# the one-process tier: no gloo worlds, no SLURM (a few minutes on 2 cores)
+test-fast: $(STAMP)
+	$(BIN)/ruff format --check mtp_megatron tests
+	$(BIN)/ruff check mtp_megatron tests
+	$(BIN)/python -m pytest -q -ra -m "not distributed and not slurm and not slow"
 
 # on a GPU machine: one command, about 8 minutes on one H100 / H200 (figures: runs/gpu_check/)
 gpu-check: $(STAMP)

@@ -19,6 +19,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _markers_for_helpers(request, monkeypatch):
+    """Tell the package's test helpers which markers the running test has (run_distributed
+    refuses to spawn processes from a test not marked `distributed`)."""
+    from mtp_megatron.testing.distributed import MARKERS_ENV
+
+    names = sorted({m.name for m in request.node.iter_markers()})
+    monkeypatch.setenv(MARKERS_ENV, ",".join(names))
+
+
 @pytest.fixture(scope="session")
 def single_process():
     """A one-process gloo world with TP=1 for unit tests (created once per test session)."""

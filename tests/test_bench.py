@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tolerance import VALUE_RTOL, assert_close_to_scale
 
 from mtp_megatron.bench.plain_model import PlainDecoder, load_trunk_weights
 from mtp_megatron.bench.train_throughput import (
@@ -16,6 +15,7 @@ from mtp_megatron.bench.train_throughput import (
 )
 from mtp_megatron.config import ConfigError, ModelConfig
 from mtp_megatron.model import build_model
+from mtp_megatron.testing.tolerance import VALUE_RTOL, assert_close_to_scale
 
 TINY = dict(vocab_size=200, hidden_size=32, num_layers=2, num_attention_heads=4, max_seq_len=16)
 

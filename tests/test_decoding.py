@@ -4,12 +4,12 @@ import math
 
 import pytest
 import torch
-from distributed import run_distributed
-from tolerance import VALUE_RTOL, assert_close_to_scale
-from variants import mtp_config, tiny_model_config, valid_combinations
 
 from mtp_megatron import build_model
 from mtp_megatron.decoding import generate_plain
+from mtp_megatron.testing.distributed import run_distributed
+from mtp_megatron.testing.tolerance import VALUE_RTOL, assert_close_to_scale
+from mtp_megatron.testing.variants import mtp_config, tiny_model_config, valid_combinations
 
 VARIANTS = valid_combinations(k=3)
 

@@ -5,12 +5,12 @@ import os
 
 import pytest
 import torch
-from distributed import run_distributed
 from test_training import _overrides
-from variants import mtp_config, tiny_model_config
 
 from mtp_megatron.config import ConfigError
 from mtp_megatron.parallel import state
+from mtp_megatron.testing.distributed import run_distributed
+from mtp_megatron.testing.variants import mtp_config, tiny_model_config
 from mtp_megatron.train.config import TrainConfig
 
 
@@ -172,6 +172,7 @@ def _bench_with_cuda_claimed(rank, world):
     return code, backends
 
 
+@pytest.mark.distributed
 def test_bench_train_stays_on_the_cpu_when_forced_even_if_cuda_is_claimed():
     code, backends = run_distributed(_bench_with_cuda_claimed, 1)[0]
     assert code == 0 and backends == ["gloo"]  # NCCL would fail on the CPU tensors

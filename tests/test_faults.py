@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed import run_distributed
 from test_training import _overrides
-from variants import mtp_config, tiny_model_config
 
 from mtp_megatron.config import ConfigError
 from mtp_megatron.recipe import load_recipe
+from mtp_megatron.testing.distributed import run_distributed
+from mtp_megatron.testing.variants import mtp_config, tiny_model_config
 from mtp_megatron.train.guard import NonFiniteError, NonFiniteGuard, nonfinite_terms
 
 REPO = Path(__file__).resolve().parent.parent

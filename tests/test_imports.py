@@ -120,3 +120,12 @@ def test_the_walker_sees_what_it_should():
     assert {"train", "decoding"} <= graph["__main__"]
     cyclic = {"a": {"b"}, "b": {"c"}, "c": {"a"}}
     assert _cycle(cyclic) == ["a", "b", "c", "a"]
+
+
+def test_spawning_tests_must_be_marked_distributed():
+    import pytest
+
+    from mtp_megatron.testing.distributed import run_distributed
+
+    with pytest.raises(RuntimeError, match="mark it @pytest.mark.distributed"):
+        run_distributed(print, 2)  # this test is not marked: refused before any spawn

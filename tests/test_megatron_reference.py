@@ -12,9 +12,10 @@ import contextlib
 
 import pytest
 import torch
-from distributed import run_distributed
-from tolerance import VALUE_RTOL, assert_close_to_scale
-from variants import randomize_norm_weights
+
+from mtp_megatron.testing.distributed import run_distributed
+from mtp_megatron.testing.tolerance import VALUE_RTOL, assert_close_to_scale
+from mtp_megatron.testing.variants import randomize_norm_weights
 
 pytestmark = pytest.mark.distributed
 

@@ -2,17 +2,17 @@
 
 import pytest
 import torch
-from reference import reference_losses
-from tolerance import VALUE_RTOL, assert_close_to_scale
-from variants import (
+
+from mtp_megatron import ConfigError, build_model
+from mtp_megatron.testing.reference import reference_losses
+from mtp_megatron.testing.tolerance import VALUE_RTOL, assert_close_to_scale
+from mtp_megatron.testing.variants import (
     all_combinations,
     is_valid,
     mtp_config,
     randomize_norm_weights,
     tiny_model_config,
 )
-
-from mtp_megatron import ConfigError, build_model
 
 
 def _batch(cfg, b=2, s=16, seed=1):

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed import gather_full_tensor, run_distributed
-from tolerance import VALUE_RTOL, assert_close_to_scale
-from variants import mtp_config, randomize_norm_weights, tiny_model_config
 
 from mtp_megatron import ConfigError
 from mtp_megatron.recipe import load_recipe
+from mtp_megatron.testing.distributed import gather_full_tensor, run_distributed
+from mtp_megatron.testing.tolerance import VALUE_RTOL, assert_close_to_scale
+from mtp_megatron.testing.variants import mtp_config, randomize_norm_weights, tiny_model_config
 from mtp_megatron.train.pipeline_layout import partition_decoder_layers
 
 pytestmark = pytest.mark.distributed

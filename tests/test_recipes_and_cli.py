@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from variants import mtp_config, tiny_model_config
 
 from mtp_megatron import ConfigError, build_model
 from mtp_megatron.__main__ import main
 from mtp_megatron.model.params import count_parameters
 from mtp_megatron.recipe import load_recipe
+from mtp_megatron.testing.variants import mtp_config, tiny_model_config
 
 RECIPES_DIR = Path(__file__).parent.parent / "recipes"
 RECIPES = sorted(RECIPES_DIR.rglob("*.yaml"))

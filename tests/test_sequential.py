@@ -6,12 +6,17 @@ import weakref
 
 import pytest
 import torch
-from distributed import run_distributed
 from test_training import _overrides, _train
-from tolerance import VALUE_RTOL, assert_close_to_scale
-from variants import mtp_config, randomize_norm_weights, tiny_model_config, valid_combinations
 
 from mtp_megatron import ConfigError, MTPTrainingConfig, build_model
+from mtp_megatron.testing.distributed import run_distributed
+from mtp_megatron.testing.tolerance import VALUE_RTOL, assert_close_to_scale
+from mtp_megatron.testing.variants import (
+    mtp_config,
+    randomize_norm_weights,
+    tiny_model_config,
+    valid_combinations,
+)
 
 VARIANTS = valid_combinations(k=3)
 MODES = {

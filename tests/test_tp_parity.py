@@ -2,9 +2,15 @@
 
 import pytest
 import torch
-from distributed import gather_full_tensor, run_distributed
-from tolerance import VALUE_RTOL, assert_close_to_scale
-from variants import mtp_config, randomize_norm_weights, tiny_model_config, valid_combinations
+
+from mtp_megatron.testing.distributed import gather_full_tensor, run_distributed
+from mtp_megatron.testing.tolerance import VALUE_RTOL, assert_close_to_scale
+from mtp_megatron.testing.variants import (
+    mtp_config,
+    randomize_norm_weights,
+    tiny_model_config,
+    valid_combinations,
+)
 
 pytestmark = pytest.mark.distributed
 

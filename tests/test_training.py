@@ -4,8 +4,9 @@ import json
 from pathlib import Path
 
 import pytest
-from distributed import run_distributed
-from tolerance import VALUE_RTOL, assert_close_to_scale
+
+from mtp_megatron.testing.distributed import run_distributed
+from mtp_megatron.testing.tolerance import VALUE_RTOL, assert_close_to_scale
 
 pytestmark = pytest.mark.distributed
 

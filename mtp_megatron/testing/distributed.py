@@ -38,12 +38,26 @@ def _entry(rank: int, world: int, port: int, out: str, fn: Callable, args: tuple
         destroy_parallel()
 
 
+MARKERS_ENV = "MTP_TEST_MARKERS"
+"""Set by the suite's conftest to the running test's marker names (comma-separated)."""
+
+
+def _require_distributed_marker() -> None:
+    """Under pytest, a test that spawns processes must be marked ``distributed``, so that the
+    fast tier (``-m 'not distributed'``) stays one-process."""
+    markers = os.environ.get(MARKERS_ENV)
+    if markers is not None and "distributed" not in markers.split(","):
+        test = os.environ.get("PYTEST_CURRENT_TEST", "this test").split(" ")[0]
+        raise RuntimeError(f"{test} spawns processes: mark it @pytest.mark.distributed")
+
+
 def run_distributed(fn: Callable, world_size: int, *args: Any) -> list[Any]:
     """Call ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes.
 
     The processes see torchrun's environment variables, so ``initialize_parallel`` joins them into
     one gloo world. Returns every rank's return value (they must be picklable by torch.save).
     """
+    _require_distributed_marker()
     with tempfile.TemporaryDirectory() as out:
         mp.spawn(_entry, args=(world_size, _free_port(), out, fn, args), nprocs=world_size)
         return [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(world_size)]

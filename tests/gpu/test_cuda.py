@@ -4,12 +4,12 @@ bf16 ZeRO-1 training run. Marked ``gpu``: skipped where torch sees no CUDA devic
 
 import pytest
 import torch
-from distributed import run_distributed
 from test_training import _overrides
-from tolerance import GRAD_RTOL, VALUE_RTOL, assert_close_to_scale
-from variants import mtp_config, randomize_norm_weights, tiny_model_config
 
 from mtp_megatron import MTPTrainingConfig, build_model
+from mtp_megatron.testing.distributed import run_distributed
+from mtp_megatron.testing.tolerance import GRAD_RTOL, VALUE_RTOL, assert_close_to_scale
+from mtp_megatron.testing.variants import mtp_config, randomize_norm_weights, tiny_model_config
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda", 0)
