@@ -26,6 +26,7 @@ from mtp_megatron.train.config import TrainConfig
 from mtp_megatron.train.engine import deepspeed_config, lr_lambda, parameter_groups
 from mtp_megatron.train.evaluate import reduce_stats
 from mtp_megatron.train.pipeline import NO_STEP, MTPPipelineModule, pipeline_topology
+from mtp_megatron.train.steps import named_step_values
 
 Batch = tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
@@ -67,7 +68,6 @@ class PipelineSteps:
         self.engine = engine
         self.module: MTPPipelineModule = engine.module
         self.num_values = 4 + num_mtp_steps  # loss, main, mtp, w, CE_1..CE_K
-        self.has_mtp = num_mtp_steps > 0
         self._pp_group = parallel_state.get_pipeline_model_parallel_group()
         self._last_rank = parallel_state.get_pipeline_model_parallel_last_rank()
         self._dp_group = parallel_state.get_data_parallel_group()
@@ -86,15 +86,7 @@ class PipelineSteps:
         dist.all_reduce(values, group=self._dp_group)
         values /= dist.get_world_size(self._dp_group)
         dist.broadcast(values, src=self._last_rank, group=self._pp_group)
-        return self._named(values.cpu())
-
-    def _named(self, values: torch.Tensor) -> dict[str, float]:
-        names = ["train/loss", "train/main_loss", "train/mtp_loss", "train/mtp_weight"]
-        names += [f"train/mtp_step_{k}" for k in range(1, self.num_values - 3)]
-        named = dict(zip(names, values.tolist()))
-        if not self.has_mtp:
-            del named["train/mtp_loss"], named["train/mtp_weight"]
-        return named
+        return named_step_values(values.cpu(), self.num_values - 4)
 
     def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
         """Validation metrics (as ``train/evaluate.py``) over this DP rank's ``batches``."""

@@ -24,12 +24,10 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 import yaml
-from megatron.core import parallel_state
 
 from mtp_megatron.config import ConfigError
 from mtp_megatron.data import TokenBatches, eval_batches, prepare_data
 from mtp_megatron.model import build_model
-from mtp_megatron.model.etd import etd_metrics
 from mtp_megatron.parallel import initialize_parallel
 from mtp_megatron.recipe import Recipe
 from mtp_megatron.train.checkpoint import (
@@ -43,7 +41,6 @@ from mtp_megatron.train.checkpoint import (
 )
 from mtp_megatron.train.consolidate import consolidate
 from mtp_megatron.train.engine import build_engine, use_bf16
-from mtp_megatron.train.evaluate import evaluate
 from mtp_megatron.train.guard import (
     NonFiniteError,
     NonFiniteGuard,
@@ -52,10 +49,10 @@ from mtp_megatron.train.guard import (
     nonfinite_terms,
 )
 from mtp_megatron.train.logger import RunLogger
-from mtp_megatron.train.pipeline import logged_values
 from mtp_megatron.train.pipeline_engine import PipelineSteps, build_pipeline_engine
 from mtp_megatron.train.preflight import check_free_space, check_writable, estimate_checkpoint_bytes
 from mtp_megatron.train.resume import apply_overrides, check_resume
+from mtp_megatron.train.steps import SingleStageSteps, StepRunner
 from mtp_megatron.train.watchdog import StallWatchdog
 
 ResumeMode = Literal["auto", "require", "never"]
@@ -133,7 +130,7 @@ def train(
         )
         watchdog = StallWatchdog(recipe.train.collective_timeout_s, layout.rank, layout.world_size)
         watchdog.start()
-        return _train(recipe, layout, resume, log, stop_after_steps, stop, watchdog)
+        return _Trainer(recipe, layout, resume, log, stop, watchdog).run(stop_after_steps)
     finally:
         stop.restore()
         if watchdog is not None:
@@ -202,216 +199,212 @@ def _resume(engine, recipe: Recipe, plan: ResumePlan, world: int, say) -> tuple[
     )
 
 
-def _train(
-    recipe: Recipe,
-    layout,
-    resume: ResumeMode,
-    log,
-    stop_after_steps: int | None,
-    stop: _StopFlag,
-    watchdog: StallWatchdog,
-) -> TrainResult:
-    tcfg = recipe.train
-    par = recipe.parallel
-    recipe.dims(layout.world_size)
-    is_logger = layout.rank == 0
-    say = log if is_logger else (lambda *a, **k: None)
-    device = layout.device
-    run_dir = run_directory(recipe)
-    ckpt_dir = run_dir / "checkpoints"
-    check_writable(ckpt_dir)
-    plan = _plan_resume(ckpt_dir, resume)
-    say(f"[setup] {recipe.name}: {layout.describe()}, ZeRO {tcfg.zero_stage}, run dir {run_dir}")
-    for note in plan.notes:
-        say(f"[resume] skipped: {note}")
-    if plan.candidates:  # refuse a changed recipe before seconds of data and model set-up
-        _check_against(plan.candidates[0], recipe, layout.world_size)
+class _Trainer:
+    """One invocation of a recipe on this rank: set-up in ``__init__`` (fails before step 1 on
+    a bad run directory, resume or data), then :meth:`run`, the loop, which calls a step runner
+    (PP=1 or PP>1, ``train/steps.py``) and the small parts below. Every method is collective."""
 
-    data = prepare_data(recipe.data, recipe.model.vocab_size, log=say)
-    seq_len = recipe.seq_len
-    batches = TokenBatches(
-        data.train,
-        seq_len,
-        tcfg.micro_batch_size,
-        layout.data_parallel_rank,
-        layout.data_parallel_size,
-        tcfg.seed,
-    )
+    def __init__(self, recipe: Recipe, layout, resume: ResumeMode, log, stop, watchdog):
+        recipe.dims(layout.world_size)
+        self.recipe, self.tcfg, self.layout = recipe, recipe.train, layout
+        self.stop, self.watchdog = stop, watchdog
+        self.is_logger = layout.rank == 0
+        self.say = log if self.is_logger else (lambda *a, **k: None)
+        self.device = layout.device
+        self.run_dir = run_directory(recipe)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        check_writable(self.ckpt_dir)
+        plan = _plan_resume(self.ckpt_dir, resume)
+        self.say(
+            f"[setup] {recipe.name}: {layout.describe()}, ZeRO {self.tcfg.zero_stage}, "
+            f"run dir {self.run_dir}"
+        )
+        for note in plan.notes:
+            self.say(f"[resume] skipped: {note}")
+        if plan.candidates:  # refuse a changed recipe before seconds of data and model set-up
+            _check_against(plan.candidates[0], recipe, layout.world_size)
+        self._prepare_data()
+        self._build()
+        self._restore(plan)
 
-    def val_batches():
+    # -- set-up ----------------------------------------------------------------------------------
+    def _prepare_data(self) -> None:
+        recipe, tcfg, layout = self.recipe, self.tcfg, self.layout
+        self.data = prepare_data(recipe.data, recipe.model.vocab_size, log=self.say)
+        self.batches = TokenBatches(
+            self.data.train,
+            recipe.seq_len,
+            tcfg.micro_batch_size,
+            layout.data_parallel_rank,
+            layout.data_parallel_size,
+            tcfg.seed,
+        )
+        try:
+            self._val_batches()  # raises now, not at the first evaluation, when too small
+        except ValueError as e:
+            raise ConfigError(f"data: {e}") from None
+
+    def _val_batches(self):
         # every DP rank runs the same number of batches (ZeRO-3 gathers are collective)
+        layout, tcfg = self.layout, self.tcfg
         return eval_batches(
-            data.validation,
-            seq_len,
+            self.data.validation,
+            self.recipe.seq_len,
             tcfg.micro_batch_size,
             tcfg.eval_batches * layout.data_parallel_size,
             dp_rank=layout.data_parallel_rank,
             dp_size=layout.data_parallel_size,
         )
 
-    try:
-        val_batches()  # raises now, not at the first evaluation, when validation is too small
-    except ValueError as e:
-        raise ConfigError(f"data: {e}") from None
+    def _build(self) -> None:
+        recipe, tcfg, par, device = self.recipe, self.tcfg, self.recipe.parallel, self.device
+        torch.manual_seed(tcfg.seed)  # same master weights on every rank, sliced per TP rank
+        model = build_model(recipe.model, training=tcfg.mtp)
+        k = recipe.model.mtp.num_predict_tokens if recipe.model.mtp else 0
+        self.runner: StepRunner
+        if par.pipeline_parallel_size > 1:  # DeepSpeed's pipeline engine runs the steps
+            self.engine = build_pipeline_engine(model, tcfg, par.pipeline_partition, device)
+            self.runner = PipelineSteps(self.engine, k)
+            model = self.engine.module  # this stage's modules only
+            self.say(f"[setup] pipeline ({par.pipeline_partition}): {model.describe()}")
+        else:
+            self.engine = build_engine(model.to(device), tcfg, device)
+            self.runner = SingleStageSteps(self.engine, device, k)
+        n_params = sum(p.numel() for p in model.parameters())
+        self.say(
+            f"[setup] model: {n_params / 1e6:.2f}M parameters on this rank, "
+            f"seq_len {recipe.seq_len}"
+        )
 
-    torch.manual_seed(tcfg.seed)  # same master weights on every rank, sliced per TP rank
-    model = build_model(recipe.model, training=tcfg.mtp)
-    pipe = None  # PP > 1: DeepSpeed's pipeline engine runs the steps (train/pipeline_engine.py)
-    if par.pipeline_parallel_size > 1:
-        engine = build_pipeline_engine(model, tcfg, par.pipeline_partition, device)
-        pipe = PipelineSteps(engine, recipe.model.mtp.num_predict_tokens if recipe.model.mtp else 0)
-        model = engine.module  # this stage's modules only
-        say(f"[setup] pipeline ({par.pipeline_partition}): {model.describe()}")
-    else:
-        model = model.to(device)
-        engine = build_engine(model, tcfg, device)
-    n_params = sum(p.numel() for p in model.parameters())
-    say(f"[setup] model: {n_params / 1e6:.2f}M parameters on this rank, seq_len {seq_len}")
-
-    start_step, tb_dir, latest = 0, None, ""
-    if plan.candidates:
-        size = checkpoint_bytes(plan.candidates[0])
-    else:
-        size = estimate_checkpoint_bytes(engine.module, use_bf16(tcfg, device))
-    check_free_space(ckpt_dir, size)
-    if plan.candidates:
-        state, folder = _resume(engine, recipe, plan, layout.world_size, say)
-        start_step = int(state["step"])
-        tb_dir = state.get("tb_dir")
-        batches.load_state_dict(state["data"])
-        latest = folder.name
-        say(f"[resume] from {folder} at step {start_step}")
-    if tb_dir is None:
-        tb_dir = str(run_dir / datetime.now().strftime("%Y%m%d-%H%M%S"))
-    if is_logger:  # what this run trains with (resume_overrides included)
-        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(asdict(recipe), sort_keys=False))
-        shutil.copyfile(data.tokenizer_path, run_dir / "tokenizer.json")
-    logger = RunLogger(Path(tb_dir) if is_logger else None, tcfg.steps, start_step)
-    if start_step == 0:
-        logger.hparams(asdict(recipe))
-
-    def client_state(next_step: int) -> dict:
-        return {"step": next_step, "tb_dir": tb_dir, "data": batches.state_dict()}
-
-    def run_state(next_step: int) -> dict:
-        return {
-            "step": next_step,
-            "world_size": layout.world_size,
-            "recipe": asdict(recipe),
-            "tb_dir": tb_dir,
-        }
-
-    def run_eval(step: int) -> dict[str, float]:
-        watchdog.update(step, "evaluation")
-        try:
-            if pipe is not None:
-                return pipe.evaluate(val_batches())
-            batches_on_device = ((i.to(device), lab.to(device)) for i, lab in val_batches())
-            return evaluate(engine.module, batches_on_device)
-        except NonFiniteError as e:
-            keep = f"{latest} is kept as the latest checkpoint" if latest else "nothing was saved"
-            raise NonFiniteError(f"step {step}: {e}; {keep}") from None
-
-    guard = NonFiniteGuard(tcfg.on_nonfinite, tcfg.max_skipped_steps, log=say)
-    result = TrainResult(run_dir=run_dir, last_step=start_step)
-    dp_group = parallel_state.get_data_parallel_group()
-    tokens_per_step = tcfg.micro_batch_size * tcfg.grad_accum * layout.data_parallel_size * seq_len
-    try:
-        for step in range(start_step, tcfg.steps):
-            watchdog.update(step + 1, "train")
-            t0 = time.perf_counter()
-            lr = result.lrs[step] = engine.get_lr()[0]  # the LR this step's update uses
-            if pipe is not None:  # the last stage's values, DP mean, on every rank
-                metrics = pipe.train_step(batches, step, tcfg.grad_accum)
-            else:
-                sums = None
-                for micro in range(tcfg.grad_accum):
-                    input_ids, labels = batches.batch(step, micro, tcfg.grad_accum)
-                    out = engine(
-                        input_ids.to(device),
-                        labels=labels.to(device),
-                        step=step,
-                        return_logits=False,
-                    )
-                    engine.backward(out.loss)
-                    engine.step()
-                    values = logged_values(out)
-                    sums = values if sums is None else sums + values
-                engine.module.after_optimizer_step()  # once per step: ETD's routing bias
-                # mean over micro-batches and data-parallel ranks, in one all-reduce
-                sums = sums / (tcfg.grad_accum * layout.data_parallel_size)
-                dist.all_reduce(sums, group=dp_group)
-                metrics = _named(sums, out)
-                metrics.update(etd_metrics(engine.module, "train/"))  # last micro-batch, this rank
-            dt = time.perf_counter() - t0
-            metrics["train/lr"] = lr
-            grad_norm = engine.get_global_grad_norm()
-            if grad_norm is not None:
-                metrics["train/grad_norm"] = result.grad_norms[step] = float(grad_norm)
-            metrics["train/tokens_per_s"] = tokens_per_step / dt
-            result.losses[step] = metrics["train/loss"]
-            result.last_step = step + 1
-            bad = nonfinite_terms(metrics, None if grad_norm is None else float(grad_norm))
-            stop_requested, any_bad = agree_any([stop.raised, bool(bad)], device)
-            if tcfg.log_every and (step + 1) % tcfg.log_every == 0 or step + 1 == tcfg.steps:
-                logger.scalars(step + 1, metrics)
-                logger.progress(step, metrics["train/loss"], metrics["train/tokens_per_s"])
-            if any_bad:
-                bad = bad or ["(on another rank)"]
-            if not guard.check(step + 1, bad if any_bad else [], engine.was_step_applied(), latest):
-                result.skipped_steps.append(step + 1)
-            last = step + 1 == tcfg.steps
-            if (tcfg.eval_every and (step + 1) % tcfg.eval_every == 0) or last:
-                result.eval = run_eval(step + 1)
-                logger.scalars(step + 1, result.eval)
-                say(_eval_line(step + 1, result.eval))
-            stopping = stop_requested or (
-                stop_after_steps is not None and step + 1 - start_step >= stop_after_steps
+    def _restore(self, plan: ResumePlan) -> None:
+        """Free-space check, resume from ``plan``, the run directory's recipe and logger."""
+        recipe, engine = self.recipe, self.engine
+        if plan.candidates:
+            size = checkpoint_bytes(plan.candidates[0])
+        else:
+            size = estimate_checkpoint_bytes(engine.module, use_bf16(self.tcfg, self.device))
+        check_free_space(self.ckpt_dir, size)
+        self.start_step, tb_dir, self.latest = 0, None, ""
+        if plan.candidates:
+            state, folder = _resume(engine, recipe, plan, self.layout.world_size, self.say)
+            self.start_step = int(state["step"])
+            tb_dir = state.get("tb_dir")
+            self.batches.load_state_dict(state["data"])
+            self.latest = folder.name
+            self.say(f"[resume] from {folder} at step {self.start_step}")
+        self.tb_dir = tb_dir or str(self.run_dir / datetime.now().strftime("%Y%m%d-%H%M%S"))
+        if self.is_logger:  # what this run trains with (resume_overrides included)
+            (self.run_dir / "recipe.yaml").write_text(
+                yaml.safe_dump(asdict(recipe), sort_keys=False)
             )
-            due = tcfg.checkpoint_every and (step + 1) % tcfg.checkpoint_every == 0
-            if due or last or stopping:
-                watchdog.update(step + 1, "checkpoint")
-                if agree_any([not local_state_finite(engine.module)], device)[0]:
-                    raise NonFiniteError(
-                        f"step {step + 1}: the weights are not finite; not saving them. "
-                        f"{latest or 'No checkpoint'} stays the latest checkpoint"
-                    )
-                tag = save_checkpoint(
-                    engine,
-                    ckpt_dir,
-                    step + 1,
-                    client_state(step + 1),
-                    tcfg.keep_last,
-                    run_state(step + 1),
+            shutil.copyfile(self.data.tokenizer_path, self.run_dir / "tokenizer.json")
+        log_dir = Path(self.tb_dir) if self.is_logger else None
+        self.logger = RunLogger(log_dir, self.tcfg.steps, self.start_step)
+        if self.start_step == 0:
+            self.logger.hparams(asdict(recipe))
+
+    # -- the loop --------------------------------------------------------------------------------
+    def run(self, stop_after_steps: int | None) -> TrainResult:
+        tcfg = self.tcfg
+        guard = NonFiniteGuard(tcfg.on_nonfinite, tcfg.max_skipped_steps, log=self.say)
+        result = TrainResult(run_dir=self.run_dir, last_step=self.start_step)
+        try:
+            for step in range(self.start_step, tcfg.steps):
+                done = step + 1
+                metrics, stop_requested = self._train_step(step, result, guard)
+                last = done == tcfg.steps
+                if (tcfg.eval_every and done % tcfg.eval_every == 0) or last:
+                    result.eval = self._evaluate(done)
+                stopping = stop_requested or (
+                    stop_after_steps is not None and done - self.start_step >= stop_after_steps
                 )
-                latest = tag
-                say(f"[checkpoint] {ckpt_dir / tag}")
-            if stopping:
-                result.stopped_early = True
-                say(f"[stop] stopping after step {step + 1}; a resumed run continues from here")
-                break
-    finally:
-        logger.close()
-    if result.last_step == tcfg.steps and not result.stopped_early and latest:
-        # the finished run's TP=1 weights for inference and export (decoding reads only these)
-        watchdog.update(result.last_step, "consolidation")
-        if is_logger:
-            consolidate(ckpt_dir / latest, out=run_dir, log=say)
-        dist.barrier()
-    if is_logger and result.eval:
-        finite = {k: (v if math.isfinite(v) else None) for k, v in result.eval.items()}
-        (run_dir / "final_eval.json").write_text(json.dumps(finite, indent=2, allow_nan=False))
-    return result
+                if (
+                    (tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0)
+                    or last
+                    or stopping
+                ):
+                    self._save(done)
+                if stopping:
+                    result.stopped_early = True
+                    self.say(
+                        f"[stop] stopping after step {done}; a resumed run continues from here"
+                    )
+                    break
+        finally:
+            self.logger.close()
+        self._finish(result)
+        return result
 
+    def _train_step(self, step: int, result: TrainResult, guard: NonFiniteGuard):
+        """One optimizer step, logged and checked; (metrics, whether a stop was requested)."""
+        tcfg, layout, engine = self.tcfg, self.layout, self.engine
+        self.watchdog.update(step + 1, "train")
+        t0 = time.perf_counter()
+        lr = result.lrs[step] = engine.get_lr()[0]  # the LR this step's update uses
+        metrics = self.runner.train_step(self.batches, step, tcfg.grad_accum)  # DP mean
+        dt = time.perf_counter() - t0
+        metrics["train/lr"] = lr
+        grad_norm = engine.get_global_grad_norm()
+        if grad_norm is not None:
+            metrics["train/grad_norm"] = result.grad_norms[step] = float(grad_norm)
+        tokens = tcfg.micro_batch_size * tcfg.grad_accum * layout.data_parallel_size
+        metrics["train/tokens_per_s"] = tokens * self.recipe.seq_len / dt
+        result.losses[step] = metrics["train/loss"]
+        result.last_step = step + 1
+        bad = nonfinite_terms(metrics, None if grad_norm is None else float(grad_norm))
+        stop_requested, any_bad = agree_any([self.stop.raised, bool(bad)], self.device)
+        if tcfg.log_every and (step + 1) % tcfg.log_every == 0 or step + 1 == tcfg.steps:
+            self.logger.scalars(step + 1, metrics)
+            self.logger.progress(step, metrics["train/loss"], metrics["train/tokens_per_s"])
+        if any_bad:
+            bad = bad or ["(on another rank)"]
+        applied = engine.was_step_applied()
+        if not guard.check(step + 1, bad if any_bad else [], applied, self.latest):
+            result.skipped_steps.append(step + 1)
+        return metrics, stop_requested
 
-def _named(values: torch.Tensor, out) -> dict[str, float]:
-    names = ["train/loss", "train/main_loss", "train/mtp_loss", "train/mtp_weight"]
-    names += [f"train/{k}" for k in out.mtp_step_losses]
-    named = dict(zip(names, values.tolist()))
-    if out.mtp_loss is None:
-        named.pop("train/mtp_loss")
-        named.pop("train/mtp_weight")
-    return named
+    def _evaluate(self, step: int) -> dict[str, float]:
+        self.watchdog.update(step, "evaluation")
+        try:
+            metrics = self.runner.evaluate(self._val_batches())
+        except NonFiniteError as e:
+            keep = f"{self.latest} is kept as the latest checkpoint" if self.latest else ""
+            raise NonFiniteError(f"step {step}: {e}; {keep or 'nothing was saved'}") from None
+        self.logger.scalars(step, metrics)
+        self.say(_eval_line(step, metrics))
+        return metrics
+
+    def _save(self, step: int) -> None:
+        """A checkpoint of the state after ``step``; never of non-finite weights."""
+        self.watchdog.update(step, "checkpoint")
+        if agree_any([not local_state_finite(self.engine.module)], self.device)[0]:
+            raise NonFiniteError(
+                f"step {step}: the weights are not finite; not saving them. "
+                f"{self.latest or 'No checkpoint'} stays the latest checkpoint"
+            )
+        client_state = {"step": step, "tb_dir": self.tb_dir, "data": self.batches.state_dict()}
+        run_state = {
+            "step": step,
+            "world_size": self.layout.world_size,
+            "recipe": asdict(self.recipe),
+            "tb_dir": self.tb_dir,
+        }
+        self.latest = save_checkpoint(
+            self.engine, self.ckpt_dir, step, client_state, self.tcfg.keep_last, run_state
+        )
+        self.say(f"[checkpoint] {self.ckpt_dir / self.latest}")
+
+    def _finish(self, result: TrainResult) -> None:
+        """A finished run: its TP=1 weights for inference and export, and its final metrics."""
+        if result.last_step == self.tcfg.steps and not result.stopped_early and self.latest:
+            self.watchdog.update(result.last_step, "consolidation")
+            if self.is_logger:  # decoding reads only these
+                consolidate(self.ckpt_dir / self.latest, out=self.run_dir, log=self.say)
+            dist.barrier()
+        if self.is_logger and result.eval:
+            finite = {k: (v if math.isfinite(v) else None) for k, v in result.eval.items()}
+            text = json.dumps(finite, indent=2, allow_nan=False)
+            (self.run_dir / "final_eval.json").write_text(text)
 
 
 def _eval_line(step: int, ev: dict[str, float]) -> str:
