@@ -79,6 +79,7 @@ class ETDTrunk(DecoderTrunk):
         self.final_norm = trunk.final_norm
         self.output_layer = trunk.output_layer
         self.checkpoint_layers = trunk.checkpoint_layers
+        self.weights_gathered_per_call = trunk.weights_gathered_per_call
         self.routing = ExpertRouting()
         self.halt_router = (
             HaltingRouter(cfg.hidden_size, cfg.init_std, cfg.norm_eps)

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from torch import nn
 
 from mtp_megatron import config
@@ -38,25 +37,8 @@ class LinearResidualBlock(nn.Module):
     def __init__(self, ctx: LayerContext):
         super().__init__()
         h = ctx.cfg.hidden_size
-        self.up = ColumnParallelLinear(
-            h,
-            h,
-            config=ctx.megatron,
-            init_method=ctx.init,
-            bias=False,
-            gather_output=False,
-            tp_group=ctx.tp_group,
-        )
-        self.down = RowParallelLinear(
-            h,
-            h,
-            config=ctx.megatron,
-            init_method=ctx.output_init,
-            bias=False,
-            input_is_parallel=True,
-            skip_bias_add=False,
-            tp_group=ctx.tp_group,
-        )
+        self.up = ctx.column_linear(h, h)
+        self.down = ctx.row_linear(h, h)
 
     def forward(self, x: torch.Tensor, rope=None, positions=None, kv_cache=None) -> torch.Tensor:
         """[b, s, h] -> [b, s, h]; no attention, so no KV cache."""

@@ -60,6 +60,36 @@ class LayerContext:
     def output_init(self):
         return scaled_init_method_normal(self.cfg.init_std, self.cfg.num_layers)
 
+    def column_linear(
+        self, in_features: int, out_features: int, stride: int = 1, external_weight: bool = False
+    ) -> ColumnParallelLinear:
+        """in -> out/p per rank, no bias, output left sharded (``stride``: fused outputs, e.g.
+        gate | up; ``external_weight``: no weight of its own, passed at call time (tied))."""
+        return ColumnParallelLinear(
+            in_features,
+            out_features,
+            config=self.megatron,
+            init_method=self.init,
+            bias=False,
+            gather_output=False,
+            stride=stride,
+            skip_weight_param_allocation=external_weight,
+            tp_group=self.tp_group,
+        )
+
+    def row_linear(self, in_features: int, out_features: int) -> RowParallelLinear:
+        """in/p per rank (a sharded input) -> out, all-reduced; no bias; the scaled output init."""
+        return RowParallelLinear(
+            in_features,
+            out_features,
+            config=self.megatron,
+            init_method=self.output_init,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=False,
+            tp_group=self.tp_group,
+        )
+
 
 class _DirectLinears:
     """State of decoding's direct linear path (see :func:`tp_linear`)."""
@@ -200,29 +230,12 @@ class SelfAttention(nn.Module):
         self.head_dim = d
 
         def column(out_features: int) -> ColumnParallelLinear:
-            return ColumnParallelLinear(
-                cfg.hidden_size,
-                out_features,
-                config=ctx.megatron,
-                init_method=ctx.init,
-                bias=False,
-                gather_output=False,
-                tp_group=ctx.tp_group,
-            )
+            return ctx.column_linear(cfg.hidden_size, out_features)
 
         self.q_proj = column(cfg.num_attention_heads * d)
         self.k_proj = column(cfg.kv_heads * d)
         self.v_proj = column(cfg.kv_heads * d)
-        self.o_proj = RowParallelLinear(
-            cfg.num_attention_heads * d,
-            cfg.hidden_size,
-            config=ctx.megatron,
-            init_method=ctx.output_init,
-            bias=False,
-            input_is_parallel=True,
-            skip_bias_add=False,
-            tp_group=ctx.tp_group,
-        )
+        self.o_proj = ctx.row_linear(cfg.num_attention_heads * d, cfg.hidden_size)
         qk_norm = cfg.qk_norm
         self.q_norm = (
             RMSNorm(d, cfg.norm_eps, sharded_input_group=ctx.tp_group) if qk_norm else None
@@ -280,26 +293,8 @@ class SwiGLU(nn.Module):
     def __init__(self, ctx: LayerContext):
         super().__init__()
         cfg = ctx.cfg
-        self.gate_up = ColumnParallelLinear(
-            cfg.hidden_size,
-            2 * cfg.ffn_size,
-            config=ctx.megatron,
-            init_method=ctx.init,
-            bias=False,
-            gather_output=False,
-            stride=2,
-            tp_group=ctx.tp_group,
-        )
-        self.down = RowParallelLinear(
-            cfg.ffn_size,
-            cfg.hidden_size,
-            config=ctx.megatron,
-            init_method=ctx.output_init,
-            bias=False,
-            input_is_parallel=True,
-            skip_bias_add=False,
-            tp_group=ctx.tp_group,
-        )
+        self.gate_up = ctx.column_linear(cfg.hidden_size, 2 * cfg.ffn_size, stride=2)
+        self.down = ctx.row_linear(cfg.ffn_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = tp_linear(self.gate_up, x).chunk(2, dim=-1)  # [b, s, f/p] each

@@ -24,7 +24,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import torch
-from megatron.core.tensor_parallel import ColumnParallelLinear
 from torch import nn
 
 from mtp_megatron.config import MTPConfig
@@ -62,15 +61,7 @@ class MTPHead(nn.Module):
             self.hnorm = RMSNorm(h, eps)
             self.enorm = RMSNorm(h, eps)
             # 2h -> h, column-parallel: each rank computes h/p output features, then a gather.
-            self.eh_proj = ColumnParallelLinear(
-                2 * h,
-                h,
-                config=ctx.megatron,
-                init_method=ctx.init,
-                bias=False,
-                gather_output=False,
-                tp_group=ctx.tp_group,
-            )
+            self.eh_proj = ctx.column_linear(2 * h, h)
         self.block = kind.block(ctx)
         self.final_norm = RMSNorm(h, eps)
 

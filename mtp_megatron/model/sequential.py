@@ -20,7 +20,8 @@ scalar, so the unit-upstream gradient scaled by whatever backward brings (alpha_
 dCE_k/dW are summed (times alpha_k) and attached to W itself: a zero-valued term whose backward
 sends c * sum to W (c the upstream scalar), so W's gradient arrives inside the ordinary backward
 pass (DeepSpeed's gradient hooks and loss scaling see one normal backward per micro-batch) at no
-extra matmul. A ZeRO-3 partitioned W is an empty placeholder outside its module's call, so there
+extra matmul. A ZeRO-3 partitioned W is an empty placeholder outside its module's call (the
+training engine sets ``trunk.weights_gathered_per_call``), so there
 the sum reaches W through one more call of the output layer, on the identity: output_layer(I_h) =
 W^T, whose backward with upstream c * sum^T adds exactly c * sum (ZeRO-3 gathers W for that call
 as for any other). That costs one [h, h] x [h, V/p] matmul each way per micro-batch, so it is
@@ -102,18 +103,14 @@ def sequential_mtp_loss(
     return mtp_loss, step_losses
 
 
-def _is_partitioned(weight: torch.nn.Parameter) -> bool:
-    """A ZeRO-3 parameter: its data is gathered only inside its module's forward / backward."""
-    return hasattr(weight, "ds_id")
-
-
 def _attach_weight_grad(
     trunk: DecoderTrunk, weight_grad: torch.Tensor, like: torch.Tensor
 ) -> torch.Tensor:
     """A zero scalar whose backward adds upstream * ``weight_grad`` [V/p, h] to W's gradient."""
     zero = torch.zeros((), device=like.device, dtype=like.dtype)
     weight = trunk.output_weight
-    if not _is_partitioned(weight):
+    # (a placeholder of another shape: partitioned by an engine that did not say so)
+    if not trunk.weights_gathered_per_call and weight.shape == weight_grad.shape:
         return _attach(weight, zero, weight_grad.to(weight.dtype))
     h = weight_grad.shape[1]
     eye = torch.eye(h, dtype=weight.dtype, device=weight_grad.device)

@@ -10,7 +10,7 @@ the last one without rewriting the model.
 from __future__ import annotations
 
 import torch
-from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
+from megatron.core.tensor_parallel import VocabParallelEmbedding
 from torch import nn
 
 from mtp_megatron.config import ModelConfig
@@ -53,18 +53,14 @@ class DecoderTrunk(nn.Module):
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.layers = nn.ModuleList(TransformerLayer(ctx) for _ in range(cfg.num_layers))
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.output_layer = ColumnParallelLinear(
-            cfg.hidden_size,
-            cfg.padded_vocab_size,
-            config=ctx.megatron,
-            init_method=ctx.init,
-            bias=False,
-            gather_output=False,
-            skip_weight_param_allocation=cfg.tie_embeddings,
-            tp_group=ctx.tp_group,
+        self.output_layer = ctx.column_linear(
+            cfg.hidden_size, cfg.padded_vocab_size, external_weight=cfg.tie_embeddings
         )
         # activation checkpointing of each decoder layer (set by MTPModel; never with a KV cache)
         self.checkpoint_layers = False
+        # True when a parameter's data exists only inside its own module's call (set by the
+        # training engine under ZeRO-3): the sequential loss then reaches W through a call
+        self.weights_gathered_per_call = False
 
     # -- first stage ---------------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
