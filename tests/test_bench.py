@@ -79,6 +79,7 @@ def test_cli_subset_and_errors(single_process, capsys):
         run_benchmark(ModelConfig(**TINY), batch=1, seq_len=8, cases=["moe"])
 
 
+@pytest.mark.slow  # trains and decodes in subprocesses: about 80 s here
 def test_gpu_check_runs_its_stages_on_the_cpu(tmp_path):
     """The GPU check's commands, dry-run on the CPU with tiny shapes (a GPU runs them for real)."""
     import json
