@@ -270,7 +270,7 @@ PASSTHROUGH = {
     "bench-train": (
         "mtp_megatron.bench.train_throughput",
         "main_bench_train",
-        "Training throughput: NTP vs MTP K=4 per head type, and ours vs plain PyTorch.",
+        "Training throughput: NTP vs MTP K=4 per head type; megatron layers vs the local ones.",
     ),
     "bench-memory": (
         "mtp_megatron.bench.memory",

@@ -1,50 +1,19 @@
-"""The training-throughput benchmark: its plain-PyTorch baseline is our trunk, and it runs."""
+"""The training-throughput benchmark runs every case and reports them."""
 
 from __future__ import annotations
 
 import pytest
-import torch
 
-from mtp_megatron.bench.plain_model import PlainDecoder, load_trunk_weights
 from mtp_megatron.bench.train_throughput import (
     CASE_KEYS,
+    LOCAL_KEY,
     NTP_KEY,
-    PLAIN_KEY,
     main_bench_train,
     run_benchmark,
 )
 from mtp_megatron.config import ConfigError, ModelConfig
-from mtp_megatron.model import build_model
-from mtp_megatron.testing.tolerance import VALUE_RTOL, assert_close_to_scale
 
 TINY = dict(vocab_size=200, hidden_size=32, num_layers=2, num_attention_heads=4, max_seq_len=16)
-
-
-@pytest.mark.parametrize(
-    "extra",
-    [{}, {"num_kv_heads": 2, "norm_placement": "pre"}, {"qk_norm": False, "tie_embeddings": True}],
-    ids=["post", "pre-gqa", "no-qk-norm-tied"],
-)
-def test_plain_model_is_our_trunk(single_process, extra):
-    cfg = ModelConfig(**TINY, **extra, mtp=None)
-    torch.manual_seed(0)
-    ours = build_model(cfg)
-    plain = PlainDecoder(cfg)
-    count = sum(p.numel() for p in ours.parameters())
-    assert sum(p.numel() for p in plain.parameters()) == count
-    load_trunk_weights(plain, ours.state_dict())
-    input_ids = torch.randint(0, cfg.vocab_size, (2, cfg.max_seq_len))
-    expected = ours(input_ids).main_loss
-    assert_close_to_scale(plain(input_ids), expected, VALUE_RTOL)
-
-
-def test_weight_mapping_rejects_unknown_parameters(single_process):
-    cfg = ModelConfig(**TINY, mtp=None)
-    plain = PlainDecoder(cfg)
-    state = build_model(cfg).state_dict()
-    state["trunk.layers.0.extra.weight"] = torch.zeros(1)
-    with pytest.raises(KeyError, match="extra"):
-        load_trunk_weights(plain, state)
 
 
 def test_benchmark_runs_every_case(single_process):
@@ -54,25 +23,25 @@ def test_benchmark_runs_every_case(single_process):
     for case in result.cases.values():
         assert len(case.step_times_s) == 1
         assert case.params > 0 and case.tokens_per_s > 0
-    assert result.cases[PLAIN_KEY].params == result.cases[NTP_KEY].params
+    assert result.cases[LOCAL_KEY].params == result.cases[NTP_KEY].params
     assert (
         result.cases["transformer"].params
         > result.cases["mlp"].params
         > result.cases["shared_lm_head"].params
         == result.cases[NTP_KEY].params
     )
-    assert result.ratio_to_ntp(NTP_KEY) == 1.0 and result.ntp_over_plain > 0
-    assert len(result.paired_ntp_over_plain()) == 1
+    assert result.ratio_to_ntp(NTP_KEY) == 1.0 and result.ntp_over_local > 0
+    assert len(result.paired_ntp_over_local()) == 1
     table = result.report()
-    assert "| MTP K=4 shared_lm_head |" in table and "our NTP / plain NTP step time:" in table
+    assert "| MTP K=4 shared_lm_head |" in table and "our NTP / local-backend NTP step time:" in table
 
 
 def test_cli_subset_and_errors(single_process, capsys):
     tiny = [f"model.{k}={v}" for k, v in TINY.items()] + ["model.mtp=null"]
-    argv = [*tiny, "--cases", "plain", "ntp", "--rounds", "1", "--steps-per-round", "1"]
+    argv = [*tiny, "--cases", "local", "ntp", "--rounds", "1", "--steps-per-round", "1"]
     assert main_bench_train([*argv, "--warmup", "0", "--batch", "1", "--seq-len", "8"]) == 0
     out = capsys.readouterr().out
-    assert "| plain NTP |" in out and "| NTP |" in out and "MTP" not in out
+    assert "| NTP, local backend |" in out and "| NTP |" in out and "MTP" not in out
     assert main_bench_train([*tiny, "--seq-len", "64"]) == 2  # longer than max_seq_len
     assert "max_seq_len" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="cases"):

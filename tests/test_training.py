@@ -135,6 +135,7 @@ def test_checkpoint_trained_at_tp2_loads_into_one_process(
     overrides = _overrides(tmp_path / "run", data_cache, **extra)
     at_tp2 = run_distributed(_train_then_load, 2, overrides)[0]
     run = load_run(tmp_path / "run")  # this process: TP=1
+    assert run.model.trunk.ctx.backend == "local"  # TP=1 inference: plain torch layers
     ids = torch.arange(40).view(2, 20) % 500
     with torch.no_grad():
         at_tp1 = run.model(ids).logits

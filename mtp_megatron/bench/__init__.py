@@ -1,1 +1,1 @@
-"""Benchmarks: training throughput of our models against a plain-PyTorch baseline."""
+"""Benchmarks: training throughput (megatron against the local backend), memory, the GPU check."""

@@ -1,4 +1,8 @@
-"""Training throughput: our NTP and MTP models against a plain-PyTorch twin, in one process.
+"""Training throughput: our NTP and MTP models, and the NTP model on plain torch layers.
+
+The ``local`` case is the same NTP model built on the ``local`` backend (``model/specs.py``:
+plain ``torch.nn`` parameters and matmuls instead of megatron's TP layers) with the same
+weights, so the gap between it and ``ntp`` is what megatron's layers cost at TP=1.
 
 One training step = forward + backward + ``torch.optim.AdamW`` step, fp32, on the CPU, with torch's
 default thread count. The machine is shared and noisy, so the cases are interleaved: each is
@@ -30,17 +34,18 @@ DEFAULT_BATCH = 8
 """Sequences per step when the recipe has no ``train.micro_batch_size``."""
 MTP_STEPS = 4
 """K of the MTP cases."""
-PLAIN_KEY, NTP_KEY = "plain", "ntp"
+LOCAL_KEY, NTP_KEY = "local", "ntp"
 MTP_HEAD_KEYS = tuple(HEAD_TYPES)
-CASE_KEYS = (PLAIN_KEY, NTP_KEY, *MTP_HEAD_KEYS)
-"""``--cases`` choices: plain NTP, our NTP, and our chained shared MTP head of each type."""
+CASE_KEYS = (LOCAL_KEY, NTP_KEY, *MTP_HEAD_KEYS)
+"""``--cases`` choices: NTP on the local backend, our NTP, and our chained shared MTP head of
+each type."""
 GOAL_RATIO = 1.05
-"""Our NTP step time may exceed the plain twin's by at most this factor."""
+"""Our NTP step time may exceed the local build's by at most this factor."""
 
 
 def case_name(key: str, k: int = MTP_STEPS) -> str:
     """Display name of a case key (the table's first column)."""
-    return {PLAIN_KEY: "plain NTP", NTP_KEY: "NTP"}.get(key, f"MTP K={k} {key}")
+    return {LOCAL_KEY: "NTP, local backend", NTP_KEY: "NTP"}.get(key, f"MTP K={k} {key}")
 
 
 @dataclass
@@ -103,27 +108,27 @@ class BenchResult:
         return self.cases[key].tokens_per_s / self.cases[NTP_KEY].tokens_per_s
 
     @property
-    def ntp_over_plain(self) -> float | None:
-        """Our NTP median step time over the plain twin's (None unless both ran)."""
-        if NTP_KEY not in self.cases or PLAIN_KEY not in self.cases:
+    def ntp_over_local(self) -> float | None:
+        """Our NTP median step time over the local build's (None unless both ran)."""
+        if NTP_KEY not in self.cases or LOCAL_KEY not in self.cases:
             return None
-        return self.cases[NTP_KEY].median_s / self.cases[PLAIN_KEY].median_s
+        return self.cases[NTP_KEY].median_s / self.cases[LOCAL_KEY].median_s
 
-    def paired_ntp_over_plain(self) -> list[float]:
-        """Our NTP / plain median step time within each round: both ran minutes apart at most, so
+    def paired_ntp_over_local(self) -> list[float]:
+        """Our NTP / local median step time within each round: both ran minutes apart at most, so
         these ratios shrug off load that drifts over the run (their spread shows the noise)."""
-        if self.ntp_over_plain is None:
+        if self.ntp_over_local is None:
             return []
         n = self.steps_per_round
-        ntp, plain = self.cases[NTP_KEY].step_times_s, self.cases[PLAIN_KEY].step_times_s
+        ntp, local = self.cases[NTP_KEY].step_times_s, self.cases[LOCAL_KEY].step_times_s
         return [
             statistics.median(ntp[r * n : (r + 1) * n])
-            / statistics.median(plain[r * n : (r + 1) * n])
+            / statistics.median(local[r * n : (r + 1) * n])
             for r in range(self.rounds)
         ]
 
     def report(self) -> str:
-        """The header, the markdown table and the NTP-vs-plain line."""
+        """The header, the markdown table and the NTP-vs-local line."""
         m = self.model
         lines = [
             f"model: hidden {m.hidden_size}, layers {m.num_layers}, heads "
@@ -144,12 +149,12 @@ class BenchResult:
                 f"{1e3 * lo:.1f}-{1e3 * hi:.1f} | {c.tokens_per_s:,.0f} | "
                 f"{'-' if ratio is None else f'{ratio:.3f}'} |"
             )
-        if self.ntp_over_plain is not None:
-            ratio, goal = self.ntp_over_plain, GOAL_RATIO
-            paired = self.paired_ntp_over_plain()
+        if self.ntp_over_local is not None:
+            ratio, goal = self.ntp_over_local, GOAL_RATIO
+            paired = self.paired_ntp_over_local()
             lines += [
                 "",
-                f"our NTP / plain NTP step time: {ratio:.2f}x (goal <= {goal:.2f})",
+                f"our NTP / local-backend NTP step time: {ratio:.2f}x (goal <= {goal:.2f})",
                 f"per-round paired ratio: median {statistics.median(paired):.2f}x, "
                 f"range {min(paired):.2f}-{max(paired):.2f} over {len(paired)} rounds",
             ]
@@ -188,7 +193,6 @@ def mtp_case_config(cfg: ModelConfig, head_type: str, k: int = MTP_STEPS) -> MTP
 def _build_cases(
     cfg: ModelConfig, keys: Sequence[str], input_ids: torch.Tensor, seed: int
 ) -> list[_Case]:
-    from mtp_megatron.bench.plain_model import PlainDecoder, load_trunk_weights
     from mtp_megatron.model import build_model
     from mtp_megatron.model.loss import labels_from_input_ids
     from mtp_megatron.parallel import ensure_parallel_initialized
@@ -198,25 +202,24 @@ def _build_cases(
     models: dict[str, nn.Module] = {}
     for key in keys:
         torch.manual_seed(seed)
-        if key == PLAIN_KEY:
-            models[key] = PlainDecoder(cfg)
+        if key == LOCAL_KEY:
+            models[key] = build_model(dataclasses.replace(cfg, mtp=None), backend="local")
         elif key == NTP_KEY:
             models[key] = build_model(dataclasses.replace(cfg, mtp=None))
         else:
             models[key] = build_model(dataclasses.replace(cfg, mtp=mtp_case_config(cfg, key)))
-    if PLAIN_KEY in models and NTP_KEY in models:  # identical weights: identical work
-        load_trunk_weights(models[PLAIN_KEY], models[NTP_KEY].state_dict())
+    if LOCAL_KEY in models and NTP_KEY in models:  # identical weights: identical work
+        ntp = models[NTP_KEY].state_dict()
+        models[LOCAL_KEY].load_state_dict({n: t for n, t in ntp.items() if torch.is_tensor(t)})
 
-    def loss_fn(key: str, model: nn.Module) -> Callable[[], torch.Tensor]:
-        if key == PLAIN_KEY:
-            return lambda: model(input_ids, labels)
+    def loss_fn(model: nn.Module) -> Callable[[], torch.Tensor]:
         return lambda: model(input_ids, labels=labels, return_logits=False).loss
 
     cases = []
     for key, model in models.items():
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        cases.append(_Case(key, model, loss_fn(key, model), optimizer))
+        cases.append(_Case(key, model, loss_fn(model), optimizer))
     return cases
 
 
@@ -307,7 +310,7 @@ def _recipe_shape(recipe: object) -> tuple[ModelConfig, int, int]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m mtp_megatron bench-train",
-        description="Training step time of plain-PyTorch NTP, our NTP and our MTP heads (CPU).",
+        description="Training step time of NTP (megatron, local layers) and MTP heads (CPU).",
     )
     parser.add_argument(
         "overrides", nargs="*", help="dotted recipe overrides: model.hidden_size=128"

@@ -3,7 +3,8 @@
 Reads only the consolidated format (``mtp_megatron/consolidated.py``: the TP=1 master state
 dict), never DeepSpeed's checkpoint files: the end of training writes it into the run
 directory, and ``python -m mtp_megatron consolidate`` writes it for any checkpoint (any TP / PP /
-ZeRO stage). The model is built for the current TP size and each rank keeps its slice.
+ZeRO stage). The model is built for the current TP size and each rank keeps its slice; at TP=1
+on the ``local`` backend (plain torch layers laid out for batch-1 decoding, ``model/specs.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.distributed as dist
 from mtp_megatron import consolidated
 from mtp_megatron.config import ConfigError, ModelConfig
 from mtp_megatron.model import MTPModel, build_model
+from mtp_megatron.model.specs import Backend
 from mtp_megatron.parallel.sharding import partitions, shard_state_dict
 
 
@@ -47,10 +49,14 @@ near-tied greedy token may differ from plain bf16 decoding)."""
 
 
 def load_run(
-    path: str | Path, device: torch.device | None = None, dtype: str = "fp32"
+    path: str | Path,
+    device: torch.device | None = None,
+    dtype: str = "fp32",
+    backend: Backend | None = None,
 ) -> LoadedRun:
     """Build the model of the consolidated folder ``path`` (a finished run's directory, or what
-    ``consolidate`` wrote) for the current TP size, in ``dtype`` ('fp32' or 'bf16')."""
+    ``consolidate`` wrote) for the current TP size, in ``dtype`` ('fp32' or 'bf16'), on
+    ``backend`` (default: 'local' at TP=1, 'megatron' at TP > 1)."""
     if dtype not in DTYPES:
         raise ConfigError(f"dtype={dtype!r} is invalid: one of {sorted(DTYPES)}")
     from mtp_megatron.parallel import (
@@ -75,13 +81,15 @@ def load_run(
             f"{len(bad)} tensors ({', '.join(sorted(bad)[:3])}); consolidate an earlier checkpoint"
         )
     ensure_parallel_initialized()
+    group = tensor_parallel_group()
+    if backend is None:
+        backend = "local" if group.size() == 1 else "megatron"
     torch.manual_seed(0)
-    model = build_model(cfg)
+    model = build_model(cfg, backend=backend)
     tensors = {n for n, t in model.state_dict().items() if torch.is_tensor(t)}  # no _extra_state
     missing = sorted(tensors - set(master))
     if missing:
         raise ConfigError(f"{folder / consolidated.WEIGHTS_FILE} lacks {missing[:5]} ...")
-    group = tensor_parallel_group()
     local = shard_state_dict(master, partitions(model), dist.get_rank(group), group.size())
     model.load_state_dict(local, strict=False)  # megatron's _extra_state entries are None
     model = model.to(device or default_device(), DTYPES[dtype]).eval()

@@ -36,7 +36,6 @@ from mtp_megatron.decoding.sampling import (
     sample,
     target_probs,
 )
-from mtp_megatron.model.layers import direct_linears
 from mtp_megatron.parallel import gather_last_dim
 
 
@@ -147,7 +146,6 @@ def _pick(logits: torch.Tensor, sampling: SamplingConfig, gen: torch.Generator |
 
 
 @torch.no_grad()
-@direct_linears()
 def generate_plain(
     model,
     input_ids: torch.Tensor,
@@ -213,7 +211,6 @@ class SpeculativeDecoder:
         self.mtp = model.mtp
 
     @torch.no_grad()
-    @direct_linears()
     def generate(
         self,
         input_ids: torch.Tensor,

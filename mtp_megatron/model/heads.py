@@ -28,7 +28,8 @@ from torch import nn
 
 from mtp_megatron import config
 from mtp_megatron.config import ConfigError
-from mtp_megatron.model.layers import LayerContext, MLPLayer, TransformerLayer, tp_linear
+from mtp_megatron.model.layers import MLPLayer, TransformerLayer
+from mtp_megatron.model.specs import LayerContext
 
 
 class LinearResidualBlock(nn.Module):
@@ -42,7 +43,7 @@ class LinearResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, rope=None, positions=None, kv_cache=None) -> torch.Tensor:
         """[b, s, h] -> [b, s, h]; no attention, so no KV cache."""
-        return x + tp_linear(self.down, F.silu(tp_linear(self.up, x)))  # up: [b, s, h/p]
+        return x + self.down(F.silu(self.up(x)))  # up: [b, s, h/p]
 
 
 @dataclass(frozen=True)

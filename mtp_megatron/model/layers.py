@@ -1,164 +1,23 @@
-"""Decoder building blocks on megatron-core tensor-parallel layers.
+"""Decoder building blocks, tensor-parallel: their linear layers come from a LayerContext.
 
 Notation: b batch, s sequence, h hidden, p tensor-parallel size, n query heads, g key/value heads,
-d head dim, f SwiGLU inner width. Tensors are batch-first ([b, s, h]); megatron's linear layers
-act on the last dimension, so they are indifferent to the order of the leading ones.
+d head dim, f SwiGLU inner width. Tensors are batch-first ([b, s, h]); the linear layers act on
+the last dimension, so they are indifferent to the order of the leading ones.
 
-Weights are always initialised on the CPU from the full master weight and then sliced
-(``use_cpu_initialization=True``), so the same seed gives the same model at every TP size.
+Which classes the linear layers are (megatron's or plain torch) is the context's backend
+(``model/specs.py``); weights are always initialised on the CPU from the full master weight and
+then sliced, so the same seed gives the same model at every TP size and on either backend.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
-from megatron.core.model_parallel_config import ModelParallelConfig
-from megatron.core.tensor_parallel import (
-    ColumnParallelLinear,
-    RowParallelLinear,
-    copy_to_tensor_model_parallel_region,
-)
-from megatron.core.utils import init_method_normal, scaled_init_method_normal
+from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 from torch import nn
 
 from mtp_megatron.config import ModelConfig
-
-
-def megatron_parallel_config(tensor_parallel_size: int) -> ModelParallelConfig:
-    """The ModelParallelConfig every TP layer of ours is built with."""
-    return ModelParallelConfig(
-        tensor_model_parallel_size=tensor_parallel_size,
-        use_cpu_initialization=True,
-        perform_initialization=True,
-        params_dtype=torch.float32,
-    )
-
-
-@dataclass
-class LayerContext:
-    """What every TP layer needs besides its sizes: megatron's config and the init methods."""
-
-    cfg: ModelConfig
-    """The model's hyperparameters."""
-    megatron: ModelParallelConfig
-    """Passed to every megatron layer."""
-    tp_group: torch.distributed.ProcessGroup
-    """The tensor-parallel group, passed explicitly to every megatron layer."""
-
-    @property
-    def tp_size(self) -> int:
-        return self.megatron.tensor_model_parallel_size
-
-    @property
-    def init(self):
-        return init_method_normal(self.cfg.init_std)
-
-    @property
-    def output_init(self):
-        return scaled_init_method_normal(self.cfg.init_std, self.cfg.num_layers)
-
-    def column_linear(
-        self, in_features: int, out_features: int, stride: int = 1, external_weight: bool = False
-    ) -> ColumnParallelLinear:
-        """in -> out/p per rank, no bias, output left sharded (``stride``: fused outputs, e.g.
-        gate | up; ``external_weight``: no weight of its own, passed at call time (tied))."""
-        return ColumnParallelLinear(
-            in_features,
-            out_features,
-            config=self.megatron,
-            init_method=self.init,
-            bias=False,
-            gather_output=False,
-            stride=stride,
-            skip_weight_param_allocation=external_weight,
-            tp_group=self.tp_group,
-        )
-
-    def row_linear(self, in_features: int, out_features: int) -> RowParallelLinear:
-        """in/p per rank (a sharded input) -> out, all-reduced; no bias; the scaled output init."""
-        return RowParallelLinear(
-            in_features,
-            out_features,
-            config=self.megatron,
-            init_method=self.output_init,
-            bias=False,
-            input_is_parallel=True,
-            skip_bias_add=False,
-            tp_group=self.tp_group,
-        )
-
-
-class _DirectLinears:
-    """State of decoding's direct linear path (see :func:`tp_linear`)."""
-
-    depth = 0
-    """> 0 while a decode runs (nested ``direct_linears`` contexts)."""
-    transposed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    """id(weight) -> (weight, weight.T copy [in, out]), cleared when the outermost context ends."""
-
-
-@contextmanager
-def direct_linears():
-    """Let :func:`tp_linear` bypass megatron's layers while decoding (no autograd, one TP rank).
-
-    Scoped to a decode so that the transposed weight copies can never outlive a weight update:
-    optimizers such as DeepSpeed ZeRO-1/2 write parameters through flat buffers without bumping
-    their version counters, and ZeRO-3 gathers weights only inside megatron's module forward.
-    """
-    _DirectLinears.depth += 1
-    try:
-        yield
-    finally:
-        _DirectLinears.depth -= 1
-        if _DirectLinears.depth == 0:
-            _DirectLinears.transposed.clear()
-
-
-def tp_linear(
-    layer: ColumnParallelLinear | RowParallelLinear,
-    x: torch.Tensor,
-    weight: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Output of a megatron Column/RowParallelLinear (``weight``: a column layer's external one).
-
-    Inside ``direct_linears()`` on a one-rank TP group without autograd (decoding) the product is
-    taken directly: megatron's path wraps each call in autograd Functions and group look-ups that
-    cost more than a batch-1 matmul on a CPU. Same weights, same result; training, evaluation and
-    TP>1 always take megatron's path.
-    """
-    direct = (
-        _DirectLinears.depth > 0
-        and not torch.is_grad_enabled()
-        and isinstance(layer, (ColumnParallelLinear, RowParallelLinear))  # not a LoRA wrapper
-        and layer.tp_group.size() == 1
-    )
-    if direct:
-        w = layer.weight if weight is None else weight
-        direct = not hasattr(w, "ds_id")  # a ZeRO-3 partitioned parameter: megatron gathers it
-    if not direct:
-        return layer(x)[0] if weight is None else layer(x, weight=weight)[0]
-    bias = None if layer.skip_bias_add else layer.bias  # megatron returns a skipped bias apart
-    if x.device.type == "cpu":
-        out = x @ _transposed_copy(w)  # [..., in] @ [in, out]
-        return out if bias is None else out + bias
-    return F.linear(x, w, bias)
-
-
-def _transposed_copy(weight: torch.Tensor) -> torch.Tensor:
-    """weight.T [in, out], contiguous, made once per decode.
-
-    At batch 1 a CPU matmul streams a row-major [in, out] weight about 2.5x faster than the
-    [out, in] layout (measured with weights out of cache: 160 vs 418 us for a 4096 x 192 output
-    layer). The copies cost one model's worth of linear weights while a decode runs.
-    """
-    cached = _DirectLinears.transposed.get(id(weight))
-    if cached is None or cached[0] is not weight:
-        cached = (weight, weight.detach().t().contiguous())
-        _DirectLinears.transposed[id(weight)] = cached
-    return cached[1]
+from mtp_megatron.model.specs import LayerContext
 
 
 class RMSNorm(nn.Module):
@@ -229,7 +88,7 @@ class SelfAttention(nn.Module):
         self.local_kv_heads = cfg.kv_heads // ctx.tp_size
         self.head_dim = d
 
-        def column(out_features: int) -> ColumnParallelLinear:
+        def column(out_features: int) -> nn.Module:
             return ctx.column_linear(cfg.hidden_size, out_features)
 
         self.q_proj = column(cfg.num_attention_heads * d)
@@ -253,9 +112,9 @@ class SelfAttention(nn.Module):
     ) -> torch.Tensor:
         b, s, _ = x.shape
         n, g, d = self.local_heads, self.local_kv_heads, self.head_dim
-        q = tp_linear(self.q_proj, x).view(b, s, n, d)  # [b, s, n/p, d]
-        k = tp_linear(self.k_proj, x).view(b, s, g, d)  # [b, s, g/p, d]
-        v = tp_linear(self.v_proj, x).view(b, s, g, d)
+        q = self.q_proj(x).view(b, s, n, d)  # [b, s, n/p, d]
+        k = self.k_proj(x).view(b, s, g, d)  # [b, s, g/p, d]
+        v = self.v_proj(x).view(b, s, g, d)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q = rope(q.transpose(1, 2), positions)  # [b, n/p, s, d]
@@ -271,7 +130,7 @@ class SelfAttention(nn.Module):
                 q, k, v, attn_mask=mask, enable_gqa=self.local_heads != self.local_kv_heads
             )
         out = out.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim)  # [b, s, n d/p]
-        return tp_linear(self.o_proj, out)
+        return self.o_proj(out)
 
 
 class KVCacheLayer:
@@ -297,8 +156,8 @@ class SwiGLU(nn.Module):
         self.down = ctx.row_linear(cfg.ffn_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = tp_linear(self.gate_up, x).chunk(2, dim=-1)  # [b, s, f/p] each
-        return tp_linear(self.down, F.silu(gate) * up)
+        gate, up = self.gate_up(x).chunk(2, dim=-1)  # [b, s, f/p] each
+        return self.down(F.silu(gate) * up)
 
 
 class Residual(nn.Module):

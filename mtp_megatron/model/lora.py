@@ -1,4 +1,4 @@
-"""MoDr LoRA experts on megatron tensor-parallel linear layers (the ETD think block's branches).
+"""MoDr LoRA experts on tensor-parallel linear layers (the ETD think block's branches).
 
 Notation: b batch, s sequence, p tensor-parallel size, E experts, r LoRA rank, i / o a base
 layer's input / output features. Every expert's A is stacked into one [E r, i] matrix and every B
@@ -31,8 +31,6 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel import (
-    ColumnParallelLinear,
-    RowParallelLinear,
     copy_to_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region,
 )
@@ -40,7 +38,8 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from torch import nn
 
 from mtp_megatron.config import ETDConfig
-from mtp_megatron.model.layers import LayerContext, TransformerLayer
+from mtp_megatron.model.layers import TransformerLayer
+from mtp_megatron.model.specs import LayerContext
 from mtp_megatron.parallel.sharding import Partition, shard
 
 
@@ -74,12 +73,12 @@ def _sharded(master: torch.Tensor, dim: int, stride: int, ctx: LayerContext) -> 
 
 
 class LoRAExperts(nn.Module):
-    """A megatron linear layer plus E routed LoRA branches; same call and return as the base
-    (``forward(x) -> (y, bias)``)."""
+    """A linear layer (either backend's, ``model/specs.py``) plus E routed LoRA branches; same
+    call and return as the base (``forward(x) -> y``)."""
 
     def __init__(
         self,
-        base: ColumnParallelLinear | RowParallelLinear,
+        base: nn.Module,
         ctx: LayerContext,
         etd: ETDConfig,
         routing: ExpertRouting,
@@ -87,9 +86,7 @@ class LoRAExperts(nn.Module):
         super().__init__()
         self.base = base
         self.routing = routing
-        self.kind: Literal["column", "row"] = (
-            "column" if isinstance(base, ColumnParallelLinear) else "row"
-        )
+        self.kind: Literal["column", "row"] = base.parallel_mode
         self.tp_group = ctx.tp_group
         self.experts, self.rank = etd.num_lora_experts, etd.lora_rank
         self.scale = etd.lora_alpha / etd.lora_rank
@@ -106,20 +103,17 @@ class LoRAExperts(nn.Module):
             self.lora_b = nn.Parameter(b)  # [o, E r] replicated
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None):
-        if self.kind == "column":
-            out, bias = self.base(x, weight=weight)
-        else:
-            out, bias = self.base(x)
+        out = self.base(x) if weight is None else self.base(x, weight)
         route = self.routing.weights  # [b, s, E]
         if route is None:
-            return out, bias
+            return out
         u = F.linear(x, self.lora_a)  # [b, s, E r] (row-parallel: this rank's partial sum)
         if self.kind == "row":
             u = reduce_from_tensor_model_parallel_region(u, group=self.tp_group)
         u = (u.unflatten(-1, (self.experts, self.rank)) * route[..., None]).flatten(-2)
         if self.kind == "column":
             u = copy_to_tensor_model_parallel_region(u, group=self.tp_group)
-        return out + self.scale * F.linear(u, self.lora_b), bias  # [b, s, o/p] or [b, s, o]
+        return out + self.scale * F.linear(u, self.lora_b)  # [b, s, o/p] or [b, s, o]
 
 
 def add_lora_experts(

@@ -28,15 +28,10 @@ from torch import nn
 
 from mtp_megatron.config import MTPConfig
 from mtp_megatron.model.heads import head_type
-from mtp_megatron.model.layers import (
-    KVCacheLayer,
-    LayerContext,
-    RMSNorm,
-    RotaryEmbedding,
-    tp_linear,
-)
+from mtp_megatron.model.layers import KVCacheLayer, RMSNorm, RotaryEmbedding
 from mtp_megatron.model.loss import future_token_ids
 from mtp_megatron.model.recompute import checkpointed
+from mtp_megatron.model.specs import LayerContext
 from mtp_megatron.parallel import gather_last_dim
 
 
@@ -81,7 +76,7 @@ class MTPHead(nn.Module):
             if self.eh_proj is None:  # shared_lm_head: parameter-free sum
                 x = hprev + e
             else:
-                x = tp_linear(self.eh_proj, torch.cat([e, hprev], dim=-1))  # [b, s, h/p]
+                x = self.eh_proj(torch.cat([e, hprev], dim=-1))  # [b, s, h/p]
                 x = gather_last_dim(x, self.tp_group)  # [b, s, h]
         if self.block is not None:
             x = self.block(x, rope, positions, kv_cache)

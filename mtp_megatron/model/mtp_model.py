@@ -23,6 +23,7 @@ from mtp_megatron.model.etd import wrap_transformer_with_etd
 from mtp_megatron.model.loss import labels_from_input_ids, masked_cross_entropy, step_targets
 from mtp_megatron.model.mtp import MTPBlock
 from mtp_megatron.model.sequential import sequential_mtp_loss
+from mtp_megatron.model.specs import Backend
 from mtp_megatron.model.trunk import DecoderTrunk
 
 
@@ -220,10 +221,13 @@ def wrap_model_with_mtp(
     return MTPModel(model, cfg, training)
 
 
-def build_model(cfg: ModelConfig, training: MTPTrainingConfig | None = None) -> MTPModel:
+def build_model(
+    cfg: ModelConfig, training: MTPTrainingConfig | None = None, backend: Backend = "megatron"
+) -> MTPModel:
     """Trunk (ETD-wrapped when ``cfg.etd`` is set) plus the heads of ``cfg.mtp`` (none when it
-    is None), on the current TP group."""
-    trunk = DecoderTrunk(cfg)
+    is None), on the current TP group, from ``backend``'s layers (``model/specs.py``: megatron's
+    for training, 'local' plain torch ones for TP=1 inference; same parameters either way)."""
+    trunk = DecoderTrunk(cfg, backend)
     if cfg.etd is not None:
         trunk = wrap_transformer_with_etd(trunk, cfg.etd)
     return MTPModel(trunk, cfg.mtp, training)

@@ -10,46 +10,33 @@ the last one without rewriting the model.
 from __future__ import annotations
 
 import torch
-from megatron.core.tensor_parallel import VocabParallelEmbedding
 from torch import nn
 
 from mtp_megatron.config import ModelConfig
-from mtp_megatron.model.layers import (
-    LayerContext,
-    RMSNorm,
-    RotaryEmbedding,
-    TransformerLayer,
-    megatron_parallel_config,
-    tp_linear,
-)
+from mtp_megatron.model.layers import RMSNorm, RotaryEmbedding, TransformerLayer
 from mtp_megatron.model.recompute import checkpointed
+from mtp_megatron.model.specs import Backend, LayerContext
 from mtp_megatron.parallel import ensure_parallel_initialized, tensor_parallel_group
 
 
-def build_layer_context(cfg: ModelConfig) -> LayerContext:
-    """Validate ``cfg`` against the current TP size and bundle what TP layers need."""
+def build_layer_context(cfg: ModelConfig, backend: Backend = "megatron") -> LayerContext:
+    """Validate ``cfg`` against the current TP size and bundle what the layers need."""
     ensure_parallel_initialized()
     group = tensor_parallel_group()
-    tp = torch.distributed.get_world_size(group)
-    cfg.validate(tensor_parallel_size=tp)
-    return LayerContext(cfg=cfg, megatron=megatron_parallel_config(tp), tp_group=group)
+    cfg.validate(tensor_parallel_size=torch.distributed.get_world_size(group))
+    return LayerContext(cfg=cfg, tp_group=group, backend=backend)
 
 
 class DecoderTrunk(nn.Module):
-    """OLMo-2-style decoder whose embedding and linear layers are megatron TP layers."""
+    """OLMo-2-style decoder; its embedding and linear layers are the ``backend``'s (megatron's
+    TP layers for training, plain torch ones for TP=1 inference: ``model/specs.py``)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, backend: Backend = "megatron"):
         super().__init__()
-        ctx = build_layer_context(cfg)
+        ctx = build_layer_context(cfg, backend)
         self.cfg = cfg
         self.ctx = ctx
-        self.embedding = VocabParallelEmbedding(
-            cfg.padded_vocab_size,
-            cfg.hidden_size,
-            init_method=ctx.init,
-            config=ctx.megatron,
-            tp_group=ctx.tp_group,
-        )
+        self.embedding = ctx.embedding(cfg.padded_vocab_size, cfg.hidden_size)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.layers = nn.ModuleList(TransformerLayer(ctx) for _ in range(cfg.num_layers))
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
@@ -109,7 +96,7 @@ class DecoderTrunk(nn.Module):
     def logits(self, normed: torch.Tensor) -> torch.Tensor:
         """Normalised states [b, s, h] -> vocab-parallel logits [b, s, V/p] (shared by heads)."""
         weight = self.embedding.weight if self.cfg.tie_embeddings else None
-        return tp_linear(self.output_layer, normed, weight)
+        return self.output_layer(normed, weight)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None):
         """[b, s] -> (trunk hidden before the final norm [b, s, h], logits [b, s, V/p])."""
