@@ -33,7 +33,8 @@ def test_benchmark_runs_every_case(single_process):
     assert result.ratio_to_ntp(NTP_KEY) == 1.0 and result.ntp_over_local > 0
     assert len(result.paired_ntp_over_local()) == 1
     table = result.report()
-    assert "| MTP K=4 shared_lm_head |" in table and "our NTP / local-backend NTP step time:" in table
+    assert "| MTP K=4 shared_lm_head |" in table
+    assert "our NTP / local-backend NTP step time:" in table
 
 
 def test_cli_subset_and_errors(single_process, capsys):

@@ -205,6 +205,7 @@ PROBE = torch.arange(2 * 24).view(2, 24) * 7 % 500  # a fixed batch for the gree
 def _train_resume_probe(rank: int, world: int, full: list[str], part: list[str]):
     """Uninterrupted run, then a run stopped after 3 steps and resumed; the resumed model's
     greedy (argmax) tokens of every head on PROBE, from the last stage."""
+    import mtp_megatron.train.apply as apply
     import mtp_megatron.train.trainer as trainer
     from mtp_megatron.model.loss import labels_from_input_ids
     from mtp_megatron.parallel import gather_last_dim, tensor_parallel_group
@@ -212,13 +213,13 @@ def _train_resume_probe(rank: int, world: int, full: list[str], part: list[str])
 
     demo = REPO / "recipes" / "demo.yaml"
     engines = []
-    build = trainer.build_pipeline_engine
+    build = apply.build_pipeline_engine
 
     def keep(*args, **kwargs):
         engines.append(build(*args, **kwargs))
         return engines[-1]
 
-    trainer.build_pipeline_engine = keep
+    apply.build_pipeline_engine = keep
     uninterrupted = trainer.train(load_recipe(demo, full))
     first = trainer.train(load_recipe(demo, part), stop_after_steps=3)
     second = trainer.train(load_recipe(demo, part))

@@ -9,6 +9,7 @@ import torch
 from test_training import _overrides, _train
 
 from mtp_megatron import ConfigError, MTPTrainingConfig, build_model
+from mtp_megatron.model.recompute import is_checkpointed
 from mtp_megatron.testing.distributed import run_distributed
 from mtp_megatron.testing.tolerance import VALUE_RTOL, assert_close_to_scale
 from mtp_megatron.testing.variants import (
@@ -137,9 +138,15 @@ def test_evaluation_and_config(single_process):
     with torch.no_grad():  # no backward to prepare: the plain path, with every step's logits
         out = model(ids, return_mtp_logits=True)
     assert len(out.mtp_logits) == 3 and out.loss.grad_fn is None
-    assert model.trunk.checkpoint_layers
+    # gradient checkpointing: every trunk layer; the sequential schedule recomputes the heads
+    assert all(is_checkpointed(layer) for layer in model.trunk.layers)
+    assert not any(is_checkpointed(head) for head in model.mtp.heads)
+    model.training_config = MTPTrainingConfig(gradient_checkpointing=True)
+    assert all(is_checkpointed(head) for head in model.mtp.heads)
+    names = [n for n, _ in model.named_parameters()]
     model.training_config = MTPTrainingConfig()
-    assert not model.trunk.checkpoint_layers
+    assert not any(is_checkpointed(m) for m in [*model.trunk.layers, *model.mtp.heads])
+    assert [n for n, _ in model.named_parameters()] == names  # the module tree is unchanged
     with pytest.raises(ConfigError, match="train.mtp.sequential_forward"):
         model.training_config = MTPTrainingConfig(sequential_forward="yes")
 

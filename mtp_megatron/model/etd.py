@@ -41,7 +41,6 @@ from torch import nn
 
 from mtp_megatron.config import ETDConfig
 from mtp_megatron.model.lora import ExpertRouting, add_lora_experts
-from mtp_megatron.model.recompute import checkpointed
 from mtp_megatron.model.router import ExpertRouter, HaltingRouter
 from mtp_megatron.model.trunk import DecoderTrunk
 
@@ -78,7 +77,6 @@ class ETDTrunk(DecoderTrunk):
         self.layers = trunk.layers
         self.final_norm = trunk.final_norm
         self.output_layer = trunk.output_layer
-        self.checkpoint_layers = trunk.checkpoint_layers
         self.weights_gathered_per_call = trunk.weights_gathered_per_call
         self.routing = ExpertRouting()
         self.halt_router = (
@@ -99,6 +97,8 @@ class ETDTrunk(DecoderTrunk):
             )
             for i in self.think_layers:
                 add_lora_experts(self.layers[i], self.ctx, etd, self.routing)
+                # a checkpointed call's recomputation must see its own iteration's routing
+                self.layers[i].recompute_context = self.routing.replay
         self.last_stats: ETDStats | None = None
 
     @property
@@ -156,20 +156,10 @@ class ETDTrunk(DecoderTrunk):
         return hidden, cost
 
     # -- internals -------------------------------------------------------------------------------
-    def _call_layer(self, i, hidden, positions, route, kv_cache=None):
-        with self.routing.use(route):  # set inside: a checkpoint's recomputation sets it again
-            return self.layers[i](hidden, self.rope, positions, kv_cache)
-
     def _layer(self, i, slot, hidden, positions, kv_caches, route=None):
-        if kv_caches is not None:
-            return self._call_layer(i, hidden, positions, route, kv_caches[slot])
-        if route is None:  # the plain trunk's call (bit-identical at one iteration)
-            return checkpointed(
-                self.layers[i], hidden, self.rope, positions, enabled=self.checkpoint_layers
-            )
-        return checkpointed(
-            self._call_layer, i, hidden, positions, route, enabled=self.checkpoint_layers
-        )
+        kv_cache = kv_caches[slot] if kv_caches is not None else None
+        with self.routing.use(route):  # None outside the think block: no LoRA branch
+            return self.layers[i](hidden, self.rope, positions, kv_cache)
 
     def _think(self, hidden, positions, kv_caches):
         etd = self.etd

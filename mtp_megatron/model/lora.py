@@ -47,8 +47,8 @@ class ExpertRouting:
     """The routing weights [b, s, E] of the think-block iteration being run (None outside one).
 
     One object is shared by every LoRA branch of the think block; the ETD trunk sets it around
-    each layer call (inside the activation-checkpointed function, so a recomputation sees the
-    weights of its own iteration).
+    each layer call, and an activation-checkpointed layer's recomputation runs inside
+    :meth:`replay` of its call (``model/recompute.py``), so it sees its own iteration's weights.
     """
 
     def __init__(self) -> None:
@@ -61,6 +61,10 @@ class ExpertRouting:
             yield
         finally:
             self.weights = previous
+
+    def replay(self):
+        """A context that sets the current weights again (made at a call, entered later)."""
+        return self.use(self.weights)
 
 
 def _sharded(master: torch.Tensor, dim: int, stride: int, ctx: LayerContext) -> nn.Parameter:

@@ -22,6 +22,7 @@ from mtp_megatron.config import ModelConfig, MTPConfig, MTPTrainingConfig
 from mtp_megatron.model.etd import wrap_transformer_with_etd
 from mtp_megatron.model.loss import labels_from_input_ids, masked_cross_entropy, step_targets
 from mtp_megatron.model.mtp import MTPBlock
+from mtp_megatron.model.recompute import set_activation_checkpointing
 from mtp_megatron.model.sequential import sequential_mtp_loss
 from mtp_megatron.model.specs import Backend
 from mtp_megatron.model.trunk import DecoderTrunk
@@ -79,7 +80,12 @@ class MTPModel(nn.Module):
     def training_config(self, value: MTPTrainingConfig) -> None:
         value.validate()
         self._training_config = value
-        self.trunk.checkpoint_layers = value.gradient_checkpointing
+        # gradient checkpointing: every trunk layer, and every head unless the sequential
+        # schedule recomputes the heads itself
+        set_activation_checkpointing(self.trunk.layers, value.gradient_checkpointing)
+        if self.mtp is not None:
+            heads = value.gradient_checkpointing and not value.sequential_forward
+            set_activation_checkpointing(self.mtp.heads, heads)
 
     decoder_class: ClassVar[Callable[[MTPModel], Any] | None] = None
     """What ``mtp_decoder`` builds: set by ``mtp_megatron.decoding`` when it is imported
@@ -184,9 +190,7 @@ class MTPModel(nn.Module):
         if not sequential:
             mtp_loss = torch.zeros((), device=main_loss.device)
             step_losses: dict[str, torch.Tensor] = {}
-            steps = self._steps(
-                hidden, normed, input_ids, positions, checkpoint=tcfg.gradient_checkpointing
-            )
+            steps = self._steps(hidden, normed, input_ids, positions, checkpoint=False)
             for k, hidden_k in steps:
                 logits_k = trunk.logits(hidden_k)
                 targets_k = step_targets(labels, k)

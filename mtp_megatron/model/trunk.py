@@ -14,7 +14,6 @@ from torch import nn
 
 from mtp_megatron.config import ModelConfig
 from mtp_megatron.model.layers import RMSNorm, RotaryEmbedding, TransformerLayer
-from mtp_megatron.model.recompute import checkpointed
 from mtp_megatron.model.specs import Backend, LayerContext
 from mtp_megatron.parallel import ensure_parallel_initialized, tensor_parallel_group
 
@@ -43,8 +42,6 @@ class DecoderTrunk(nn.Module):
         self.output_layer = ctx.column_linear(
             cfg.hidden_size, cfg.padded_vocab_size, external_weight=cfg.tie_embeddings
         )
-        # activation checkpointing of each decoder layer (set by MTPModel; never with a KV cache)
-        self.checkpoint_layers = False
         # True when a parameter's data exists only inside its own module's call (set by the
         # training engine under ZeRO-3): the sequential loss then reaches W through a call
         self.weights_gathered_per_call = False
@@ -64,12 +61,8 @@ class DecoderTrunk(nn.Module):
     ) -> torch.Tensor:
         """Apply decoder layers ``layers`` (default: all) to [b, s, h]."""
         for i in layers if layers is not None else range(len(self.layers)):
-            if kv_caches is not None:
-                hidden = self.layers[i](hidden, self.rope, positions, kv_caches[i])
-            else:
-                hidden = checkpointed(
-                    self.layers[i], hidden, self.rope, positions, enabled=self.checkpoint_layers
-                )
+            kv_cache = kv_caches[i] if kv_caches is not None else None
+            hidden = self.layers[i](hidden, self.rope, positions, kv_cache)
         return hidden
 
     @property

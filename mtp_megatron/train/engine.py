@@ -116,8 +116,6 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_engine(model: nn.Module, cfg: TrainConfig, device: torch.device):
     """Wrap ``model`` in a DeepSpeed engine; returns the engine."""
-    if cfg.zero_stage == 3 and hasattr(model, "trunk"):
-        model.trunk.weights_gathered_per_call = True  # ZeRO-3 partitions every parameter
     dp = parallel_state.get_data_parallel_world_size()
     engine, _, _, _ = deepspeed.initialize(
         model=model,

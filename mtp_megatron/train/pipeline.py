@@ -41,7 +41,6 @@ from torch import nn
 
 from mtp_megatron.config import ConfigError
 from mtp_megatron.model import MTPModel, MTPOutput
-from mtp_megatron.model.recompute import checkpointed
 from mtp_megatron.parallel import tensor_parallel_group
 from mtp_megatron.train.evaluate import add_batch_stats
 from mtp_megatron.train.pipeline_layout import (
@@ -89,11 +88,10 @@ class DecoderLayerPipe(nn.Module):
         trunk = source.model.trunk
         self.layer = trunk.layers[index]
         self.rope = trunk.rope  # no persistent state: shared by every stage module
-        self.checkpoint = trunk.checkpoint_layers  # train.mtp.gradient_checkpointing
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(hidden.shape[1], device=hidden.device)
-        return checkpointed(self.layer, hidden, self.rope, positions, enabled=self.checkpoint)
+        return self.layer(hidden, self.rope, positions)  # checkpointed if the model says so
 
 
 class FinalStagePipe(nn.Module):

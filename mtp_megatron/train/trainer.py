@@ -30,6 +30,7 @@ from mtp_megatron.data import TokenBatches, eval_batches, prepare_data
 from mtp_megatron.model import build_model
 from mtp_megatron.parallel import initialize_parallel
 from mtp_megatron.recipe import Recipe
+from mtp_megatron.train.apply import apply_training
 from mtp_megatron.train.checkpoint import (
     CheckpointError,
     ResumePlan,
@@ -40,7 +41,7 @@ from mtp_megatron.train.checkpoint import (
     save_checkpoint,
 )
 from mtp_megatron.train.consolidate import consolidate
-from mtp_megatron.train.engine import build_engine, use_bf16
+from mtp_megatron.train.engine import use_bf16
 from mtp_megatron.train.guard import (
     NonFiniteError,
     NonFiniteGuard,
@@ -49,10 +50,8 @@ from mtp_megatron.train.guard import (
     nonfinite_terms,
 )
 from mtp_megatron.train.logger import RunLogger
-from mtp_megatron.train.pipeline_engine import PipelineSteps, build_pipeline_engine
 from mtp_megatron.train.preflight import check_free_space, check_writable, estimate_checkpoint_bytes
 from mtp_megatron.train.resume import apply_overrides, check_resume
-from mtp_megatron.train.steps import SingleStageSteps, StepRunner
 from mtp_megatron.train.watchdog import StallWatchdog
 
 ResumeMode = Literal["auto", "require", "never"]
@@ -257,19 +256,12 @@ class _Trainer:
         )
 
     def _build(self) -> None:
-        recipe, tcfg, par, device = self.recipe, self.tcfg, self.recipe.parallel, self.device
+        recipe, tcfg, par = self.recipe, self.tcfg, self.recipe.parallel
         torch.manual_seed(tcfg.seed)  # same master weights on every rank, sliced per TP rank
-        model = build_model(recipe.model, training=tcfg.mtp)
-        k = recipe.model.mtp.num_predict_tokens if recipe.model.mtp else 0
-        self.runner: StepRunner
-        if par.pipeline_parallel_size > 1:  # DeepSpeed's pipeline engine runs the steps
-            self.engine = build_pipeline_engine(model, tcfg, par.pipeline_partition, device)
-            self.runner = PipelineSteps(self.engine, k)
-            model = self.engine.module  # this stage's modules only
+        setup = apply_training(build_model(recipe.model), tcfg, par, self.device)
+        self.engine, self.runner, model = setup.engine, setup.runner, setup.module
+        if par.pipeline_parallel_size > 1:
             self.say(f"[setup] pipeline ({par.pipeline_partition}): {model.describe()}")
-        else:
-            self.engine = build_engine(model.to(device), tcfg, device)
-            self.runner = SingleStageSteps(self.engine, device, k)
         n_params = sum(p.numel() for p in model.parameters())
         self.say(
             f"[setup] model: {n_params / 1e6:.2f}M parameters on this rank, "
