@@ -29,6 +29,14 @@ FORMAT = "mtp-megatron-consolidated/1"
 """``format`` in the weights' metadata; a reader refuses other values."""
 
 
+def non_finite_tensors(state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Sorted names of the floating-point tensors holding a NaN or inf (weights that must
+    never be written or loaded)."""
+    return sorted(
+        n for n, t in state_dict.items() if t.is_floating_point() and not bool(t.isfinite().all())
+    )
+
+
 def is_consolidated(folder: str | Path) -> bool:
     folder = Path(folder)
     return all((folder / f).is_file() for f in (WEIGHTS_FILE, RECIPE_FILE, TOKENIZER_FILE))

@@ -74,11 +74,11 @@ def load_run(
         )
     cfg = consolidated.read_model_config(folder)
     master, metadata = consolidated.load_weights(folder)
-    bad = [n for n, t in master.items() if t.is_floating_point() and not bool(t.isfinite().all())]
+    bad = consolidated.non_finite_tensors(master)
     if bad:
         raise ConfigError(
             f"{folder / consolidated.WEIGHTS_FILE} holds non-finite (NaN / inf) weights in "
-            f"{len(bad)} tensors ({', '.join(sorted(bad)[:3])}); consolidate an earlier checkpoint"
+            f"{len(bad)} tensors ({', '.join(bad[:3])}); consolidate an earlier checkpoint"
         )
     ensure_parallel_initialized()
     group = tensor_parallel_group()

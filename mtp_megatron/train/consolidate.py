@@ -108,7 +108,7 @@ def master_state_dict(ckpt: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
         raise ConfigError(
             f"checkpoint {ckpt} lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}"
         )
-    bad = [n for n in sorted(wanted) if not bool(torch.isfinite(master[n]).all())]
+    bad = consolidated.non_finite_tensors({n: master[n] for n in wanted})
     if bad:
         raise ConfigError(
             f"checkpoint {ckpt} holds non-finite (NaN / inf) weights in {len(bad)} tensors "
