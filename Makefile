@@ -26,11 +26,11 @@ test: $(STAMP)
 	$(BIN)/ruff check mtp_megatron tests
 	$(BIN)/python -m pytest -q -ra
 
-# the one-process tier: no gloo worlds, no SLURM (a few minutes on 2 cores)
+# the one-process tier (tests/unit): no gloo worlds, no SLURM (about a minute on 2 cores)
 test-fast: $(STAMP)
 	$(BIN)/ruff format --check mtp_megatron tests
 	$(BIN)/ruff check mtp_megatron tests
-	$(BIN)/python -m pytest -q -ra -m "not distributed and not slurm and not slow"
+	$(BIN)/python -m pytest -q -ra tests/unit -m "not slow"
 
 # on a GPU machine: one command, about 8 minutes on one H100 / H200 (figures: runs/gpu_check/)
 gpu-check: $(STAMP)

@@ -12,7 +12,7 @@ multi-node jobs real: one task per node, a rendezvous across them.
 Settings that work in a container without systemd (see shared/DESIGN.md, "Facts checked"):
 ``ProctrackType=proctrack/linuxproc``, ``TaskPlugin=task/none``, ``CgroupPlugin=cgroup/v1``.
 
-    python tests/slurm_cluster.py /tmp/slurm [NODES]   # bring one up by hand; Ctrl-C / TERM ends it
+    python -m mtp_megatron.testing.slurm_cluster /tmp/slurm [NODES]   # Ctrl-C / TERM ends it
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from mtp_megatron.train.pipeline_layout import partition_decoder_layers
 
 pytestmark = pytest.mark.distributed
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SEQ, MICRO_BATCH, GRAD_ACCUM, STEP = 16, 2, 2, 5
 
 # (head type, shared, arrangement, tie_embeddings, partition, memory savers): every head type,

@@ -1,7 +1,8 @@
 """The SLURM launch scripts against a real SLURM brought up on this machine (needs root).
 
 The module's cluster: munged + slurmctld + two slurmd (nodes n1, n2 on this machine), Debian's
-packages installed with apt-get when missing (tests/slurm_cluster.py). Through the real scripts:
+packages installed with apt-get when missing (``mtp_megatron/testing/slurm_cluster.py``).
+Through the real scripts:
 
 - ``launch/slurm/sweep.sh``: two tiny ablations (NTP, MTP K=2) as one job array, 1 node x 2
   processes each; their checkpoints, TensorBoard logs, and the report over them.
@@ -24,19 +25,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from slurm_cluster import PackagesUnavailable, SlurmCluster, cannot_run_reason, ensure_installed
 
 from mtp_megatron.report import main_report
 from mtp_megatron.report.runs import load_run
+from mtp_megatron.testing.slurm_cluster import (
+    PackagesUnavailable,
+    SlurmCluster,
+    cannot_run_reason,
+    ensure_installed,
+)
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SLURM = REPO / "launch" / "slurm"
 ABLATIONS = REPO / "recipes" / "ablations"
 STEPS = 100
 SIGNAL_AT = 10  # the step after which the preempted jobs get their signal
 JOB_TIMEOUT = 420  # s: generous, the 2 cores are shared
 
-pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slurm, pytest.mark.distributed, pytest.mark.timeout(900)]
 if (_reason := cannot_run_reason()) is not None:
     pytestmark.append(pytest.mark.skip(reason=_reason))
 

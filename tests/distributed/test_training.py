@@ -6,55 +6,12 @@ from pathlib import Path
 import pytest
 
 from mtp_megatron.testing.distributed import run_distributed
+from mtp_megatron.testing.runs import tiny_run_overrides, train_run
 from mtp_megatron.testing.tolerance import VALUE_RTOL, assert_close_to_scale
 
 pytestmark = pytest.mark.distributed
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _overrides(run_dir: Path, cache: Path, **extra) -> list[str]:
-    base = {
-        "model.vocab_size": 512,
-        "model.hidden_size": 64,
-        "model.num_layers": 2,
-        "model.num_attention_heads": 4,
-        "model.max_seq_len": 64,
-        "model.mtp.num_predict_tokens": 2,
-        "model.mtp.speculation_lookahead": 2,
-        "train.steps": 30,
-        "train.micro_batch_size": 4,
-        "train.lr": 3e-3,
-        "train.lr_warmup_steps": 5,
-        "train.eval_every": 0,
-        "train.eval_batches": 2,
-        "train.checkpoint_every": 0,
-        "train.run_dir": str(run_dir),
-        "data.max_files": 60,
-        "data.cache_dir": str(cache),
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
-
-
-@pytest.fixture(scope="module")
-def data_cache(tmp_path_factory):
-    """One tokenizer + token cache for every run in this module (built by the first run)."""
-    return tmp_path_factory.mktemp("data_cache")
-
-
-def _train(rank: int, world: int, overrides: list[str], stop_after: int | None = None):
-    from mtp_megatron.recipe import load_recipe
-    from mtp_megatron.train.trainer import train
-
-    recipe = load_recipe(REPO / "recipes" / "demo.yaml", overrides)
-    result = train(recipe, log=print, stop_after_steps=stop_after)
-    return {
-        "losses": result.losses,
-        "grad_norms": result.grad_norms,
-        "eval": result.eval,
-        "last_step": result.last_step,
-    }
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _falls(losses: dict[int, float]) -> bool:
@@ -67,7 +24,7 @@ def _falls(losses: dict[int, float]) -> bool:
 @pytest.mark.parametrize("zero", [1, 2, 3])
 def test_two_process_zero_stages_train(tmp_path, data_cache, zero):
     out = run_distributed(
-        _train, 2, _overrides(tmp_path / "run", data_cache, **{"train.zero_stage": zero})
+        train_run, 2, tiny_run_overrides(tmp_path / "run", data_cache, **{"train.zero_stage": zero})
     )
     assert out[0]["losses"] == out[1]["losses"]  # DP-mean logged identically on both ranks
     assert _falls(out[0]["losses"]), out[0]["losses"]
@@ -77,17 +34,19 @@ def test_two_process_zero_stages_train(tmp_path, data_cache, zero):
 
 
 def test_tensor_parallel_two_processes_trains(tmp_path, data_cache):
-    overrides = _overrides(tmp_path / "run", data_cache, **{"parallel.tensor_parallel_size": 2})
-    out = run_distributed(_train, 2, overrides)
+    overrides = tiny_run_overrides(
+        tmp_path / "run", data_cache, **{"parallel.tensor_parallel_size": 2}
+    )
+    out = run_distributed(train_run, 2, overrides)
     assert _falls(out[0]["losses"]), out[0]["losses"]
 
 
 def test_tensor_parallel_training_matches_tp1(tmp_path, data_cache):
     """TP=2 under DeepSpeed follows the TP=1 run: losses and (TP-aware) gradient norms."""
     extra = {"train.steps": 6, "train.zero_stage": 1}
-    tp1 = run_distributed(_train, 1, _overrides(tmp_path / "a", data_cache, **extra))[0]
+    tp1 = run_distributed(train_run, 1, tiny_run_overrides(tmp_path / "a", data_cache, **extra))[0]
     extra["parallel.tensor_parallel_size"] = 2
-    tp2 = run_distributed(_train, 2, _overrides(tmp_path / "b", data_cache, **extra))[0]
+    tp2 = run_distributed(train_run, 2, tiny_run_overrides(tmp_path / "b", data_cache, **extra))[0]
     # fp32 reductions in another order, compounded over 6 Adam steps: agreement to ~1e-5
     for step in range(6):
         assert tp2["losses"][step] == pytest.approx(tp1["losses"][step], rel=1e-4, abs=1e-5)
@@ -97,12 +56,14 @@ def test_tensor_parallel_training_matches_tp1(tmp_path, data_cache):
 def test_resume_is_exact(tmp_path, data_cache):
     """Stopped at step 7 and resumed == uninterrupted, loss for loss (ZeRO-2, grad accum 2)."""
     extra = {"train.steps": 14, "train.zero_stage": 2, "train.grad_accum": 2}
-    full = run_distributed(_train, 2, _overrides(tmp_path / "full", data_cache, **extra))[0]
-    part = _overrides(tmp_path / "part", data_cache, **extra)
-    first = run_distributed(_train, 2, part, 7)[0]
+    full = run_distributed(
+        train_run, 2, tiny_run_overrides(tmp_path / "full", data_cache, **extra)
+    )[0]
+    part = tiny_run_overrides(tmp_path / "part", data_cache, **extra)
+    first = run_distributed(train_run, 2, part, 7)[0]
     assert first["last_step"] == 7
     assert (tmp_path / "part" / "checkpoints" / "latest").read_text() == "step_000007"
-    second = run_distributed(_train, 2, part)[0]
+    second = run_distributed(train_run, 2, part)[0]
     assert sorted(second["losses"]) == list(range(7, 14))
     for step in range(14):
         got = first["losses"].get(step, second["losses"].get(step))
@@ -116,7 +77,7 @@ def _train_then_load(rank: int, world: int, overrides: list[str]):
     from mtp_megatron.decoding.load import load_run
     from mtp_megatron.parallel import gather_last_dim, tensor_parallel_group
 
-    _train(rank, world, overrides)
+    train_run(rank, world, overrides)
     run = load_run(Path([o for o in overrides if o.startswith("train.run_dir=")][0].split("=")[1]))
     ids = torch.arange(40).view(2, 20) % 500
     with torch.no_grad():
@@ -132,7 +93,7 @@ def test_checkpoint_trained_at_tp2_loads_into_one_process(
     from mtp_megatron.decoding.load import load_run
 
     extra = {"train.steps": 3, "parallel.tensor_parallel_size": 2, "train.zero_stage": 2}
-    overrides = _overrides(tmp_path / "run", data_cache, **extra)
+    overrides = tiny_run_overrides(tmp_path / "run", data_cache, **extra)
     at_tp2 = run_distributed(_train_then_load, 2, overrides)[0]
     run = load_run(tmp_path / "run")  # this process: TP=1
     assert run.model.trunk.ctx.backend == "local"  # TP=1 inference: plain torch layers
@@ -180,7 +141,7 @@ def _train_zero3_then_decode_live(rank: int, world: int, overrides: list[str]):
     built = []
     build = trainer.build_model
     trainer.build_model = lambda *a, **k: built.append(build(*a, **k)) or built[-1]
-    _train(rank, world, overrides)
+    train_run(rank, world, overrides)
     model, prompt = built[0].eval(), torch.tensor(ZERO3_PROMPT)
     with deepspeed.zero.GatheredParameters(list(model.parameters())), torch.no_grad():
         plain, _ = generate_plain(model, prompt, max_new_tokens=8)
@@ -196,7 +157,7 @@ def test_zero3_tp2_run_consolidates_and_decodes_in_one_process(tmp_path, data_ca
     from mtp_megatron.decoding.load import load_run
 
     extra = {"train.steps": 4, "parallel.tensor_parallel_size": 2, "train.zero_stage": 3}
-    overrides = _overrides(tmp_path / "run", data_cache, **extra)
+    overrides = tiny_run_overrides(tmp_path / "run", data_cache, **extra)
     (live_plain, live_speculative), (other_plain, _) = run_distributed(
         _train_zero3_then_decode_live, 2, overrides
     )

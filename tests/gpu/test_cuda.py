@@ -4,10 +4,10 @@ bf16 ZeRO-1 training run. Marked ``gpu``: skipped where torch sees no CUDA devic
 
 import pytest
 import torch
-from test_training import _overrides
 
 from mtp_megatron import MTPTrainingConfig, build_model
 from mtp_megatron.testing.distributed import run_distributed
+from mtp_megatron.testing.runs import tiny_run_overrides
 from mtp_megatron.testing.tolerance import GRAD_RTOL, VALUE_RTOL, assert_close_to_scale
 from mtp_megatron.testing.variants import mtp_config, randomize_norm_weights, tiny_model_config
 
@@ -83,14 +83,16 @@ def _train_on_cuda(rank, world, overrides):
     import os
 
     os.environ["MTP_DEVICE"] = "cuda"
-    from test_training import _train
+    from test_training import train_run
 
-    return _train(rank, world, overrides)
+    return train_run(rank, world, overrides)
 
 
 def test_bf16_zero1_training_on_one_gpu(tmp_path):
     extra = {"train.steps": 20, "train.zero_stage": 1, "train.precision": "bf16"}
-    out = run_distributed(_train_on_cuda, 1, _overrides(tmp_path / "run", tmp_path / "c", **extra))
+    out = run_distributed(
+        _train_on_cuda, 1, tiny_run_overrides(tmp_path / "run", tmp_path / "c", **extra)
+    )
     losses = out[0]["losses"]
     assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
     assert losses[19] < losses[0] - 0.5, losses

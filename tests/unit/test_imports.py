@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "mtp_megatron"
+PACKAGE = Path(__file__).resolve().parents[2] / "mtp_megatron"
 
 CONFIG_MODULES = {"config", "data.config", "train.config"}
 """The typed configs: the bottom layer, importing nothing of ours but ``config``."""
@@ -101,6 +101,11 @@ def test_dependencies_point_one_way():
             if dst in banned or ("*" in banned and dst != "config"):
                 bad.append(f"{src} -> {dst}")
     assert not bad, "forbidden imports: " + ", ".join(bad)
+
+
+def test_only_tests_import_the_test_helpers():
+    users = sorted(src for src, deps in _graph().items() if "testing" in deps and src != "testing")
+    assert not users, f"package code imports mtp_megatron.testing: {users}"
 
 
 def test_no_import_cycles():

@@ -15,7 +15,7 @@ from mtp_megatron.model.params import count_parameters
 from mtp_megatron.recipe import load_recipe
 from mtp_megatron.testing.variants import mtp_config, tiny_model_config
 
-RECIPES_DIR = Path(__file__).parent.parent / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 RECIPES = sorted(RECIPES_DIR.rglob("*.yaml"))
 
 

@@ -18,7 +18,7 @@ from torch.utils.tensorboard import SummaryWriter
 from mtp_megatron.report import main_report
 from mtp_megatron.sweep import SweepError, expand_grid, plan, split_values
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SWEEP = REPO / "launch" / "slurm" / "sweep.sh"
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -1,5 +1,5 @@
-"""Faults and bad input: divergence, broken checkpoints, changed recipes on resume, start-up
-refusals, a stalled rank, and a clean stop through the launcher. Tiny recipes, gloo on CPU."""
+"""Faults in multi-process training runs: divergence, broken checkpoints, refusals before step
+1, a stalled rank, SIGTERM to the launcher."""
 
 import math
 import os
@@ -13,123 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_training import _overrides
 
 from mtp_megatron.config import ConfigError
 from mtp_megatron.recipe import load_recipe
 from mtp_megatron.testing.distributed import run_distributed
-from mtp_megatron.testing.variants import mtp_config, tiny_model_config
-from mtp_megatron.train.guard import NonFiniteError, NonFiniteGuard, nonfinite_terms
-
-REPO = Path(__file__).resolve().parent.parent
-DEMO = REPO / "recipes" / "demo.yaml"
-
-
-@pytest.fixture(scope="module")
-def data_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("data_cache")
-
-
-# -- recipes and the guard, one process --------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "override, field",
-    [
-        ("train.lr=.inf", "train.lr"),
-        ("train.lr=.nan", "train.lr"),
-        ("train.grad_clip=.nan", "train.grad_clip"),  # NaN used to turn clipping off silently
-        ("train.betas=[0.9, .inf]", "train.betas[1]"),
-        ("model.mtp.mtp_loss_weight=.inf", "model.mtp.mtp_loss_weight"),
-        ("train.collective_timeout_s=.inf", "train.collective_timeout_s"),
-    ],
-)
-def test_recipes_refuse_non_finite_numbers(override, field):
-    with pytest.raises(ConfigError, match=rf"{field.replace('[', '.').replace(']', '.')}.*finite"):
-        load_recipe(DEMO, [override])
-
-
-@pytest.mark.parametrize(
-    "overrides, message",
-    [
-        (["train.on_nonfinite=skip", "train.zero_stage=0"], "zero_stage=0"),
-        (["train.on_nonfinite=never"], "on_nonfinite"),
-        (["train.max_skipped_steps=-1"], "max_skipped_steps"),
-        (["train.resume_overrides=[seed]"], r"\['seed'\] cannot change on resume"),
-        (["train.collective_timeout_s=1"], "collective_timeout_s"),
-    ],
-)
-def test_fault_settings_are_validated(overrides, message):
-    with pytest.raises(ConfigError, match=message):
-        load_recipe(DEMO, overrides)
-
-
-@pytest.mark.parametrize("env", [{"NPROC": "0"}, {"NPROC": "2", "NNODES": "0"}])
-def test_launcher_refuses_zero_processes_before_torchrun(env):
-    t0 = time.time()
-    proc = subprocess.run(
-        ["bash", str(REPO / "launch" / "train.sh"), str(DEMO)],
-        env=dict(os.environ, PYTHON=sys.executable, **env),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 2, proc.stderr
-    assert "must be at least 1" in proc.stderr and "torch.distributed" not in proc.stderr
-    assert time.time() - t0 < 30
-
-
-def test_guard_names_the_step_and_terms_and_counts_skips():
-    metrics = {"train/loss": math.nan, "train/main_loss": 2.0, "train/mtp_step_2": math.inf}
-    assert nonfinite_terms(metrics, 1.0) == ["loss", "mtp_step_2"]
-    assert nonfinite_terms({"train/loss": 1.0}, math.inf) == ["grad_norm"]
-    assert nonfinite_terms({"train/loss": 1.0, "train/lr": 1e-3}, None) == []
-
-    stop = NonFiniteGuard("stop", 10, log=lambda s: None)
-    assert stop.check(3, [], True, "step_000002")
-    with pytest.raises(NonFiniteError, match=r"step 4: non-finite loss, grad_norm.*step_000002"):
-        stop.check(4, ["loss", "grad_norm"], False, "step_000002")
-
-    lines = []
-    skip = NonFiniteGuard("skip", 2, log=lines.append)
-    assert not skip.check(5, ["grad_norm"], False, "")
-    assert not skip.check(6, ["grad_norm"], False, "")
-    assert skip.check(7, [], True, "")  # a good step resets the streak
-    assert not skip.check(8, ["loss"], False, "")
-    assert not skip.check(9, ["loss"], False, "")
-    with pytest.raises(NonFiniteError, match=r"3 non-finite steps in a row.*max_skipped_steps=2"):
-        skip.check(10, ["loss"], False, "")
-    assert skip.total_skipped == 5 and len(lines) == 4
-    with pytest.raises(NonFiniteError, match="applied the update anyway"):
-        NonFiniteGuard("skip", 2).check(3, ["loss"], True, "")
-
-
-def _nan_model():
-    from mtp_megatron import build_model
-
-    torch.manual_seed(0)
-    model = build_model(tiny_model_config(mtp_config("transformer", True, "chained", k=2)))
-    with torch.no_grad():
-        model.trunk.layers[0].mlp.inner.down.weight.fill_(math.nan)
-    return model.eval()
-
-
-def test_decoding_and_evaluation_refuse_non_finite_weights(single_process):
-    from mtp_megatron.decoding import generate_plain
-    from mtp_megatron.decoding.speculative import NonFiniteLogitsError
-    from mtp_megatron.train.evaluate import evaluate
-
-    model = _nan_model()
-    ids = torch.randint(0, model.cfg.vocab_size, (1, 8))
-    with pytest.raises(NonFiniteLogitsError, match="not finite"):
-        model.mtp_decoder.generate(ids, max_new_tokens=4)
-    with pytest.raises(NonFiniteLogitsError, match="not finite"):
-        generate_plain(model, ids, 4)
-    with pytest.raises(NonFiniteError, match="validation: non-finite loss_main"):
-        evaluate(model, [(ids, ids.roll(-1, 1))])
-
-
-# -- divergence in training: 2 processes --------------------------------------------------------
+from mtp_megatron.testing.runs import DEMO_RECIPE as DEMO
+from mtp_megatron.testing.runs import REPO, tiny_run_overrides
+from mtp_megatron.train.guard import NonFiniteError
 
 
 def _inject_nan(steps: set[int], ranks: set[int]) -> None:
@@ -192,7 +82,7 @@ def _divergence_cases(rank, world, base: str, cache: str):
         _inject_nan(case["nan_steps"], {1})
         extra = {"train.steps": 8, "train.checkpoint_every": 2, "train.zero_stage": 1}
         extra.update(case["extra"])
-        recipe = load_recipe(DEMO, _overrides(base / name, Path(cache), **extra))
+        recipe = load_recipe(DEMO, tiny_run_overrides(base / name, Path(cache), **extra))
         lines = []
         try:
             result = train(recipe, log=lines.append)
@@ -238,8 +128,6 @@ def test_divergence_stops_or_skips_and_never_saves_non_finite_state(tmp_path, da
         assert finite and all(finite.values()), (name, finite)
 
 
-# -- resume: broken checkpoints, changed recipes ------------------------------------------------
-
 CORRUPTIONS = {
     "latest_deleted": (lambda c: (c / "latest").unlink(), 6, "latest is missing"),
     "latest_empty": (lambda c: (c / "latest").write_text(""), 6, "latest is empty"),
@@ -283,7 +171,7 @@ def _resume_cases(rank, world, base: str, cache: str):
     extra = {"train.steps": 8, "train.checkpoint_every": 2, "train.keep_last": 4}
 
     def run(name, stop_after=None, **more):
-        recipe = load_recipe(DEMO, _overrides(base / name, cache, **{**extra, **more}))
+        recipe = load_recipe(DEMO, tiny_run_overrides(base / name, cache, **{**extra, **more}))
         lines = []
         try:
             result = train(recipe, log=lines.append, stop_after_steps=stop_after)
@@ -321,14 +209,16 @@ def _resume_cases(rank, world, base: str, cache: str):
     )
     out["steps_refused"] = run("changes", **{"train.steps": 12})
     out["lr_override"] = run("changes", **{"train.lr": 1e-3, "train.resume_overrides": "[lr]"})
-    recipe = load_recipe(DEMO, _overrides(base / "x", cache, **{**extra, "train.lr": 1e-3}))
+    recipe = load_recipe(DEMO, tiny_run_overrides(base / "x", cache, **{**extra, "train.lr": 1e-3}))
     out["lr_expected"] = {s: 1e-3 * lr_lambda(recipe.train)(s) for s in range(6, 8)}
     out["recipe_lr"] = load_recipe(base / "changes" / "recipe.yaml").train.lr if rank == 0 else 0
     copy_of_part("longer")
     out["steps_override"] = run(
         "longer", **{"train.steps": 12, "train.resume_overrides": "[steps]"}
     )
-    recipe = load_recipe(DEMO, _overrides(base / "y", cache, **{**extra, "train.steps": 12}))
+    recipe = load_recipe(
+        DEMO, tiny_run_overrides(base / "y", cache, **{**extra, "train.steps": 12})
+    )
     out["steps_expected"] = {s: 3e-3 * lr_lambda(recipe.train)(s) for s in range(6, 12)}
     return out
 
@@ -336,7 +226,7 @@ def _resume_cases(rank, world, base: str, cache: str):
 def _resume_with_one_process(rank, world, base: str, cache: str):
     from mtp_megatron.train.trainer import train
 
-    overrides = _overrides(Path(base) / "part", Path(cache), **{"train.steps": 8})
+    overrides = tiny_run_overrides(Path(base) / "part", Path(cache), **{"train.steps": 8})
     try:
         train(load_recipe(DEMO, overrides))
     except ConfigError as e:
@@ -382,13 +272,10 @@ def test_resume_survives_broken_checkpoints_and_refuses_changed_recipes(tmp_path
     assert message and "saved by 2 processes; this run has 1" in message
 
 
-# -- start-up refusals ---------------------------------------------------------------------------
-
-
 def _startup_case(rank, world, run_dir: str, cache: str, extra: dict):
     from mtp_megatron.train.trainer import train
 
-    recipe = load_recipe(DEMO, _overrides(Path(run_dir), Path(cache), **extra))
+    recipe = load_recipe(DEMO, tiny_run_overrides(Path(run_dir), Path(cache), **extra))
     lines = []
     try:
         train(recipe, log=lines.append)
@@ -435,18 +322,6 @@ def test_too_small_validation_split_is_refused_before_step_one(tmp_path, data_ca
     assert not list((tmp_path / "run" / "checkpoints").glob("step_*"))
 
 
-def test_free_space_check_names_the_sizes(tmp_path):
-    from mtp_megatron.train.preflight import check_free_space
-
-    free = shutil.disk_usage(tmp_path).free
-    check_free_space(tmp_path, free // 4)  # two fit
-    with pytest.raises(ConfigError, match=r"less than 2 checkpoints of about .* MiB"):
-        check_free_space(tmp_path, free)
-
-
-# -- a stalled rank, and a clean stop through the launcher --------------------------------------
-
-
 def _read_until_step(proc, lines, step, deadline):
     for line in proc.stdout:
         lines.append(line)
@@ -474,7 +349,7 @@ def _worker_pids(tag: str) -> dict[int, int]:
 @pytest.mark.distributed
 def test_a_stalled_rank_ends_the_job_within_the_bound(tmp_path, data_cache):
     bound = 15
-    overrides = _overrides(
+    overrides = tiny_run_overrides(
         tmp_path / "run",
         data_cache,
         **{"train.steps": 400, "train.collective_timeout_s": bound, "train.log_every": 1},
@@ -520,10 +395,12 @@ def test_a_stalled_rank_ends_the_job_within_the_bound(tmp_path, data_cache):
 
 @pytest.mark.distributed
 def test_sigterm_to_the_launcher_checkpoints_and_exits_zero(tmp_path, data_cache):
-    from test_training import _train
+    from test_training import train_run
 
     run_dir = tmp_path / "run"
-    overrides = _overrides(run_dir, data_cache, **{"train.steps": 400, "train.log_every": 1})
+    overrides = tiny_run_overrides(
+        run_dir, data_cache, **{"train.steps": 400, "train.log_every": 1}
+    )
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHON=sys.executable, NPROC="2")
     proc = subprocess.Popen(
         ["bash", str(REPO / "launch" / "train.sh"), str(DEMO), *overrides],
@@ -546,8 +423,8 @@ def test_sigterm_to_the_launcher_checkpoints_and_exits_zero(tmp_path, data_cache
     stopped = int((run_dir / "checkpoints" / "latest").read_text().split("_")[1])
     assert 5 <= stopped < 400
     # resumed for 2 steps == an uninterrupted run over the same steps
-    resumed = run_distributed(_train, 2, overrides, 2)[0]["losses"]
-    reference = _overrides(tmp_path / "ref", data_cache, **{"train.steps": 400})
-    full = run_distributed(_train, 2, reference, stopped + 2)[0]["losses"]
+    resumed = run_distributed(train_run, 2, overrides, 2)[0]["losses"]
+    reference = tiny_run_overrides(tmp_path / "ref", data_cache, **{"train.steps": 400})
+    full = run_distributed(train_run, 2, reference, stopped + 2)[0]["losses"]
     assert sorted(resumed) == [stopped, stopped + 1]
     assert all(resumed[s] == full[s] for s in resumed), (resumed, full)

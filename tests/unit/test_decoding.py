@@ -1,4 +1,4 @@
-"""Self-speculative decoding: lossless greedy, exact sampling, KV cache, batches, TP, errors."""
+"""Self-speculative decoding: lossless greedy, exact sampling, KV cache, batches, errors."""
 
 import math
 
@@ -7,28 +7,18 @@ import torch
 
 from mtp_megatron import build_model
 from mtp_megatron.decoding import generate_plain
-from mtp_megatron.testing.distributed import run_distributed
-from mtp_megatron.testing.variants import mtp_config, tiny_model_config, valid_combinations
+from mtp_megatron.testing.variants import tiny_model_config, valid_combinations
+from tests.cases.decoding import random_prompts, tiny_mtp_model
 
 VARIANTS = valid_combinations(k=3)
 
 
-def _model(variant, seed=0, **overrides):
-    cfg = tiny_model_config(mtp_config(*variant, k=3), max_seq_len=96, **overrides)
-    torch.manual_seed(seed)
-    return build_model(cfg).eval()
-
-
-def _prompts(cfg, b, t, seed):
-    return torch.randint(0, cfg.vocab_size, (b, t), generator=torch.Generator().manual_seed(seed))
-
-
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(map(str, v)))
 def test_greedy_equals_plain_and_drafts_follow_the_heads(single_process, variant):
-    model = _model(variant)
+    model = tiny_mtp_model(variant)
     cfg = model.cfg
     for seed in range(3):
-        prompts = _prompts(cfg, 3, 5 + 2 * seed, seed)
+        prompts = random_prompts(cfg, 3, 5 + 2 * seed, seed)
         plain, pstats = generate_plain(model, prompts, 24)
         assert pstats["tokens_per_forward"] == 1.0
         for lookahead in (1, 2, 3):
@@ -56,10 +46,10 @@ def test_greedy_equals_plain_and_drafts_follow_the_heads(single_process, variant
 @pytest.mark.parametrize("variant", [VARIANTS[0], ("transformer", False, "independent")])
 def test_reduced_draft_vocabulary_keeps_greedy_output(single_process, variant):
     """Drafts restricted to half the vocabulary: every draft is in it, output still plain."""
-    model = _model(variant)
+    model = tiny_mtp_model(variant)
     V = model.cfg.vocab_size
     allowed = torch.randperm(V, generator=torch.Generator().manual_seed(0))[: V // 2]
-    prompts = _prompts(model.cfg, 3, 6, 1)
+    prompts = random_prompts(model.cfg, 3, 6, 1)
     plain, _ = generate_plain(model, prompts, 24)
     out, stats = model.mtp_decoder.generate(
         prompts, max_new_tokens=24, lookahead=3, draft_vocab=allowed, record_drafts=True
@@ -83,8 +73,8 @@ def test_frequent_token_ids_and_draft_vocab_errors(single_process):
     assert frequent_token_ids(stream, 3, 10).tolist() == [1, 5, 7]  # sorted ids of the top 3
     with pytest.raises(ValueError, match="draft vocabulary size 11"):
         frequent_token_ids(stream, 11, 10)
-    model = _model(VARIANTS[0])
-    prompts = _prompts(model.cfg, 1, 4, 0)
+    model = tiny_mtp_model(VARIANTS[0])
+    prompts = random_prompts(model.cfg, 1, 4, 0)
     with pytest.raises(ValueError, match="outside 0"):
         model.mtp_decoder.generate(prompts, 4, draft_vocab=[0, model.cfg.vocab_size])
     with pytest.raises(ValueError, match="non-empty 1-D"):
@@ -92,8 +82,8 @@ def test_frequent_token_ids_and_draft_vocab_errors(single_process):
 
 
 def test_kv_cache_decoding_equals_recomputation(single_process):
-    model = _model(VARIANTS[0])
-    prompts = _prompts(model.cfg, 2, 6, 0)
+    model = tiny_mtp_model(VARIANTS[0])
+    prompts = random_prompts(model.cfg, 2, 6, 0)
     cached, _ = generate_plain(model, prompts, 20)
     full, _ = generate_plain(model, prompts, 20, use_cache=False)
     assert torch.equal(cached, full)
@@ -101,8 +91,8 @@ def test_kv_cache_decoding_equals_recomputation(single_process):
 
 @pytest.mark.parametrize("variant", [VARIANTS[0], ("mlp", False, "independent")])
 def test_batch_equals_per_row(single_process, variant):
-    model = _model(variant, seed=1)
-    prompts = _prompts(model.cfg, 4, 6, 5)
+    model = tiny_mtp_model(variant, seed=1)
+    prompts = random_prompts(model.cfg, 4, 6, 5)
     batched, _ = model.mtp_decoder.generate(prompts, max_new_tokens=20, lookahead=3)
     for r in range(4):
         single, _ = model.mtp_decoder.generate(prompts[r : r + 1], max_new_tokens=20, lookahead=3)
@@ -116,8 +106,8 @@ def test_accept_and_rollback_with_oracle_drafts(single_process, monkeypatch, cor
     back so that the output is still exactly plain greedy decoding."""
     from mtp_megatron.decoding.speculative import SpeculativeDecoder
 
-    model = _model(("transformer", True, "chained"), seed=2)
-    prompts = _prompts(model.cfg, 2, 5, 0)
+    model = tiny_mtp_model(("transformer", True, "chained"), seed=2)
+    prompts = random_prompts(model.cfg, 2, 5, 0)
     n_new, lookahead = 30, 3
     plain, _ = generate_plain(model, prompts, n_new + lookahead + 2)
     noise = torch.Generator().manual_seed(1)
@@ -178,7 +168,9 @@ def test_speculative_sampling_keeps_the_distribution(single_process, spec_temp, 
     below 1e-4: a correct sampler fails it once in 10,000 runs (and the seed is fixed). With a
     reduced draft vocabulary (half the tokens) q is zero elsewhere: still exact.
     """
-    model = _model(("transformer", True, "chained"), seed=3, vocab_size=16, vocab_pad_multiple=16)
+    model = tiny_mtp_model(
+        ("transformer", True, "chained"), seed=3, vocab_size=16, vocab_pad_multiple=16
+    )
     prompt = torch.tensor([[1, 5, 7, 2]])
     exact = _sequence_probs(model, prompt, 3, temperature=1.0, top_k=3)
     n = 3000
@@ -221,8 +213,8 @@ def _sampling(temperature, top_k):
 
 
 def test_bad_arguments_give_clear_errors(single_process):
-    model = _model(VARIANTS[0])
-    prompts = _prompts(model.cfg, 1, 4, 0)
+    model = tiny_mtp_model(VARIANTS[0])
+    prompts = random_prompts(model.cfg, 1, 4, 0)
     dec = model.mtp_decoder
     with pytest.raises(ValueError, match="lookahead=4 is invalid: must be between 1 and 3"):
         dec.generate(prompts, max_new_tokens=5, lookahead=4)
@@ -237,30 +229,3 @@ def test_bad_arguments_give_clear_errors(single_process):
     ntp = build_model(tiny_model_config(None))
     with pytest.raises(ValueError, match="needs MTP heads"):
         _ = ntp.mtp_decoder
-
-
-def _decode_tp(rank, world, tp):
-    from mtp_megatron.parallel import initialize_parallel
-
-    initialize_parallel(tensor_parallel_size=tp)
-    results = []
-    for variant in [("transformer", True, "chained"), ("mlp", False, "independent")]:
-        model = _model(variant, seed=4)
-        prompts = _prompts(model.cfg, 2, 6, 9)
-        out, stats = model.mtp_decoder.generate(prompts, max_new_tokens=16, lookahead=3)
-        gen = torch.Generator().manual_seed(5)
-        sampled, _ = model.mtp_decoder.generate(
-            prompts, max_new_tokens=16, temperature=0.8, top_p=0.9, lookahead=2, generator=gen
-        )
-        results.append((out, sampled))
-    return results
-
-
-@pytest.mark.distributed
-def test_tensor_parallel_decoding_equals_tp1():
-    tp1 = run_distributed(_decode_tp, 1, 1)[0]
-    tp2 = run_distributed(_decode_tp, 2, 2)
-    for rank in range(2):
-        for (g1, s1), (g2, s2) in zip(tp1, tp2[rank]):
-            assert torch.equal(g1, g2)
-            assert torch.equal(s1, s2)  # same RNG stream on every rank and gathered logits

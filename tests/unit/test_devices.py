@@ -1,15 +1,13 @@
-"""The GPU path, checked on the CPU: backend choice, the forced-CPU switch, process counts,
-inputs moved to the model's device, the bf16 DeepSpeed config, and decoding's host reads."""
+"""The GPU path, checked on the CPU: backend choice, process counts, inputs moved to the model's
+device, the bf16 DeepSpeed config, and decoding's host reads."""
 
 import os
 
 import pytest
 import torch
-from test_training import _overrides
 
 from mtp_megatron.config import ConfigError
 from mtp_megatron.parallel import state
-from mtp_megatron.testing.distributed import run_distributed
 from mtp_megatron.testing.variants import mtp_config, tiny_model_config
 from mtp_megatron.train.config import TrainConfig
 
@@ -48,25 +46,6 @@ def test_default_process_count_is_the_gpus_of_the_node(fake_gpus, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     monkeypatch.delenv("MTP_DEVICE")
     assert state.default_process_count() == 8
-
-
-def _train_with_cuda_claimed(rank, world, overrides):
-    """A run in a process where torch claims CUDA: MTP_DEVICE=cpu keeps it on gloo / CPU."""
-    import torch.distributed as dist
-
-    torch.cuda.is_available = lambda: True
-    from test_training import _train
-
-    out = _train(rank, world, overrides)
-    out["backend"] = dist.get_backend()
-    return out
-
-
-@pytest.mark.distributed
-def test_a_run_stays_on_the_cpu_when_forced_even_if_cuda_is_claimed(tmp_path):
-    overrides = _overrides(tmp_path / "run", tmp_path / "cache", **{"train.steps": 2})
-    out = run_distributed(_train_with_cuda_claimed, 2, overrides)[0]
-    assert out["backend"] == "gloo" and sorted(out["losses"]) == [0, 1]
 
 
 def test_decoding_moves_inputs_and_generator_to_the_model_device(single_process, monkeypatch):
@@ -147,32 +126,3 @@ def test_decoding_reads_the_device_at_most_twice_per_token_or_round(single_proce
         assert reads <= 2 * (stats["rounds"] + 1), (reads, stats["rounds"])
     greedy, _ = model.mtp_decoder.generate(ids, max_new_tokens=64, eos_token_id=eos_id)
     assert torch.equal(greedy, out)  # the bookkeeping on the host changed no token
-
-
-def _bench_with_cuda_claimed(rank, world):
-    import torch.distributed as dist
-    from test_bench import TINY
-
-    from mtp_megatron.bench.train_throughput import main_bench_train
-
-    torch.cuda.is_available = lambda: True  # as on a GPU machine; MTP_DEVICE=cpu holds
-    backends = []
-    init = dist.init_process_group
-
-    def recording_init(*args, **kwargs):
-        backends.append(kwargs.get("backend"))
-        return init(*args, **kwargs)
-
-    dist.init_process_group = recording_init
-    if dist.is_initialized():  # a fresh world, so that the backend choice is made here
-        dist.destroy_process_group()
-    tiny = [f"model.{k}={v}" for k, v in TINY.items()] + ["model.mtp=null"]
-    argv = [*tiny, "--cases", "ntp", "--rounds", "1", "--steps-per-round", "1", "--warmup", "0"]
-    code = main_bench_train([*argv, "--batch", "1", "--seq-len", "8"])
-    return code, backends
-
-
-@pytest.mark.distributed
-def test_bench_train_stays_on_the_cpu_when_forced_even_if_cuda_is_claimed():
-    code, backends = run_distributed(_bench_with_cuda_claimed, 1)[0]
-    assert code == 0 and backends == ["gloo"]  # NCCL would fail on the CPU tensors
