@@ -26,9 +26,13 @@ def test_a_run_stays_on_the_cpu_when_forced_even_if_cuda_is_claimed(tmp_path):
     assert out["backend"] == "gloo" and sorted(out["losses"]) == [0, 1]
 
 
+BENCH_SHAPE = dict(
+    vocab_size=200, hidden_size=32, num_layers=2, num_attention_heads=4, max_seq_len=16
+)
+
+
 def _bench_with_cuda_claimed(rank, world):
     import torch.distributed as dist
-    from test_bench import TINY
 
     from mtp_megatron.bench.train_throughput import main_bench_train
 
@@ -43,7 +47,7 @@ def _bench_with_cuda_claimed(rank, world):
     dist.init_process_group = recording_init
     if dist.is_initialized():  # a fresh world, so that the backend choice is made here
         dist.destroy_process_group()
-    tiny = [f"model.{k}={v}" for k, v in TINY.items()] + ["model.mtp=null"]
+    tiny = [f"model.{k}={v}" for k, v in BENCH_SHAPE.items()] + ["model.mtp=null"]
     argv = [*tiny, "--cases", "ntp", "--rounds", "1", "--steps-per-round", "1", "--warmup", "0"]
     code = main_bench_train([*argv, "--batch", "1", "--seq-len", "8"])
     return code, backends

@@ -395,7 +395,7 @@ def test_a_stalled_rank_ends_the_job_within_the_bound(tmp_path, data_cache):
 
 @pytest.mark.distributed
 def test_sigterm_to_the_launcher_checkpoints_and_exits_zero(tmp_path, data_cache):
-    from test_training import train_run
+    from mtp_megatron.testing.runs import train_run
 
     run_dir = tmp_path / "run"
     overrides = tiny_run_overrides(

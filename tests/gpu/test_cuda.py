@@ -83,7 +83,7 @@ def _train_on_cuda(rank, world, overrides):
     import os
 
     os.environ["MTP_DEVICE"] = "cuda"
-    from test_training import train_run
+    from mtp_megatron.testing.runs import train_run
 
     return train_run(rank, world, overrides)
 
