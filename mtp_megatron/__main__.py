@@ -267,6 +267,11 @@ def validation_table(ev: dict[str, float]) -> str:
 # Commands that parse their own arguments: name -> (module, entry function, summary).
 # main() hands them the rest of argv (argparse's REMAINDER would drop leading --options).
 PASSTHROUGH = {
+    "prepare": (
+        "mtp_megatron.data.prepare_indexed",
+        "main_prepare",
+        "Tokenize files (any Hugging Face tokenizer, N workers) into Megatron indexed datasets.",
+    ),
     "bench-train": (
         "mtp_megatron.bench.train_throughput",
         "main_bench_train",

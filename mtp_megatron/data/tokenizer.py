@@ -1,12 +1,19 @@
-"""Byte-level BPE (GPT-2 style) trained with ``tokenizers``, and documents -> one token stream.
+"""Tokenizers: the project's byte-level BPE, or any Hugging Face ``tokenizer.json``.
 
-Byte-level means every string encodes (no unknown token) and decode(encode(text)) == text.
-The only special token is ``<|endoftext|>``, added first, so its id is 0.
+The project's BPE (GPT-2 style) is trained with ``tokenizers``: byte-level, so every string
+encodes (no unknown token) and decode(encode(text)) == text; its only special token is
+``<|endoftext|>``, added first, so its id is 0. A Hugging Face tokenizer (a ``tokenizer.json``
+file, or a directory saved by ``save_pretrained``) is loaded with ``tokenizers`` alone (no
+``transformers`` at training time); :func:`load_hf_tokenizer` finds its end-of-document token.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -52,6 +59,80 @@ def train_tokenizer(
     )
     tok.train_from_iterator(texts, trainer, length=length)
     return tok
+
+
+@dataclass(frozen=True)
+class HFTokenizer:
+    """A loaded Hugging Face tokenizer and the token that ends each document."""
+
+    tokenizer: Tokenizer
+    file: Path
+    """The ``tokenizer.json`` it was read from."""
+    eod_token: str
+    eod_id: int
+    sha256: str
+    """Of the ``tokenizer.json`` file (what a prepared dataset records)."""
+
+    @property
+    def vocab_size(self) -> int:
+        """Ids in use, added tokens included (the model's vocabulary must hold them all)."""
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+
+def _config_eos(config: Path) -> str | None:
+    """``eos_token`` of a ``tokenizer_config.json`` (a string or a serialized AddedToken)."""
+    if not config.is_file():
+        return None
+    try:
+        eos = json.loads(config.read_text()).get("eos_token")
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read {config}: {e}") from e
+    if isinstance(eos, dict):
+        eos = eos.get("content")
+    return eos if isinstance(eos, str) and eos else None
+
+
+def load_hf_tokenizer(path: str | Path, eod_token: str | None = None) -> HFTokenizer:
+    """Load ``path`` (a ``tokenizer.json`` or a directory holding one) with its end-of-document
+    token: ``eod_token`` if given, else the directory's ``tokenizer_config.json`` ``eos_token``,
+    else ``<|endoftext|>``; a ConfigError names what was tried when none is in the vocabulary."""
+    path = Path(path)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise ConfigError(
+            f"tokenizer {path}: no such file"
+            + (
+                " (the directory has no tokenizer.json; write one with the tokenizer's "
+                "save_pretrained)"
+                if path.is_dir()
+                else ""
+            )
+        )
+    try:
+        tok = Tokenizer.from_file(str(file))
+    except Exception as e:  # tokenizers raises its own Exception type for a bad file
+        raise ConfigError(f"tokenizer {file} cannot be read by `tokenizers`: {e}") from e
+    tried = []
+    candidates = [("the recipe's eod_token", eod_token)] if eod_token else []
+    if path.is_dir():
+        candidates.append(
+            ("tokenizer_config.json's eos_token", _config_eos(path / "tokenizer_config.json"))
+        )
+    candidates.append(("the default", EOT_TOKEN))
+    for where, token in candidates:
+        if token is None:
+            continue
+        token_id = tok.token_to_id(token)
+        if token_id is not None:
+            sha = hashlib.sha256(file.read_bytes()).hexdigest()
+            return HFTokenizer(tok, file, token, token_id, sha)
+        tried.append(f"{token!r} ({where})")
+        if eod_token:  # an explicit choice that is not in the vocabulary is an error
+            break
+    raise ConfigError(
+        f"tokenizer {file} has no end-of-document token: tried {', '.join(tried)}; set the "
+        "one it uses (e.g. '</s>' or '<|end_of_text|>') with eod_token"
+    )
 
 
 def load_tokenizer(path: str) -> Tokenizer:

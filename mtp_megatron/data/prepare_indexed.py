@@ -1,0 +1,398 @@
+"""``python -m mtp_megatron prepare``: input shards -> tokenized Megatron indexed datasets.
+
+    OUTPUT/train/shard_00000.bin|.idx        one prefix per input shard and side (none if empty)
+    OUTPUT/validation/shard_00000.bin|.idx
+    OUTPUT/shards/shard_00000.json           a finished shard's record (written after its files)
+    OUTPUT/manifest.json                     written last: the dataset is complete iff present
+
+Each input file is a shard, tokenized by one worker process (one tokenizer thread each,
+``encode_batch_fast``) and streamed (``data/documents.py``: memory bounded by the shard, never
+by the corpus). A document goes to validation when the hash of its key (shard path and row) and
+``split_seed`` falls under ``validation_fraction`` (the split of ``data/split.py``: a document's
+side depends on nothing else). Every document is followed by the end-of-document token. A shard's
+files depend only on the shard, the tokenizer and the split settings, so the output is
+byte-identical for any worker count; a re-run reuses every shard whose record matches (after a
+crash, the finished ones) and is a no-op when the manifest does. The manifest's ``fingerprint``
+(sha256 of its content) names the dataset: caches keyed by it can never hold stale indices.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import multiprocessing
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from mtp_megatron.config import ConfigError
+from mtp_megatron.data.cache import atomic_write_json, unit_hash
+from mtp_megatron.data.documents import ROW_SUFFIXES, SKIP_REASONS, TEXT_SUFFIXES, iter_documents
+from mtp_megatron.data.indexed import IndexedWriter, is_complete
+
+FORMAT = "mtp-megatron-indexed-v1"
+MANIFEST = "manifest.json"
+SPLITS = ("train", "validation")
+SUFFIXES = TEXT_SUFFIXES + ROW_SUFFIXES
+ENCODE_BATCH = 256
+"""Documents per ``encode_batch_fast`` call."""
+
+
+@dataclass
+class PrepareConfig:
+    """What ``prepare`` reads, how it tokenizes and splits, and where it writes."""
+
+    inputs: list[str]
+    """Files, globs or directories (searched recursively) of .txt/.py/.md/.jsonl/.parquet."""
+    tokenizer: str
+    """A Hugging Face ``tokenizer.json`` or a directory holding one (``save_pretrained``)."""
+    output: str
+    """The dataset directory (created; a finished one is reused)."""
+    eod_token: str | None = None
+    """End-of-document token; default: the directory's ``eos_token``, else <|endoftext|>."""
+    text_field: str = "text"
+    """Column holding the text in .jsonl / .parquet rows."""
+    validation_fraction: float = 0.05
+    """Share of documents (chosen by a hash of their key) held out for validation."""
+    split_seed: int = 0
+    """Salt of that hash."""
+    workers: int = 1
+    """Tokenizer processes (1: in this process)."""
+
+    def validate(self) -> None:
+        if not self.inputs:
+            raise ConfigError("prepare: no inputs given (files, globs or directories)")
+        frac = self.validation_fraction
+        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 <= frac < 1:
+            raise ConfigError(f"--validation-fraction={frac!r} is invalid: must be in [0, 1)")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise ConfigError(f"--workers={self.workers!r} is invalid: must be an integer >= 1")
+        if not self.text_field:
+            raise ConfigError("--text-field must be a non-empty column name")
+
+
+@dataclass
+class Shard:
+    """One input file and what it became."""
+
+    index: int
+    source: str
+    """Its path as given (absolute)."""
+    key: str
+    """The name its documents' keys start with: the path relative to its input root."""
+    source_sha256: str = ""
+    documents: dict[str, int] = field(default_factory=dict)
+    """Per split."""
+    tokens: dict[str, int] = field(default_factory=dict)
+    idx_sha256: dict[str, str] = field(default_factory=dict)
+    """Per split with documents (a split without any has no prefix)."""
+    skipped: dict[str, int] = field(default_factory=dict)
+    """Reason -> count (``documents.SKIP_REASONS``)."""
+    bytes: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"shard_{self.index:05d}"
+
+
+def list_shards(inputs: list[str]) -> list[Shard]:
+    """Every input file, in a deterministic order: inputs in order, each expanded sorted."""
+    found: list[tuple[str, str]] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            for file in sorted(p for p in path.rglob("*") if p.is_file()):
+                rel = file.relative_to(path)
+                hidden = any(part.startswith(".") for part in rel.parts)
+                if file.suffix in SUFFIXES and not hidden:
+                    found.append((str(file.resolve()), f"{path.name}/{rel.as_posix()}"))
+        elif path.is_file():
+            found.append((str(path.resolve()), path.name))
+        else:
+            matches = sorted(glob.glob(item, recursive=True))
+            files = [Path(m) for m in matches if Path(m).is_file()]
+            if not files:
+                raise ConfigError(f"prepare: input {item!r} is no file, directory or matching glob")
+            found += [(str(f.resolve()), f.name) for f in files if f.suffix in SUFFIXES]
+    unknown = [s for s, _ in found if not s.endswith(SUFFIXES)]
+    if unknown:
+        raise ConfigError(f"prepare: {unknown[0]} is not one of {SUFFIXES}")
+    if not found:
+        raise ConfigError(f"prepare: no {'/'.join(SUFFIXES)} files under {inputs}")
+    keys = [k for _, k in found]
+    duplicate = next((k for k in keys if keys.count(k) > 1), None)
+    if duplicate is not None:
+        raise ConfigError(
+            f"prepare: two inputs are both named {duplicate!r}; documents are keyed by name "
+            "(the split hashes it): rename one or pass their common parent directory"
+        )
+    return [Shard(i, source, key) for i, (source, key) in enumerate(found)]
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# -- one shard (in a worker) ---------------------------------------------------------------------
+_WORKER: dict = {}
+
+
+def _init_worker(tokenizer: str, eod_token: str | None, settings: dict, one_thread: bool) -> None:
+    if one_thread:
+        os.environ["RAYON_NUM_THREADS"] = "1"  # before tokenizers starts its thread pool
+    from mtp_megatron.data.tokenizer import load_hf_tokenizer
+
+    _WORKER["tok"] = load_hf_tokenizer(tokenizer, eod_token)
+    _WORKER["settings"] = settings
+
+
+def _batches(docs: Iterator[tuple[str, str]]) -> Iterator[list[tuple[str, str]]]:
+    batch = []
+    for doc in docs:
+        batch.append(doc)
+        if len(batch) == ENCODE_BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _prepare_shard(shard: Shard) -> Shard:
+    """Tokenize ``shard`` into its train / validation prefixes and write its record."""
+    import numpy as np
+
+    from mtp_megatron.data.tokenizer import token_dtype
+
+    tok, s = _WORKER["tok"], _WORKER["settings"]
+    out = Path(s["output"])
+    dtype = token_dtype(tok.vocab_size)
+    shard.source_sha256 = _sha256(shard.source)
+    shard.bytes = os.path.getsize(shard.source)
+    skipped: Counter = Counter()
+    writers = {
+        split: IndexedWriter(out / split / shard.name, dtype) for split in SPLITS
+    }  # nothing appears under a prefix until finish()
+    try:
+        eod = np.array([tok.eod_id], dtype=np.int64)
+        encode = tok.tokenizer.encode_batch_fast
+        docs = iter_documents(Path(shard.source), shard.key, s["text_field"], skipped)
+        for batch in _batches(docs):
+            for (key, _), enc in zip(
+                batch, encode([t for _, t in batch], add_special_tokens=False)
+            ):
+                held_out = unit_hash("split", s["split_seed"], key) < s["validation_fraction"]
+                ids = np.concatenate([np.asarray(enc.ids, dtype=np.int64), eod])
+                writers["validation" if held_out else "train"].add_document(ids)
+        for split, writer in writers.items():
+            shard.documents[split], shard.tokens[split] = writer.documents, writer.tokens
+            if writer.documents:
+                shard.idx_sha256[split] = writer.finish().idx_sha256
+            else:
+                writer.abort()
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    shard.skipped = {reason: skipped[reason] for reason in SKIP_REASONS if skipped[reason]}
+    atomic_write_json(out / "shards" / f"{shard.name}.json", _record(shard, s))
+    return shard
+
+
+def _record(shard: Shard, settings: dict) -> dict:
+    return {"settings": settings["key"], **asdict(shard)}
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _reusable(shard: Shard, settings: dict) -> Shard | None:
+    """The finished record of ``shard`` when its source, tokenizer and settings are unchanged."""
+    out = Path(settings["output"])
+    record = _read_json(out / "shards" / f"{shard.name}.json")
+    if record is None:
+        return None
+    if record.get("settings") != settings["key"] or record.get("source") != shard.source:
+        return None
+    if record.get("source_sha256") != _sha256(shard.source):
+        return None
+    if not all(is_complete(out / split / shard.name) for split in record["idx_sha256"]):
+        return None
+    record.pop("settings")
+    return Shard(**record)
+
+
+# -- the whole dataset ---------------------------------------------------------------------------
+def prepare(cfg: PrepareConfig, log: Callable[[str], None] = print) -> dict:
+    """Prepare ``cfg.output`` (see the module doc); returns the manifest."""
+    from mtp_megatron.data.tokenizer import load_hf_tokenizer, token_dtype
+
+    cfg.validate()
+    tok = load_hf_tokenizer(cfg.tokenizer, cfg.eod_token)
+    out = Path(cfg.output).resolve()
+    shards = list_shards(cfg.inputs)
+    key = {
+        "format": FORMAT,
+        "tokenizer_sha256": tok.sha256,
+        "eod_id": tok.eod_id,
+        "text_field": cfg.text_field,
+        "validation_fraction": cfg.validation_fraction,
+        "split_seed": cfg.split_seed,
+    }
+    settings = {**key, "key": key, "output": str(out)}
+    todo, done = [], {}
+    for shard in shards:
+        reused = _reusable(shard, settings)
+        if reused is None:
+            todo.append(shard)
+        else:
+            done[shard.index] = reused
+    log(
+        f"prepare: {len(shards)} shards ({len(done)} already done), tokenizer {tok.file} "
+        f"(vocabulary {tok.vocab_size:,}, end of document {tok.eod_token!r} = {tok.eod_id}), "
+        f"{cfg.workers} worker(s) -> {out}"
+    )
+    if todo:  # rewritten last, once every shard is done
+        (out / MANIFEST).unlink(missing_ok=True)
+    progress = _Progress(sum(os.path.getsize(s.source) for s in todo), log)
+    init = (cfg.tokenizer, cfg.eod_token, settings)
+    if cfg.workers == 1 or len(todo) <= 1:
+        _init_worker(*init, one_thread=False)
+        results: Iterator[Shard] = map(_prepare_shard, todo)
+        for shard in results:
+            done[shard.index] = shard
+            progress.shard_done(shard, len(done), len(shards))
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(cfg.workers, _init_worker, (*init, True)) as pool:
+            for shard in pool.imap_unordered(_prepare_shard, todo):
+                done[shard.index] = shard
+                progress.shard_done(shard, len(done), len(shards))
+    manifest = _manifest(cfg, tok, token_dtype(tok.vocab_size), [done[i] for i in sorted(done)])
+    if _read_json(out / MANIFEST) != manifest:  # a finished dataset is left untouched
+        atomic_write_json(out / MANIFEST, manifest)
+    totals = manifest["totals"]
+    log(
+        f"prepare: done, {totals['documents']['train']:,} train / "
+        f"{totals['documents']['validation']:,} validation documents, "
+        f"{sum(totals['tokens'].values()):,} tokens, skipped {totals['skipped'] or 'nothing'}; "
+        f"fingerprint {manifest['fingerprint'][:16]}"
+    )
+    return manifest
+
+
+def _manifest(cfg: PrepareConfig, tok, dtype, shards: list[Shard]) -> dict:
+    totals = {"documents": Counter(), "tokens": Counter(), "skipped": Counter()}
+    for shard in shards:
+        totals["documents"].update(shard.documents)
+        totals["tokens"].update(shard.tokens)
+        totals["skipped"].update(shard.skipped)
+    body = {
+        "format": FORMAT,
+        "tokenizer": {
+            "file": str(tok.file),
+            "sha256": tok.sha256,
+            "eod_token": tok.eod_token,
+            "eod_id": tok.eod_id,
+            "vocab_size": tok.vocab_size,
+        },
+        "dtype": str(dtype),
+        "text_field": cfg.text_field,
+        "validation_fraction": cfg.validation_fraction,
+        "split_seed": cfg.split_seed,
+        "shards": [asdict(s) for s in shards],
+        "totals": {
+            "documents": {s: totals["documents"][s] for s in SPLITS},
+            "tokens": {s: totals["tokens"][s] for s in SPLITS},
+            "skipped": dict(sorted(totals["skipped"].items())),
+        },
+    }
+    # the fingerprint ignores where the tokenizer file was read from (its sha256 is the tokenizer)
+    hashed = {**body, "tokenizer": {k: v for k, v in body["tokenizer"].items() if k != "file"}}
+    hashed["shards"] = [{k: v for k, v in s.items() if k != "source"} for s in hashed["shards"]]
+    fingerprint = hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()
+    return {**body, "fingerprint": fingerprint}
+
+
+def prefixes(dataset: str | Path, split: str) -> list[tuple[Path, int]]:
+    """(prefix, tokens) of every shard of ``split`` in a prepared dataset, in shard order."""
+    dataset = Path(dataset)
+    path = dataset / MANIFEST
+    if not path.is_file():
+        raise ConfigError(
+            f"{dataset} is no prepared dataset (no {MANIFEST}; an interrupted `prepare` leaves "
+            "none: run it again, finished shards are reused)"
+        )
+    manifest = json.loads(path.read_text())
+    return [
+        (dataset / split / f"shard_{s['index']:05d}", s["tokens"][split])
+        for s in manifest["shards"]
+        if s["documents"].get(split)
+    ]
+
+
+class _Progress:
+    """One line per finished shard (rewritten in place on a terminal): tokens, MB/s, ETA."""
+
+    def __init__(self, total_bytes: int, log: Callable[[str], None]):
+        self.total, self.bytes, self.tokens, self.log = total_bytes, 0, 0, log
+        self.start = time.perf_counter()
+        self.tty = log is print and sys.stdout.isatty()
+
+    def shard_done(self, shard: Shard, done: int, total: int) -> None:
+        self.bytes += shard.bytes
+        self.tokens += sum(shard.tokens.values())
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        rate = self.bytes / elapsed
+        eta = (self.total - self.bytes) / rate if rate > 0 else 0.0
+        line = (
+            f"prepare: {done}/{total} shards, {self.tokens:,} tokens, "
+            f"{self.tokens / elapsed:,.0f} tokens/s, {rate / 1e6:.1f} MB/s, ETA {eta:.0f} s"
+        )
+        if self.tty:
+            print(f"\r{line}", end="\n" if done == total else "", flush=True)
+        else:
+            self.log(line)
+
+
+def main_prepare(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m mtp_megatron prepare",
+        description="Tokenize files into Megatron indexed datasets (train/ and validation/).",
+    )
+    parser.add_argument("inputs", nargs="+", help="files, globs or directories")
+    parser.add_argument("--tokenizer", required=True, help="tokenizer.json or its directory")
+    parser.add_argument("--output", required=True, help="the dataset directory")
+    parser.add_argument("--eod-token", default=None, help="default: eos_token, <|endoftext|>")
+    parser.add_argument("--text-field", default="text", help="text column of .jsonl / .parquet")
+    parser.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    parser.add_argument("--validation-fraction", type=float, default=0.05)
+    parser.add_argument("--split-seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    prepare(
+        PrepareConfig(
+            inputs=args.inputs,
+            tokenizer=args.tokenizer,
+            output=args.output,
+            eod_token=args.eod_token,
+            text_field=args.text_field,
+            validation_fraction=args.validation_fraction,
+            split_seed=args.split_seed,
+            workers=args.workers,
+        )
+    )
+    return 0
