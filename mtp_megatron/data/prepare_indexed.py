@@ -5,7 +5,8 @@
     OUTPUT/shards/shard_00000.json           a finished shard's record (written after its files)
     OUTPUT/manifest.json                     written last: the dataset is complete iff present
 
-Each input file is a shard, tokenized by one worker process (one tokenizer thread each,
+Input files are grouped, in order, into shards of about ``shard_mb`` (a larger file is a shard
+of its own); each shard is tokenized by one worker process (one tokenizer thread each,
 ``encode_batch_fast``) and streamed (``data/documents.py``: memory bounded by the shard, never
 by the corpus). A document goes to validation when the hash of its key (shard path and row) and
 ``split_seed`` falls under ``validation_fraction`` (the split of ``data/split.py``: a document's
@@ -63,6 +64,9 @@ class PrepareConfig:
     """Salt of that hash."""
     workers: int = 1
     """Tokenizer processes (1: in this process)."""
+    shard_mb: float = 64.0
+    """Consecutive small input files are grouped into shards of about this size (the unit of
+    work, reuse and output files)."""
 
     def validate(self) -> None:
         if not self.inputs:
@@ -72,20 +76,27 @@ class PrepareConfig:
             raise ConfigError(f"--validation-fraction={frac!r} is invalid: must be in [0, 1)")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
             raise ConfigError(f"--workers={self.workers!r} is invalid: must be an integer >= 1")
+        if (
+            isinstance(self.shard_mb, bool)
+            or not isinstance(self.shard_mb, (int, float))
+            or (self.shard_mb <= 0)
+        ):
+            raise ConfigError(f"--shard-mb={self.shard_mb!r} is invalid: must be a number > 0")
         if not self.text_field:
             raise ConfigError("--text-field must be a non-empty column name")
 
 
 @dataclass
 class Shard:
-    """One input file and what it became."""
+    """Consecutive input files and what they became."""
 
     index: int
-    source: str
-    """Its path as given (absolute)."""
-    key: str
-    """The name its documents' keys start with: the path relative to its input root."""
+    sources: list[str]
+    """The files' absolute paths."""
+    keys: list[str]
+    """The names their documents' keys start with: each path relative to its input root."""
     source_sha256: str = ""
+    """sha256 over the files' contents, in order."""
     documents: dict[str, int] = field(default_factory=dict)
     """Per split."""
     tokens: dict[str, int] = field(default_factory=dict)
@@ -100,8 +111,9 @@ class Shard:
         return f"shard_{self.index:05d}"
 
 
-def list_shards(inputs: list[str]) -> list[Shard]:
-    """Every input file, in a deterministic order: inputs in order, each expanded sorted."""
+def list_shards(inputs: list[str], shard_mb: float = 64.0) -> list[Shard]:
+    """Every input file, in a deterministic order (inputs in order, each expanded sorted),
+    grouped into shards of about ``shard_mb``."""
     found: list[tuple[str, str]] = []
     for item in inputs:
         path = Path(item)
@@ -131,7 +143,21 @@ def list_shards(inputs: list[str]) -> list[Shard]:
             f"prepare: two inputs are both named {duplicate!r}; documents are keyed by name "
             "(the split hashes it): rename one or pass their common parent directory"
         )
-    return [Shard(i, source, key) for i, (source, key) in enumerate(found)]
+    shards: list[Shard] = []
+    size, limit = 0, shard_mb * 1e6
+    for source, key in found:
+        file_size = os.path.getsize(source)
+        if not shards or size + file_size > limit:
+            shards.append(Shard(len(shards), [], []))
+            size = 0
+        shards[-1].sources.append(source)
+        shards[-1].keys.append(key)
+        size += file_size
+    return shards
+
+
+def _sources_sha256(sources: list[str]) -> str:
+    return hashlib.sha256("".join(_sha256(f) for f in sources).encode()).hexdigest()
 
 
 def _sha256(path: str) -> str:
@@ -175,8 +201,8 @@ def _prepare_shard(shard: Shard) -> Shard:
     tok, s = _WORKER["tok"], _WORKER["settings"]
     out = Path(s["output"])
     dtype = token_dtype(tok.vocab_size)
-    shard.source_sha256 = _sha256(shard.source)
-    shard.bytes = os.path.getsize(shard.source)
+    shard.source_sha256 = _sources_sha256(shard.sources)
+    shard.bytes = sum(os.path.getsize(f) for f in shard.sources)
     skipped: Counter = Counter()
     writers = {
         split: IndexedWriter(out / split / shard.name, dtype) for split in SPLITS
@@ -184,7 +210,11 @@ def _prepare_shard(shard: Shard) -> Shard:
     try:
         eod = np.array([tok.eod_id], dtype=np.int64)
         encode = tok.tokenizer.encode_batch_fast
-        docs = iter_documents(Path(shard.source), shard.key, s["text_field"], skipped)
+        docs = (
+            doc
+            for source, key in zip(shard.sources, shard.keys)
+            for doc in iter_documents(Path(source), key, s["text_field"], skipped)
+        )
         for batch in _batches(docs):
             for (key, _), enc in zip(
                 batch, encode([t for _, t in batch], add_special_tokens=False)
@@ -224,9 +254,9 @@ def _reusable(shard: Shard, settings: dict) -> Shard | None:
     record = _read_json(out / "shards" / f"{shard.name}.json")
     if record is None:
         return None
-    if record.get("settings") != settings["key"] or record.get("source") != shard.source:
+    if record.get("settings") != settings["key"] or record.get("sources") != shard.sources:
         return None
-    if record.get("source_sha256") != _sha256(shard.source):
+    if record.get("source_sha256") != _sources_sha256(shard.sources):
         return None
     if not all(is_complete(out / split / shard.name) for split in record["idx_sha256"]):
         return None
@@ -242,7 +272,7 @@ def prepare(cfg: PrepareConfig, log: Callable[[str], None] = print) -> dict:
     cfg.validate()
     tok = load_hf_tokenizer(cfg.tokenizer, cfg.eod_token)
     out = Path(cfg.output).resolve()
-    shards = list_shards(cfg.inputs)
+    shards = list_shards(cfg.inputs, cfg.shard_mb)
     key = {
         "format": FORMAT,
         "tokenizer_sha256": tok.sha256,
@@ -266,7 +296,7 @@ def prepare(cfg: PrepareConfig, log: Callable[[str], None] = print) -> dict:
     )
     if todo:  # rewritten last, once every shard is done
         (out / MANIFEST).unlink(missing_ok=True)
-    progress = _Progress(sum(os.path.getsize(s.source) for s in todo), log)
+    progress = _Progress(sum(os.path.getsize(f) for s in todo for f in s.sources), log)
     init = (cfg.tokenizer, cfg.eod_token, settings)
     if cfg.workers == 1 or len(todo) <= 1:
         _init_worker(*init, one_thread=False)
@@ -321,7 +351,7 @@ def _manifest(cfg: PrepareConfig, tok, dtype, shards: list[Shard]) -> dict:
     }
     # the fingerprint ignores where the tokenizer file was read from (its sha256 is the tokenizer)
     hashed = {**body, "tokenizer": {k: v for k, v in body["tokenizer"].items() if k != "file"}}
-    hashed["shards"] = [{k: v for k, v in s.items() if k != "source"} for s in hashed["shards"]]
+    hashed["shards"] = [{k: v for k, v in s.items() if k != "sources"} for s in hashed["shards"]]
     fingerprint = hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()
     return {**body, "fingerprint": fingerprint}
 
@@ -346,15 +376,22 @@ def prefixes(dataset: str | Path, split: str) -> list[tuple[Path, int]]:
 class _Progress:
     """One line per finished shard (rewritten in place on a terminal): tokens, MB/s, ETA."""
 
+    EVERY_S = 10.0
+    """Plain lines (not a terminal) at most this often, and at the end."""
+
     def __init__(self, total_bytes: int, log: Callable[[str], None]):
         self.total, self.bytes, self.tokens, self.log = total_bytes, 0, 0, log
-        self.start = time.perf_counter()
+        self.start = self.last = time.perf_counter()
         self.tty = log is print and sys.stdout.isatty()
 
     def shard_done(self, shard: Shard, done: int, total: int) -> None:
         self.bytes += shard.bytes
         self.tokens += sum(shard.tokens.values())
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        now = time.perf_counter()
+        if not self.tty and done < total and now - self.last < self.EVERY_S:
+            return
+        self.last = now
+        elapsed = max(now - self.start, 1e-9)
         rate = self.bytes / elapsed
         eta = (self.total - self.bytes) / rate if rate > 0 else 0.0
         line = (
@@ -382,6 +419,7 @@ def main_prepare(argv: list[str]) -> int:
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     parser.add_argument("--validation-fraction", type=float, default=0.05)
     parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--shard-mb", type=float, default=64.0, help="input grouped per shard")
     args = parser.parse_args(argv)
     prepare(
         PrepareConfig(
@@ -393,6 +431,7 @@ def main_prepare(argv: list[str]) -> int:
             validation_fraction=args.validation_fraction,
             split_seed=args.split_seed,
             workers=args.workers,
+            shard_mb=args.shard_mb,
         )
     )
     return 0

@@ -137,9 +137,24 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 
 def _config(corpus: Path, tok: Path, out: Path, **kw) -> PrepareConfig:
+    """Every input file its own shard unless ``shard_mb`` says otherwise."""
+    kw.setdefault("shard_mb", 1e-6)
     return PrepareConfig(
         inputs=[str(corpus)], tokenizer=str(tok), output=str(out), validation_fraction=0.2, **kw
     )
+
+
+def _decoded(dataset: Path, hf) -> Counter:
+    """Every document read back through megatron-core, decoded, checked to end with EOD."""
+    decoded = Counter()
+    for split in ("train", "validation"):
+        for prefix, tokens in prefixes(dataset, split):
+            docs = _read_prefix(prefix)
+            assert sum(map(len, docs)) == tokens
+            for ids in docs:
+                assert ids[-1] == hf.eod_id
+                decoded[hf.tokenizer.decode(ids[:-1])] += 1
+    return decoded
 
 
 def test_prepare_is_independent_of_workers_and_counts_what_it_skips(tmp_path):
@@ -161,15 +176,13 @@ def test_prepare_is_independent_of_workers_and_counts_what_it_skips(tmp_path):
     assert totals["documents"]["validation"] > 0 and one["dtype"] == "uint16"
     # read back through megatron-core: every document once, encoded, ending with </s>
     hf = load_hf_tokenizer(tok)
-    decoded = Counter()
-    for split in ("train", "validation"):
-        for prefix, tokens in prefixes(tmp_path / "one", split):
-            docs = _read_prefix(prefix)
-            assert sum(map(len, docs)) == tokens
-            for ids in docs:
-                assert ids[-1] == hf.eod_id
-                decoded[hf.tokenizer.decode(ids[:-1])] += 1
-    assert decoded == Counter(TEXTS + ["# notes\n\nsome *markdown*\n"])
+    expected = Counter(TEXTS + ["# notes\n\nsome *markdown*\n"])
+    assert _decoded(tmp_path / "one", hf) == expected
+    # small files grouped into shards of ~1 kB: fewer shards, the same documents and split
+    grouped = prepare(_config(corpus, tok, tmp_path / "grouped", shard_mb=1e-3), lambda _: None)
+    assert 1 < len(grouped["shards"]) < len(one["shards"])
+    assert grouped["totals"] == one["totals"]
+    assert _decoded(tmp_path / "grouped", hf) == expected
 
 
 def test_a_crash_leaves_no_manifest_and_the_rerun_reuses_finished_shards(tmp_path, monkeypatch):
