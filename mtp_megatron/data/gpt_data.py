@@ -1,0 +1,203 @@
+"""Blends of Megatron indexed datasets read through megatron-core's GPTDataset, without its
+sharp edges.
+
+megatron-core's ``BlendedMegatronDatasetBuilder`` builds a ``GPTDataset`` per prefix and a
+``BlendedDataset`` over them (a sample is a pure function of its index given the data, seed,
+sequence length, blend and the requested number of samples). Its index cache is keyed without
+the data's content, written with plain ``numpy.save`` (a killed writer leaves a truncated file
+trusted forever) and assumes a directory every rank sees. Here:
+
+- the cache lives under ``cache_root/<key>/``, the key hashing every prefix's ``.idx`` (the
+  document lengths the indices are made from), the weights, sequence length, seed, sample counts
+  and the megatron-core version: changed data can never hit stale indices;
+- global rank 0 builds under a file lock and writes ``complete.json`` last; an entry without it
+  is removed and rebuilt; the other ranks load after a barrier;
+- before anything is built, every rank checks that it sees the file rank 0 wrote into the entry
+  (a cache directory that is not shared gives a clear error on every rank, not a hang);
+- ``create_attention_mask=False`` and ``split=None`` (``blend_per_split``: the train /
+  validation split is the prepared dataset's own, per document).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mtp_megatron.config import ConfigError
+from mtp_megatron.data.cache import atomic_write_json, file_lock
+
+MARKER = "complete.json"
+_PROBE = "owner.json"
+
+
+@dataclass(frozen=True)
+class BlendPart:
+    """One dataset of a blend."""
+
+    prefix: str
+    """A Megatron indexed dataset (``prefix.bin`` / ``prefix.idx``)."""
+    weight: float = 1.0
+    """Its share of the samples (normalised over the blend)."""
+
+
+class _EodTokenizer:
+    """What GPTDataset reads of a tokenizer: its end-of-document id and vocabulary size (the
+    data is tokenized already; no pad token: every position is trained on)."""
+
+    def __init__(self, eod: int, vocab_size: int):
+        self.eod, self.vocab_size, self.pad = eod, vocab_size, -1
+        self.unique_identifiers = {"class": "EodTokenizer", "eod": eod, "vocab_size": vocab_size}
+
+
+@dataclass
+class GPTData:
+    """The built datasets: ``train[i]`` / ``validation[i]`` give megatron's sample dicts."""
+
+    train: torch.utils.data.Dataset
+    validation: torch.utils.data.Dataset | None
+    cache_dir: Path
+    """This build's cache entry."""
+    built: bool
+    """True when this call built the entry (False: it was complete already)."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_parts(parts: list[BlendPart], name: str) -> None:
+    if not parts:
+        raise ConfigError(f"data.{name}: the blend is empty; list at least one prefix")
+    for part in parts:
+        missing = [s for s in (".bin", ".idx") if not Path(part.prefix + s).is_file()]
+        if missing:
+            raise ConfigError(
+                f"data.{name}: {part.prefix} is no indexed dataset (no {' / '.join(missing)}); "
+                "write one with `python -m mtp_megatron prepare`"
+            )
+        if not (isinstance(part.weight, (int, float)) and part.weight > 0):
+            raise ConfigError(f"data.{name}: weight {part.weight!r} of {part.prefix} must be > 0")
+
+
+def cache_key(
+    train: list[BlendPart],
+    validation: list[BlendPart] | None,
+    seq_len: int,
+    seed: int,
+    samples: tuple[int, int],
+) -> str:
+    """What the indices depend on, hashed (see the module doc)."""
+    from importlib.metadata import version
+
+    def parts(blend):
+        return [(p.weight, _sha256(Path(p.prefix + ".idx"))) for p in blend or []]
+
+    body = {
+        "train": parts(train),
+        "validation": parts(validation),
+        "seq_len": seq_len,
+        "seed": seed,
+        "samples": list(samples),
+        "megatron_core": version("megatron-core"),
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _agree_shared(entry: Path, rank: int, world: int) -> None:
+    """Every rank sees the token rank 0 wrote into ``entry``, or every rank raises."""
+    token = [secrets.token_hex(8) if rank == 0 else None]
+    if rank == 0:
+        atomic_write_json(entry / _PROBE, {"token": token[0], "host": os.uname().nodename})
+    if world == 1:
+        return
+    dist.broadcast_object_list(token, src=0)
+    probe = entry / _PROBE
+    sees = probe.is_file() and json.loads(probe.read_text()).get("token") == token[0]
+    flags: list = [None] * world
+    dist.all_gather_object(flags, (sees, os.uname().nodename))
+    blind = [f"rank {r} ({host})" for r, (ok, host) in enumerate(flags) if not ok]
+    if blind:
+        raise ConfigError(
+            f"the data cache {entry.parent} is not shared by every rank: {', '.join(blind)} "
+            f"cannot see what rank 0 wrote there; set data.cache_dir to a directory on a file "
+            "system every node mounts (e.g. the run's shared storage)"
+        )
+
+
+def build_gpt_data(
+    train: list[BlendPart],
+    validation: list[BlendPart] | None,
+    *,
+    seq_len: int,
+    seed: int,
+    train_samples: int,
+    validation_samples: int,
+    eod_id: int,
+    vocab_size: int,
+    cache_root: str | Path,
+) -> GPTData:
+    """The blended train (and validation) GPTDatasets; collective over the default group."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    _check_parts(train, "train")
+    if validation is not None:
+        _check_parts(validation, "validation")
+    samples = (train_samples, validation_samples if validation else 0)
+    key = cache_key(train, validation, seq_len, seed, samples)
+    root = Path(cache_root).resolve()
+    entry = root / key
+    rank, world = _world()
+    built = False
+    if rank == 0:
+        with file_lock(root / f"{key}.lock", log=lambda _: None):
+            if not (entry / MARKER).is_file():
+                shutil.rmtree(entry, ignore_errors=True)  # a crashed build's leftovers
+                built = True
+            entry.mkdir(parents=True, exist_ok=True)
+    _agree_shared(entry, rank, world)
+
+    def blend(parts):
+        return ([p.prefix for p in parts], [float(p.weight) for p in parts]) if parts else None
+
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_len,
+        blend_per_split=[blend(train), blend(validation), None],
+        path_to_cache=str(entry),
+        tokenizer=_EodTokenizer(eod_id, vocab_size),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+    )
+    sizes = [train_samples, validation_samples if validation else None, None]
+    # megatron builds on global rank 0 first, then (after its barrier) loads on the others
+    train_ds, valid_ds, _ = BlendedMegatronDatasetBuilder(
+        GPTDataset, sizes, lambda: True, config
+    ).build()
+    if rank == 0 and built:
+        atomic_write_json(entry / MARKER, {"key": key, "samples": list(samples)})
+    if world > 1:
+        dist.barrier()
+    return GPTData(train_ds, valid_ds, entry, built)
