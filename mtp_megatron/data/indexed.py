@@ -96,25 +96,8 @@ class IndexedWriter:
         os.fsync(self._bin.fileno())
         self._bin.close()
         os.replace(self._bin_tmp, f"{self.prefix}.bin")
-        lengths = np.asarray(self._lengths, dtype=np.int32)
-        offsets = np.zeros(len(lengths), dtype=np.int64)
-        if len(lengths) > 1:
-            np.cumsum(lengths[:-1].astype(np.int64) * self.dtype.itemsize, out=offsets[1:])
-        boundaries = np.arange(len(lengths) + 1, dtype=np.int64)  # one sequence per document
-        idx_tmp = self._tmp(".idx")
-        with open(idx_tmp, "wb") as f:
-            f.write(HEADER)
-            f.write(struct.pack("<Q", 1))
-            f.write(struct.pack("<B", DTYPE_CODES[self.dtype]))
-            f.write(struct.pack("<Q", len(lengths)))
-            f.write(struct.pack("<Q", len(boundaries)))
-            f.write(lengths.tobytes(order="C"))
-            f.write(offsets.tobytes(order="C"))
-            f.write(boundaries.tobytes(order="C"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(idx_tmp, f"{self.prefix}.idx")
-        return IndexedStats(len(lengths), self._tokens, _sha256(Path(f"{self.prefix}.idx")))
+        write_index(self.prefix, self.dtype, np.asarray(self._lengths, dtype=np.int64))
+        return IndexedStats(self.documents, self._tokens, _sha256(Path(f"{self.prefix}.idx")))
 
     def abort(self) -> None:
         """Drop what was written (nothing appears under the prefix)."""
@@ -129,6 +112,35 @@ class IndexedWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.abort()
+
+
+def write_index(
+    prefix: str | Path, dtype: np.dtype, lengths: np.ndarray, base_offset: int = 0
+) -> Path:
+    """Write ``prefix.idx`` (through a temporary name) for documents of ``lengths`` tokens laid
+    out back to back in ``prefix.bin`` from byte ``base_offset`` (a header the data file has)."""
+    dtype, lengths = np.dtype(dtype), np.asarray(lengths, dtype=np.int64)
+    if len(lengths) and int(lengths.max()) > np.iinfo(np.int32).max:
+        raise ValueError(f"a document of {int(lengths.max()):,} tokens does not fit the index")
+    offsets = np.full(len(lengths), base_offset, dtype=np.int64)
+    if len(lengths) > 1:
+        offsets[1:] += np.cumsum(lengths[:-1] * dtype.itemsize)
+    boundaries = np.arange(len(lengths) + 1, dtype=np.int64)  # one sequence per document
+    path = Path(f"{prefix}.idx")
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(HEADER)
+        f.write(struct.pack("<Q", 1))
+        f.write(struct.pack("<B", DTYPE_CODES[dtype]))
+        f.write(struct.pack("<Q", len(lengths)))
+        f.write(struct.pack("<Q", len(boundaries)))
+        f.write(lengths.astype(np.int32).tobytes(order="C"))
+        f.write(offsets.tobytes(order="C"))
+        f.write(boundaries.tobytes(order="C"))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
 
 
 def is_complete(prefix: str | Path) -> bool:

@@ -349,11 +349,20 @@ def _manifest(cfg: PrepareConfig, tok, dtype, shards: list[Shard]) -> dict:
             "skipped": dict(sorted(totals["skipped"].items())),
         },
     }
-    # the fingerprint ignores where the tokenizer file was read from (its sha256 is the tokenizer)
-    hashed = {**body, "tokenizer": {k: v for k, v in body["tokenizer"].items() if k != "file"}}
-    hashed["shards"] = [{k: v for k, v in s.items() if k != "sources"} for s in hashed["shards"]]
-    fingerprint = hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()
-    return {**body, "fingerprint": fingerprint}
+    return {**body, "fingerprint": fingerprint(body)}
+
+
+def fingerprint(manifest: dict) -> str:
+    """sha256 of a manifest's content, where files were read from left out (the tokenizer's
+    and each shard's ``.idx`` sha256 stand for what they hold)."""
+    hashed = dict(manifest)
+    hashed.pop("fingerprint", None)
+    if "tokenizer" in hashed:
+        hashed["tokenizer"] = {k: v for k, v in hashed["tokenizer"].items() if k != "file"}
+    hashed["shards"] = [
+        {k: v for k, v in s.items() if k not in ("sources", "prefixes")} for s in hashed["shards"]
+    ]
+    return hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()
 
 
 def prefixes(dataset: str | Path, split: str) -> list[tuple[Path, int]]:
@@ -367,7 +376,10 @@ def prefixes(dataset: str | Path, split: str) -> list[tuple[Path, int]]:
         )
     manifest = json.loads(path.read_text())
     return [
-        (dataset / split / f"shard_{s['index']:05d}", s["tokens"][split])
+        (
+            Path(s.get("prefixes", {}).get(split, dataset / split / f"shard_{s['index']:05d}")),
+            s["tokens"][split],
+        )
         for s in manifest["shards"]
         if s["documents"].get(split)
     ]
@@ -409,18 +421,53 @@ def main_prepare(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(
         prog="python -m mtp_megatron prepare",
-        description="Tokenize files into Megatron indexed datasets (train/ and validation/).",
+        description="Tokenize files into Megatron indexed datasets (train/ and validation/), or "
+        "record existing Megatron prefixes / flat token files as a dataset.",
     )
-    parser.add_argument("inputs", nargs="+", help="files, globs or directories")
-    parser.add_argument("--tokenizer", required=True, help="tokenizer.json or its directory")
+    parser.add_argument("inputs", nargs="*", help="files, globs or directories to tokenize")
     parser.add_argument("--output", required=True, help="the dataset directory")
+    parser.add_argument("--tokenizer", help="tokenizer.json or its directory")
     parser.add_argument("--eod-token", default=None, help="default: eos_token, <|endoftext|>")
     parser.add_argument("--text-field", default="text", help="text column of .jsonl / .parquet")
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     parser.add_argument("--validation-fraction", type=float, default=0.05)
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--shard-mb", type=float, default=64.0, help="input grouped per shard")
+    imports = parser.add_argument_group("importing token data made elsewhere (not copied)")
+    imports.add_argument("--from-megatron", nargs="+", metavar="PREFIX", help=".bin/.idx prefixes")
+    imports.add_argument("--from-numpy", nargs="+", metavar="GLOB", help="flat token files")
+    imports.add_argument("--dtype", choices=["uint16", "uint32", "int32"], help="--from-numpy ids")
+    imports.add_argument("--eod", type=int, help="end-of-document id (--from-numpy: required)")
+    imports.add_argument(
+        "--validation",
+        nargs="+",
+        metavar="PREFIX_OR_GLOB",
+        default=[],
+        help="the validation split's prefixes / files (same kind)",
+    )
     args = parser.parse_args(argv)
+    if args.from_megatron or args.from_numpy:
+        from mtp_megatron.data.importers import import_data
+
+        if args.from_megatron and args.from_numpy:
+            raise ConfigError("prepare: --from-megatron and --from-numpy are separate datasets")
+        if args.inputs or args.tokenizer:
+            raise ConfigError("prepare: an import takes no text inputs or --tokenizer")
+        given = {"train": args.from_megatron or args.from_numpy}
+        if args.validation:
+            given["validation"] = args.validation
+        kind = "megatron" if args.from_megatron else "numpy"
+        manifest = import_data(args.output, **{kind: given}, dtype=args.dtype, eod=args.eod)
+        totals = manifest["totals"]
+        print(
+            f"prepare: imported {len(manifest['shards'])} {kind} file(s), "
+            f"{totals['documents']['train']:,} train / {totals['documents']['validation']:,} "
+            f"validation documents, {sum(totals['tokens'].values()):,} tokens, largest id "
+            f"{manifest['max_token_id']}; fingerprint {manifest['fingerprint'][:16]}"
+        )
+        return 0
+    if not args.tokenizer:
+        raise ConfigError("prepare: --tokenizer is required to tokenize text inputs")
     prepare(
         PrepareConfig(
             inputs=args.inputs,
