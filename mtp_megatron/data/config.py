@@ -24,6 +24,17 @@ def _is_int(value: Any) -> bool:
 
 
 @dataclass
+class BlendEntry:
+    """One dataset of a training or validation blend."""
+
+    path: str
+    """A dataset directory written by ``prepare`` (all its shards of the split, each weighted
+    by its tokens) or one Megatron indexed prefix (``path.bin`` / ``path.idx``)."""
+    weight: float = 1.0
+    """Its share of the samples, normalised over the blend."""
+
+
+@dataclass
 class DataConfig:
     """The corpus, its train/validation split, and the cache of tokenizer and token streams."""
 
@@ -44,8 +55,37 @@ class DataConfig:
     """Stop reading once this many bytes are read (the file that crosses the limit is kept)."""
     shuffle_seed: int = 1234
     """Order of the training documents in the token stream; the trainer's TokenBatches seed."""
+    train: list[BlendEntry] | None = None
+    """Train on a blend of prepared indexed datasets, read through megatron-core's GPTDataset,
+    instead of ``source`` (which is then ignored). The number of samples drawn is train.steps x
+    the global batch; the sample order depends on it."""
+    validation: list[BlendEntry] | None = None
+    """The validation blend; None: the validation shards of the ``train`` entries' datasets."""
+    tokenizer: str | None = None
+    """The tokenizer.json the ids of ``train`` come from (decoding needs it); None: the one the
+    prepared datasets record."""
 
     def validate(self, path: str = "data") -> None:
+        for name in ("train", "validation"):
+            for i, entry in enumerate(getattr(self, name) or []):
+                where = f"{path}.{name}[{i}]"
+                full = os.path.abspath(entry.path)
+                if not (os.path.isdir(full) or os.path.isfile(full + ".idx")):
+                    _fail(
+                        f"{where}.path",
+                        entry.path,
+                        f"{full} is neither a dataset directory nor an indexed prefix "
+                        "(PATH.idx); write one with `python -m mtp_megatron prepare`",
+                    )
+                w = entry.weight
+                if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0:
+                    _fail(f"{where}.weight", w, "must be a number > 0")
+        if self.train is not None and not self.train:
+            _fail(f"{path}.train", self.train, "must list at least one dataset (or be null)")
+        if self.validation is not None and self.train is None:
+            _fail(f"{path}.validation", self.validation, "needs data.train (an indexed blend)")
+        if self.tokenizer is not None and not os.path.exists(self.tokenizer):
+            _fail(f"{path}.tokenizer", self.tokenizer, "no such file or directory")
         src = self.source
         if not isinstance(src, str) or not src:
             _fail(f"{path}.source", src, "must be 'stdlib', a local path or 'hf:NAME[:CONFIG]'")

@@ -65,6 +65,8 @@ class GPTData:
     validation: torch.utils.data.Dataset | None
     cache_dir: Path
     """This build's cache entry."""
+    key: str
+    """Its name: the hash of what the samples depend on (``cache_key``)."""
     built: bool
     """True when this call built the entry (False: it was complete already)."""
 
@@ -200,4 +202,4 @@ def build_gpt_data(
         atomic_write_json(entry / MARKER, {"key": key, "samples": list(samples)})
     if world > 1:
         dist.barrier()
-    return GPTData(train_ds, valid_ds, entry, built)
+    return GPTData(train_ds, valid_ds, entry, key, built)

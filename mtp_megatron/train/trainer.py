@@ -229,6 +229,9 @@ class _Trainer:
     # -- set-up ----------------------------------------------------------------------------------
     def _prepare_data(self) -> None:
         recipe, tcfg, layout = self.recipe, self.tcfg, self.layout
+        if recipe.data.train is not None:  # a blend of indexed datasets, through GPTDataset
+            self._prepare_indexed_data()
+            return
         self.data = prepare_data(recipe.data, recipe.model.vocab_size, log=self.say)
         self.batches = TokenBatches(
             self.data.train,
@@ -243,9 +246,43 @@ class _Trainer:
         except ValueError as e:
             raise ConfigError(f"data: {e}") from None
 
+    def _prepare_indexed_data(self) -> None:
+        from mtp_megatron.data.indexed_loader import IndexedBatches, prepare_indexed_data
+
+        recipe, tcfg, layout = self.recipe, self.tcfg, self.layout
+        per_step = tcfg.micro_batch_size * tcfg.grad_accum * layout.data_parallel_size
+        evaluated = tcfg.micro_batch_size * layout.data_parallel_size * max(tcfg.eval_batches, 1)
+        self.data = prepare_indexed_data(
+            recipe.data,
+            recipe.model.vocab_size,
+            recipe.seq_len,
+            train_samples=tcfg.steps * per_step,
+            validation_samples=evaluated,
+            seed=tcfg.seed,
+            log=self.say,
+        )
+        self.batches = IndexedBatches(
+            self.data,
+            recipe.seq_len,
+            tcfg.micro_batch_size,
+            layout.data_parallel_rank,
+            layout.data_parallel_size,
+        )
+        self._val_batches()  # raises now, not at the first evaluation, when too small
+
     def _val_batches(self):
         # every DP rank runs the same number of batches (ZeRO-3 gathers are collective)
         layout, tcfg = self.layout, self.tcfg
+        if self.recipe.data.train is not None:
+            from mtp_megatron.data.indexed_loader import indexed_eval_batches
+
+            return indexed_eval_batches(
+                self.data.validation,
+                tcfg.micro_batch_size,
+                tcfg.eval_batches * layout.data_parallel_size,
+                layout.data_parallel_rank,
+                layout.data_parallel_size,
+            )
         return eval_batches(
             self.data.validation,
             self.recipe.seq_len,

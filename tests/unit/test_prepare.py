@@ -10,36 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from mtp_megatron.config import ConfigError
 from mtp_megatron.data import prepare_indexed
 from mtp_megatron.data.indexed import IndexedWriter
 from mtp_megatron.data.prepare_indexed import PrepareConfig, prefixes, prepare
 from mtp_megatron.data.tokenizer import load_hf_tokenizer
-
-TEXTS = [f"def f{i}(x):\n    return x * {i} + {i * i}  # line {i}\n" for i in range(60)]
-
-
-def _tokenizer_dir(tmp_path: Path, end: str | None = "</s>", config: bool = True) -> Path:
-    """A small byte-level BPE whose end token is ``end`` (saved as a HF tokenizer directory)."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    special = ["<s>", end] if end else ["<s>"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=special,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(TEXTS, trainer)
-    folder = tmp_path / ("tok-" + (end or "none").strip("<>/"))
-    folder.mkdir()
-    tok.save(str(folder / "tokenizer.json"))
-    if config and end:
-        (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": end}))
-    return folder
+from tests.cases.indexed import TEXTS, tokenizer_dir
 
 
 def _read_prefix(prefix: Path) -> list[list[int]]:
@@ -80,18 +57,18 @@ def test_writer_refuses_an_id_its_dtype_cannot_hold_and_leaves_nothing(tmp_path)
 
 
 def test_hf_tokenizer_end_of_document_token(tmp_path):
-    folder = _tokenizer_dir(tmp_path, "</s>")
+    folder = tokenizer_dir(tmp_path, "</s>")
     from_config = load_hf_tokenizer(folder)  # tokenizer_config.json's eos_token
     assert from_config.eod_token == "</s>" and from_config.eod_id == 1
     (tmp_path / "bare").mkdir()
-    bare = _tokenizer_dir(tmp_path / "bare", "</s>", config=False)
+    bare = tokenizer_dir(tmp_path / "bare", "</s>", config=False)
     from_recipe = load_hf_tokenizer(bare / "tokenizer.json", eod_token="</s>")
     assert from_recipe.eod_id == 1 and from_recipe.vocab_size == from_config.vocab_size
     with pytest.raises(ConfigError, match=r"tried '<\|endoftext\|>' \(the default\)"):
         load_hf_tokenizer(bare / "tokenizer.json")  # no end token anywhere it looks
     with pytest.raises(ConfigError, match=r"tried '<eot>' \(the recipe's eod_token\)"):
         load_hf_tokenizer(folder, eod_token="<eot>")  # an explicit choice must exist
-    none = _tokenizer_dir(tmp_path, None)
+    none = tokenizer_dir(tmp_path, None)
     with pytest.raises(ConfigError, match="no end-of-document token"):
         load_hf_tokenizer(none)
     empty = tmp_path / "empty"
@@ -158,7 +135,7 @@ def _decoded(dataset: Path, hf) -> Counter:
 
 
 def test_prepare_is_independent_of_workers_and_counts_what_it_skips(tmp_path):
-    corpus, tok = _corpus(tmp_path), _tokenizer_dir(tmp_path)
+    corpus, tok = _corpus(tmp_path), tokenizer_dir(tmp_path)
     one = prepare(_config(corpus, tok, tmp_path / "one", workers=1), log=lambda _: None)
     two = prepare(_config(corpus, tok, tmp_path / "two", workers=2), log=lambda _: None)
     assert _files(tmp_path / "one") == _files(tmp_path / "two") != {}
@@ -186,7 +163,7 @@ def test_prepare_is_independent_of_workers_and_counts_what_it_skips(tmp_path):
 
 
 def test_a_crash_leaves_no_manifest_and_the_rerun_reuses_finished_shards(tmp_path, monkeypatch):
-    corpus, tok = _corpus(tmp_path), _tokenizer_dir(tmp_path)
+    corpus, tok = _corpus(tmp_path), tokenizer_dir(tmp_path)
     clean = prepare(_config(corpus, tok, tmp_path / "clean"), log=lambda _: None)
     real = prepare_indexed.iter_documents
     calls = []
@@ -224,7 +201,7 @@ def test_a_crash_leaves_no_manifest_and_the_rerun_reuses_finished_shards(tmp_pat
 def test_prepare_command_and_its_errors(tmp_path, capsys):
     from mtp_megatron.__main__ import main
 
-    corpus, tok = _corpus(tmp_path), _tokenizer_dir(tmp_path)
+    corpus, tok = _corpus(tmp_path), tokenizer_dir(tmp_path)
     out = tmp_path / "out"
     argv = ["prepare", str(corpus / "code"), "--tokenizer", str(tok), "--output", str(out)]
     assert main(argv) == 0
