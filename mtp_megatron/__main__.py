@@ -282,6 +282,11 @@ PASSTHROUGH = {
         "main_bench_memory",
         "Peak memory and step time: NTP vs MTP K=4 plain / sequential / + checkpointing.",
     ),
+    "bench-data": (
+        "mtp_megatron.bench.data_startup",
+        "main_bench_data",
+        "Start-up time and peak RSS of the indexed-data path for 10M / 100M / 1B-token corpora.",
+    ),
     "etd-split": (
         "mtp_megatron.etd_split",
         "main_etd_split",

@@ -80,3 +80,17 @@ def test_gpu_check_runs_its_stages_on_the_cpu(tmp_path):
         "MTP K=3 sequential + checkpointing",
     }
     assert "[gpu-check] summary" in proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_data_runs_and_reports(tmp_path, capsys):
+    """The indexed-data start-up benchmark: synthetic data written, cold and warm starts."""
+    from mtp_megatron.bench.data_startup import main_bench_data, parse_size
+
+    assert parse_size("10M") == 10_000_000 and parse_size("1.5B") == 1_500_000_000
+    with pytest.raises(ConfigError, match="invalid"):
+        parse_size("lots")
+    argv = ["--sizes", "200K", "--dir", str(tmp_path), "--samples", "100"]
+    assert main_bench_data(argv) == 0
+    out = capsys.readouterr().out
+    assert "| 200K tokens |" in out and (tmp_path / "synthetic-200K" / "manifest.json").is_file()
