@@ -19,6 +19,7 @@ crash, the finished ones) and is a no-op when the manifest does. The manifest's 
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import json
@@ -40,6 +41,8 @@ FORMAT = "mtp-megatron-indexed-v1"
 MANIFEST = "manifest.json"
 SPLITS = ("train", "validation")
 SUFFIXES = TEXT_SUFFIXES + ROW_SUFFIXES
+BPE_PREFIX = "bpe:"
+"""``--tokenizer bpe:VOCAB``: train the project's byte-level BPE on the inputs' train split."""
 ENCODE_BATCH = 256
 """Documents per ``encode_batch_fast`` call."""
 
@@ -51,7 +54,8 @@ class PrepareConfig:
     inputs: list[str]
     """Files, globs or directories (searched recursively) of .txt/.py/.md/.jsonl/.parquet."""
     tokenizer: str
-    """A Hugging Face ``tokenizer.json`` or a directory holding one (``save_pretrained``)."""
+    """A Hugging Face ``tokenizer.json`` or a directory holding one (``save_pretrained``), or
+    ``bpe:VOCAB``: the project's byte-level BPE, trained here on the train split."""
     output: str
     """The dataset directory (created; a finished one is reused)."""
     eod_token: str | None = None
@@ -270,9 +274,11 @@ def prepare(cfg: PrepareConfig, log: Callable[[str], None] = print) -> dict:
     from mtp_megatron.data.tokenizer import load_hf_tokenizer, token_dtype
 
     cfg.validate()
-    tok = load_hf_tokenizer(cfg.tokenizer, cfg.eod_token)
     out = Path(cfg.output).resolve()
     shards = list_shards(cfg.inputs, cfg.shard_mb)
+    if cfg.tokenizer.startswith(BPE_PREFIX):
+        cfg = dataclasses.replace(cfg, tokenizer=str(_own_bpe(cfg, shards, out, log)))
+    tok = load_hf_tokenizer(cfg.tokenizer, cfg.eod_token)
     key = {
         "format": FORMAT,
         "tokenizer_sha256": tok.sha256,
@@ -321,6 +327,47 @@ def prepare(cfg: PrepareConfig, log: Callable[[str], None] = print) -> dict:
         f"fingerprint {manifest['fingerprint'][:16]}"
     )
     return manifest
+
+
+def _own_bpe(cfg: PrepareConfig, shards: list[Shard], out: Path, log) -> Path:
+    """``bpe:VOCAB``: the project's byte-level BPE trained on the train split's documents,
+    saved as ``out/tokenizer.json`` (kept while the inputs and split settings are the same)."""
+    from mtp_megatron.data.tokenizer import train_tokenizer
+
+    try:
+        vocab = int(cfg.tokenizer[len(BPE_PREFIX) :])
+    except ValueError:
+        raise ConfigError(
+            f"--tokenizer={cfg.tokenizer!r} is invalid: the project's BPE is 'bpe:VOCAB', "
+            "e.g. bpe:4096"
+        ) from None
+    path, record = out / "tokenizer.json", out / "tokenizer_source.json"
+    source = {
+        "vocab_size": vocab,
+        "inputs": [_sources_sha256(s.sources) for s in shards],
+        "text_field": cfg.text_field,
+        "validation_fraction": cfg.validation_fraction,
+        "split_seed": cfg.split_seed,
+    }
+    if path.is_file() and _read_json(record) == source:
+        return path
+    log(f"prepare: training a byte-level BPE of {vocab:,} tokens on the train split")
+
+    def train_texts():
+        skipped: Counter = Counter()
+        for shard in shards:
+            for src, key in zip(shard.sources, shard.keys):
+                for doc_key, text in iter_documents(Path(src), key, cfg.text_field, skipped):
+                    if unit_hash("split", cfg.split_seed, doc_key) >= cfg.validation_fraction:
+                        yield text
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer(train_texts(), vocab)
+    tmp = out / f".tokenizer.json.tmp.{os.getpid()}"
+    tok.save(str(tmp))
+    os.replace(tmp, path)
+    atomic_write_json(record, source)
+    return path
 
 
 def _manifest(cfg: PrepareConfig, tok, dtype, shards: list[Shard]) -> dict:
@@ -426,7 +473,7 @@ def main_prepare(argv: list[str]) -> int:
     )
     parser.add_argument("inputs", nargs="*", help="files, globs or directories to tokenize")
     parser.add_argument("--output", required=True, help="the dataset directory")
-    parser.add_argument("--tokenizer", help="tokenizer.json or its directory")
+    parser.add_argument("--tokenizer", help="tokenizer.json or its directory, or bpe:VOCAB")
     parser.add_argument("--eod-token", default=None, help="default: eos_token, <|endoftext|>")
     parser.add_argument("--text-field", default="text", help="text column of .jsonl / .parquet")
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes")

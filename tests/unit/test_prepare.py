@@ -214,3 +214,22 @@ def test_prepare_command_and_its_errors(tmp_path, capsys):
     assert "no file, directory or matching glob" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="no prepared dataset"):
         prefixes(tmp_path / "x", "train")
+
+
+def test_the_projects_own_bpe_is_trained_once_on_the_train_split(tmp_path):
+    corpus = _corpus(tmp_path)
+    lines: list[str] = []
+    one = prepare(_config(corpus, "bpe:300", tmp_path / "one", workers=1), log=lines.append)
+    assert any("training a byte-level BPE of 300 tokens" in line for line in lines)
+    two = prepare(_config(corpus, "bpe:300", tmp_path / "two", workers=2), log=lambda _: None)
+    assert _files(tmp_path / "one") == _files(tmp_path / "two")
+    assert one["fingerprint"] == two["fingerprint"]
+    assert one["tokenizer"]["eod_token"] == "<|endoftext|>" and one["tokenizer"]["eod_id"] == 0
+    hf = load_hf_tokenizer(tmp_path / "one" / "tokenizer.json")
+    assert hf.vocab_size <= 300
+    assert _decoded(tmp_path / "one", hf) == Counter(TEXTS + ["# notes\n\nsome *markdown*\n"])
+    lines.clear()
+    prepare(_config(corpus, "bpe:300", tmp_path / "one"), log=lines.append)  # nothing changed
+    assert not any("training" in line for line in lines)
+    with pytest.raises(ConfigError, match="'bpe:VOCAB'"):
+        prepare(_config(corpus, "bpe:lots", tmp_path / "x"), log=lambda _: None)
