@@ -20,6 +20,15 @@ from typing import IO, Any
 import numpy as np
 
 
+def file_sha256(path: str | Path) -> str:
+    """sha256 hex digest of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def digest(*parts: str | bytes, size: int = 16) -> str:
     """blake2b hex digest of the parts, each length-prefixed so ('ab', 'c') != ('a', 'bc')."""
     h = hashlib.blake2b(digest_size=size)

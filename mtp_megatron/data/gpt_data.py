@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from mtp_megatron.config import ConfigError
-from mtp_megatron.data.cache import atomic_write_json, file_lock
+from mtp_megatron.data.cache import atomic_write_json, file_lock, file_sha256
 
 MARKER = "complete.json"
 _PROBE = "owner.json"
@@ -71,14 +71,6 @@ class GPTData:
     """True when this call built the entry (False: it was complete already)."""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _check_parts(parts: list[BlendPart], name: str) -> None:
     if not parts:
         raise ConfigError(f"data.{name}: the blend is empty; list at least one prefix")
@@ -104,7 +96,7 @@ def cache_key(
     from importlib.metadata import version
 
     def parts(blend):
-        return [(p.weight, _sha256(Path(p.prefix + ".idx"))) for p in blend or []]
+        return [(p.weight, file_sha256(Path(p.prefix + ".idx"))) for p in blend or []]
 
     body = {
         "train": parts(train),

@@ -19,13 +19,12 @@ given separately (``--validation``).
 from __future__ import annotations
 
 import glob
-import hashlib
 from pathlib import Path
 
 import numpy as np
 
 from mtp_megatron.config import ConfigError
-from mtp_megatron.data.cache import atomic_write_json
+from mtp_megatron.data.cache import atomic_write_json, file_sha256
 from mtp_megatron.data.indexed import DTYPE_CODES, HEADER, write_index
 from mtp_megatron.data.prepare_indexed import FORMAT, MANIFEST, SPLITS, fingerprint
 
@@ -33,14 +32,6 @@ CHUNK = 1 << 24
 """Ids scanned at a time (64 MB of uint32): memory stays flat for any file size."""
 FLAT_DTYPES = {"uint16": np.uint16, "uint32": np.uint32, "int32": np.int32}
 _CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _scan(tokens: np.ndarray, eod: int | None) -> tuple[np.ndarray, int]:
@@ -184,6 +175,6 @@ def _shard(index: int, split: str, prefix: str, source: str, stats: dict) -> dic
         "prefixes": {split: prefix},
         "documents": {split: stats["documents"]},
         "tokens": {split: stats["tokens"]},
-        "idx_sha256": {split: _sha256(Path(f"{prefix}.idx"))},
+        "idx_sha256": {split: file_sha256(Path(f"{prefix}.idx"))},
         "max_id": stats["max_id"],
     }

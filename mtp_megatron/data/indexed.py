@@ -16,13 +16,14 @@ would wrap it silently).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from mtp_megatron.data.cache import file_sha256
 
 HEADER = b"MMIDIDX\x00\x00"
 DTYPE_CODES = {np.dtype(np.uint16): 8, np.dtype(np.int32): 4}
@@ -38,14 +39,6 @@ class IndexedStats:
     tokens: int
     idx_sha256: str
     """sha256 of the ``.idx`` file (it holds every length and offset: the dataset's shape)."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class IndexedWriter:
@@ -97,7 +90,7 @@ class IndexedWriter:
         self._bin.close()
         os.replace(self._bin_tmp, f"{self.prefix}.bin")
         write_index(self.prefix, self.dtype, np.asarray(self._lengths, dtype=np.int64))
-        return IndexedStats(self.documents, self._tokens, _sha256(Path(f"{self.prefix}.idx")))
+        return IndexedStats(self.documents, self._tokens, file_sha256(Path(f"{self.prefix}.idx")))
 
     def abort(self) -> None:
         """Drop what was written (nothing appears under the prefix)."""

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mtp_megatron.config import ConfigError
-from mtp_megatron.data.cache import atomic_write_json, unit_hash
+from mtp_megatron.data.cache import atomic_write_json, file_sha256, unit_hash
 from mtp_megatron.data.documents import ROW_SUFFIXES, SKIP_REASONS, TEXT_SUFFIXES, iter_documents
 from mtp_megatron.data.indexed import IndexedWriter, is_complete
 
@@ -161,15 +161,7 @@ def list_shards(inputs: list[str], shard_mb: float = 64.0) -> list[Shard]:
 
 
 def _sources_sha256(sources: list[str]) -> str:
-    return hashlib.sha256("".join(_sha256(f) for f in sources).encode()).hexdigest()
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return hashlib.sha256("".join(file_sha256(f) for f in sources).encode()).hexdigest()
 
 
 # -- one shard (in a worker) ---------------------------------------------------------------------

@@ -9,7 +9,6 @@ file, or a directory saved by ``save_pretrained``) is loaded with ``tokenizers``
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from mtp_megatron.config import ConfigError
+from mtp_megatron.data.cache import file_sha256
 
 EOT_TOKEN = "<|endoftext|>"
 """Separates documents in the token stream."""
@@ -124,7 +124,7 @@ def load_hf_tokenizer(path: str | Path, eod_token: str | None = None) -> HFToken
             continue
         token_id = tok.token_to_id(token)
         if token_id is not None:
-            sha = hashlib.sha256(file.read_bytes()).hexdigest()
+            sha = file_sha256(file)
             return HFTokenizer(tok, file, token, token_id, sha)
         tried.append(f"{token!r} ({where})")
         if eod_token:  # an explicit choice that is not in the vocabulary is an error
