@@ -49,10 +49,17 @@ def _decoded(raw: bytes, skipped: Counter) -> str | None:
 
 
 def _non_empty(text: str, skipped: Counter) -> bool:
-    if text.strip():
-        return True
-    skipped["empty"] += 1
-    return False
+    """A document worth keeping: not blank, and encodable (JSON can spell a lone surrogate,
+    '\\ud800', which no tokenizer accepts)."""
+    if not text.strip():
+        skipped["empty"] += 1
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        skipped["not_utf8"] += 1
+        return False
+    return True
 
 
 def _row_text(row: object, text_field: str, skipped: Counter) -> str | None:

@@ -7,11 +7,12 @@ sequence length, blend and the requested number of samples). Its index cache is 
 the data's content, written with plain ``numpy.save`` (a killed writer leaves a truncated file
 trusted forever) and assumes a directory every rank sees. Here:
 
-- the cache lives under ``cache_root/<key>/``, the key hashing every prefix's ``.idx`` (the
-  document lengths the indices are made from), the weights, sequence length, seed, sample counts
-  and the megatron-core version: changed data can never hit stale indices;
-- global rank 0 builds under a file lock and writes ``complete.json`` last; an entry without it
-  is removed and rebuilt; the other ranks load after a barrier;
+- the cache lives under ``cache_root/<key>/``, the key hashing every prefix's path and ``.idx``
+  (the document lengths the indices are made from), the weights, sequence length, seed, sample
+  counts, end-of-document id, vocabulary and the megatron-core version: changed data can never
+  hit stale indices;
+- global rank 0 holds a file lock through the build and writes ``complete.json`` last; an entry
+  without it is removed and rebuilt; the other ranks load after a barrier;
 - before anything is built, every rank checks that it sees the file rank 0 wrote into the entry
   (a cache directory that is not shared gives a clear error on every rank, not a hang);
 - ``create_attention_mask=False`` and ``split=None`` (``blend_per_split``: the train /
@@ -20,6 +21,7 @@ trusted forever) and assumes a directory every rank sees. Here:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -91,12 +93,15 @@ def cache_key(
     seq_len: int,
     seed: int,
     samples: tuple[int, int],
+    eod_id: int | None = None,
+    vocab_size: int | None = None,
 ) -> str:
-    """What the indices depend on, hashed (see the module doc)."""
+    """What the indices depend on, hashed (see the module doc); the prefixes' paths too, which
+    megatron's own file names inside the entry include."""
     from importlib.metadata import version
 
     def parts(blend):
-        return [(p.weight, file_sha256(Path(p.prefix + ".idx"))) for p in blend or []]
+        return [(p.prefix, p.weight, file_sha256(Path(p.prefix + ".idx"))) for p in blend or []]
 
     body = {
         "train": parts(train),
@@ -104,6 +109,8 @@ def cache_key(
         "seq_len": seq_len,
         "seed": seed,
         "samples": list(samples),
+        "eod_id": eod_id,
+        "vocab_size": vocab_size,
         "megatron_core": version("megatron-core"),
     }
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
@@ -115,14 +122,21 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _agree_shared(entry: Path, rank: int, world: int) -> None:
-    """Every rank sees the token rank 0 wrote into ``entry``, or every rank raises."""
-    token = [secrets.token_hex(8) if rank == 0 else None]
-    if rank == 0:
-        atomic_write_json(entry / _PROBE, {"token": token[0], "host": os.uname().nodename})
+def _agree_shared(entry: Path, rank: int, world: int, failure: str | None) -> None:
+    """Every rank sees the token rank 0 wrote into ``entry``, or every rank raises (also when
+    rank 0 reports a ``failure``)."""
+    token = [secrets.token_hex(8) if rank == 0 else None, failure]
+    if rank == 0 and failure is None:
+        try:
+            atomic_write_json(entry / _PROBE, {"token": token[0], "host": os.uname().nodename})
+        except OSError as e:
+            token[1] = f"cannot write to the data cache {entry}: {e}"
+    if world > 1:
+        dist.broadcast_object_list(token, src=0)
+    if token[1] is not None:
+        raise ConfigError(token[1])
     if world == 1:
         return
-    dist.broadcast_object_list(token, src=0)
     probe = entry / _PROBE
     sees = probe.is_file() and json.loads(probe.read_text()).get("token") == token[0]
     flags: list = [None] * world
@@ -149,27 +163,42 @@ def build_gpt_data(
     cache_root: str | Path,
 ) -> GPTData:
     """The blended train (and validation) GPTDatasets; collective over the default group."""
-    from megatron.core.datasets.blended_megatron_dataset_builder import (
-        BlendedMegatronDatasetBuilder,
-    )
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-
     _check_parts(train, "train")
     if validation is not None:
         _check_parts(validation, "validation")
     samples = (train_samples, validation_samples if validation else 0)
-    key = cache_key(train, validation, seq_len, seed, samples)
+    key = cache_key(train, validation, seq_len, seed, samples, eod_id, vocab_size)
     root = Path(cache_root).resolve()
     entry = root / key
     rank, world = _world()
-    built = False
-    if rank == 0:
-        with file_lock(root / f"{key}.lock", log=lambda _: None):
-            if not (entry / MARKER).is_file():
-                shutil.rmtree(entry, ignore_errors=True)  # a crashed build's leftovers
-                built = True
-            entry.mkdir(parents=True, exist_ok=True)
-    _agree_shared(entry, rank, world)
+    with contextlib.ExitStack() as held:
+        # rank 0 holds the entry's lock through the build and the marker: another job with the
+        # same key waits instead of removing or marking a half-written entry
+        built, failure = False, None
+        if rank == 0:
+            try:
+                held.enter_context(file_lock(root / f"{key}.lock", log=lambda _: None))
+                if not (entry / MARKER).is_file():
+                    shutil.rmtree(entry, ignore_errors=True)  # a crashed build's leftovers
+                    built = True
+                entry.mkdir(parents=True, exist_ok=True)
+            except OSError as e:  # told to every rank below, so none waits in a collective
+                failure = f"cannot prepare the data cache {entry}: {e}"
+        _agree_shared(entry, rank, world, failure)
+        data = _build(train, validation, seq_len, seed, samples, eod_id, vocab_size, entry)
+        if rank == 0 and built:
+            atomic_write_json(entry / MARKER, {"key": key, "samples": list(samples)})
+        if world > 1:
+            dist.barrier()
+    return GPTData(data[0], data[1], entry, key, built)
+
+
+def _build(train, validation, seq_len, seed, samples, eod_id, vocab_size, entry):
+    """megatron's builder: global rank 0 first, then (after its barrier) the others."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     def blend(parts):
         return ([p.prefix for p in parts], [float(p.weight) for p in parts]) if parts else None
@@ -185,13 +214,8 @@ def build_gpt_data(
         eod_mask_loss=False,
         create_attention_mask=False,
     )
-    sizes = [train_samples, validation_samples if validation else None, None]
-    # megatron builds on global rank 0 first, then (after its barrier) loads on the others
+    sizes = [samples[0], samples[1] if validation else None, None]
     train_ds, valid_ds, _ = BlendedMegatronDatasetBuilder(
         GPTDataset, sizes, lambda: True, config
     ).build()
-    if rank == 0 and built:
-        atomic_write_json(entry / MARKER, {"key": key, "samples": list(samples)})
-    if world > 1:
-        dist.barrier()
-    return GPTData(train_ds, valid_ds, entry, key, built)
+    return train_ds, valid_ds

@@ -76,7 +76,8 @@ def _flat_tokens(file: Path, dtype) -> tuple[np.ndarray, int]:
     return np.memmap(file, dtype=dtype, mode="r"), 0
 
 
-def _import_flat(file: Path, dtype, eod: int, prefix: Path) -> dict:
+def _scan_flat(file: Path, dtype, eod: int) -> dict:
+    """Validate a flat token file and find its documents (nothing written yet)."""
     tokens, offset = _flat_tokens(file, dtype)
     if len(tokens) == 0:
         raise ConfigError(f"{file} holds no ids")
@@ -87,12 +88,27 @@ def _import_flat(file: Path, dtype, eod: int, prefix: Path) -> dict:
         ends = np.append(ends, len(tokens))  # the last document may lack its end id
     lengths = np.diff(ends, prepend=0)
     declared = np.dtype(np.int32) if np.dtype(dtype) == np.uint32 else np.dtype(dtype)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
+    return {
+        "documents": len(lengths),
+        "tokens": int(len(tokens)),
+        "max_id": largest,
+        "index": (declared, lengths, offset),
+    }
+
+
+def _index_flat(file: Path, prefix: Path, scanned: dict) -> None:
+    """Link ``file`` as ``prefix.bin`` and write its index."""
     link = Path(f"{prefix}.bin")
+    if link.exists() and not link.is_symlink():
+        raise ConfigError(
+            f"{link} is a data file of its own (an earlier `prepare` into this directory?); "
+            "import into another --output"
+        )
+    prefix.parent.mkdir(parents=True, exist_ok=True)
     link.unlink(missing_ok=True)
     link.symlink_to(file)  # the data stays where it is
+    declared, lengths, offset = scanned.pop("index")
     write_index(prefix, declared, lengths, base_offset=offset)
-    return {"documents": len(lengths), "tokens": int(len(tokens)), "max_id": largest}
 
 
 def _check_megatron(prefix: Path) -> dict:
@@ -134,17 +150,21 @@ def import_data(
     """Record existing data under ``output``: ``megatron`` / ``numpy`` map a split ('train',
     'validation') to prefixes / file patterns. Returns the manifest."""
     out = Path(output).resolve()
+    (out / MANIFEST).unlink(missing_ok=True)  # rewritten last, once every input is valid
     shards = []
     if numpy:
         if dtype not in FLAT_DTYPES:
             raise ConfigError(f"--dtype={dtype!r} is invalid: one of {sorted(FLAT_DTYPES)}")
         if eod is None:
             raise ConfigError("--from-numpy needs --eod ID (the id that ends each document)")
-    for split, patterns in (numpy or {}).items():
-        for file in _expand(patterns, "--from-numpy"):
-            prefix = out / split / f"shard_{len(shards):05d}"
-            stats = _import_flat(file, FLAT_DTYPES[dtype], eod, prefix)
-            shards.append(_shard(len(shards), split, str(prefix), str(file), stats))
+    flat = [
+        (split, f) for split, pats in (numpy or {}).items() for f in _expand(pats, "--from-numpy")
+    ]
+    scanned = [_scan_flat(file, FLAT_DTYPES[dtype], eod) for _, file in flat]  # all valid first
+    for (split, file), stats in zip(flat, scanned):
+        prefix = out / split / f"shard_{len(shards):05d}"
+        _index_flat(file, prefix, stats)
+        shards.append(_shard(len(shards), split, str(prefix), str(file), stats))
     for split, given in (megatron or {}).items():
         for prefix in given:
             prefix = Path(prefix).resolve()

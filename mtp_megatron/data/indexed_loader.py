@@ -22,7 +22,7 @@ import torch
 
 from mtp_megatron.config import ConfigError
 from mtp_megatron.data.config import BlendEntry, DataConfig
-from mtp_megatron.data.gpt_data import BlendPart, build_gpt_data
+from mtp_megatron.data.gpt_data import BlendPart, build_gpt_data, cache_key
 from mtp_megatron.data.prepare_indexed import MANIFEST, prefixes
 
 
@@ -34,7 +34,7 @@ class IndexedData:
     validation: torch.utils.data.Dataset
     tokenizer_path: Path
     fingerprint: str
-    """Names the data and the sample order (the GPTDataset cache key)."""
+    """Names the training data and its sample order (its part of the GPTDataset cache key)."""
     train_samples: int
 
 
@@ -43,25 +43,34 @@ def _manifest(folder: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def resolve_blend(entries: list[BlendEntry], split: str) -> tuple[list[BlendPart], list[dict]]:
-    """(prefix, weight) parts of a recipe blend (a dataset directory contributes each of its
-    ``split`` shards, weighted by tokens) and the manifests of its datasets."""
+def resolve_blend(
+    entries: list[BlendEntry], split: str, field: str
+) -> tuple[list[BlendPart], list[dict]]:
+    """(prefix, weight) parts of the recipe blend ``data.<field>`` for ``split`` (a dataset
+    directory contributes each of its ``split`` shards, weighted by tokens; a bare prefix
+    itself) and the manifests of its datasets."""
     parts, manifests = [], []
     for entry in entries:
         folder = Path(entry.path).resolve()
         manifest = _manifest(folder) if folder.is_dir() else None
         if folder.is_dir() and manifest is None:
             raise ConfigError(
-                f"data.{split}: {folder} has no {MANIFEST} (an unfinished `prepare`: run it again, "
+                f"data.{field}: {folder} has no {MANIFEST} (an unfinished `prepare`: run it again, "
                 "finished shards are reused)"
             )
         if manifest is None:  # one indexed prefix
+            if field == "train" and split == "validation":
+                raise ConfigError(
+                    f"data.validation is needed: data.train's {folder} is a bare indexed prefix, "
+                    "which has no validation split of its own (evaluating on it would measure "
+                    "training data)"
+                )
             parts.append(BlendPart(str(folder), float(entry.weight)))
             continue
         manifests.append(manifest)
         shards = prefixes(folder, split)
         if not shards:
-            raise ConfigError(f"data.{split}: the dataset {folder} has no {split} documents")
+            raise ConfigError(f"data.{field}: the dataset {folder} has no {split} documents")
         total = sum(tokens for _, tokens in shards)
         parts += [BlendPart(str(p), entry.weight * t / total) for p, t in shards]
     return parts, manifests
@@ -69,34 +78,28 @@ def resolve_blend(entries: list[BlendEntry], split: str) -> tuple[list[BlendPart
 
 def _tokenizer(cfg: DataConfig, manifests: list[dict]) -> tuple[Path, int]:
     """The tokenizer file and end-of-document id every dataset of the blend agrees on."""
-    for field in ("sha256", "eod_id"):
-        found = {m["tokenizer"].get(field) for m in manifests} - {None}
+    agreed = {}
+    for key in ("sha256", "eod_id"):
+        found = {m["tokenizer"].get(key) for m in manifests} - {None}
         if len(found) > 1:
             raise ConfigError(
-                f"data.train: the datasets were tokenized differently (tokenizer {field}: "
+                f"data.train: the datasets were tokenized differently (tokenizer {key}: "
                 f"{sorted(found)}); a blend needs one tokenizer"
             )
+        agreed[key] = next(iter(found), None)
     if cfg.tokenizer is not None:
         from mtp_megatron.data.tokenizer import load_hf_tokenizer
 
         tok = load_hf_tokenizer(cfg.tokenizer)
-        eod = next(
-            (
-                m["tokenizer"]["eod_id"]
-                for m in manifests
-                if m["tokenizer"].get("eod_id") is not None
-            ),
-            tok.eod_id,
-        )
-        return tok.file, eod
+        return tok.file, agreed["eod_id"] if agreed["eod_id"] is not None else tok.eod_id
     files = [m["tokenizer"].get("file") for m in manifests if m["tokenizer"].get("file")]
-    if not files or not Path(files[0]).is_file():
+    if not files or not Path(files[0]).is_file() or agreed["eod_id"] is None:
         raise ConfigError(
             "data.tokenizer is needed: the blend's datasets record no tokenizer file that exists "
             f"here ({files[0] if files else 'imported data'}); set it to the tokenizer.json the "
             "ids come from (decoding reads it)"
         )
-    return Path(files[0]), int(manifests[0]["tokenizer"]["eod_id"])
+    return Path(files[0]), int(agreed["eod_id"])
 
 
 def prepare_indexed_data(
@@ -109,11 +112,11 @@ def prepare_indexed_data(
     log=print,
 ) -> IndexedData:
     """Resolve the recipe's blends and build them (collective over the default group)."""
-    train, manifests = resolve_blend(cfg.train, "train")
+    train, manifests = resolve_blend(cfg.train, "train", "train")
     if cfg.validation is not None:
-        validation, more = resolve_blend(cfg.validation, "validation")
-    else:
-        validation, more = resolve_blend(cfg.train, "validation")
+        validation, more = resolve_blend(cfg.validation, "validation", "validation")
+    else:  # the train datasets' own validation shards
+        validation, more = resolve_blend(cfg.train, "validation", "train")
     manifests += more
     tokenizer, eod = _tokenizer(cfg, manifests)
     largest = max(
@@ -141,7 +144,9 @@ def prepare_indexed_data(
         f"{len(data.train):,} train samples of {seq_len} tokens, "
         f"{'built' if data.built else 'cached'} in {data.cache_dir}"
     )
-    return IndexedData(data.train, data.validation, tokenizer, data.key, train_samples)
+    # what the training samples depend on (validation and eval_batches may change on resume)
+    fingerprint = cache_key(train, None, seq_len, seed, (train_samples, 0), eod, vocab_size)
+    return IndexedData(data.train, data.validation, tokenizer, fingerprint, train_samples)
 
 
 def _pairs(dataset, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,6 +32,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from mtp_megatron.config import ConfigError
 from mtp_megatron.data.cache import atomic_write_json, file_sha256, unit_hash
 from mtp_megatron.data.documents import ROW_SUFFIXES, SKIP_REASONS, TEXT_SUFFIXES, iter_documents
@@ -140,8 +142,8 @@ def list_shards(inputs: list[str], shard_mb: float = 64.0) -> list[Shard]:
         raise ConfigError(f"prepare: {unknown[0]} is not one of {SUFFIXES}")
     if not found:
         raise ConfigError(f"prepare: no {'/'.join(SUFFIXES)} files under {inputs}")
-    keys = [k for _, k in found]
-    duplicate = next((k for k in keys if keys.count(k) > 1), None)
+    counts = Counter(k for _, k in found)
+    duplicate = next((k for k, n in counts.items() if n > 1), None)
     if duplicate is not None:
         raise ConfigError(
             f"prepare: two inputs are both named {duplicate!r}; documents are keyed by name "
@@ -196,6 +198,9 @@ def _prepare_shard(shard: Shard) -> Shard:
 
     tok, s = _WORKER["tok"], _WORKER["settings"]
     out = Path(s["output"])
+    # the old record goes before any file of the shard is replaced: a record always describes
+    # the files next to it
+    (out / "shards" / f"{shard.name}.json").unlink(missing_ok=True)
     dtype = token_dtype(tok.vocab_size)
     shard.source_sha256 = _sources_sha256(shard.sources)
     shard.bytes = sum(os.path.getsize(f) for f in shard.sources)
@@ -250,12 +255,18 @@ def _reusable(shard: Shard, settings: dict) -> Shard | None:
     record = _read_json(out / "shards" / f"{shard.name}.json")
     if record is None:
         return None
-    if record.get("settings") != settings["key"] or record.get("sources") != shard.sources:
+    same_input = record.get("sources") == shard.sources and record.get("keys") == shard.keys
+    if record.get("settings") != settings["key"] or not same_input:
         return None
     if record.get("source_sha256") != _sources_sha256(shard.sources):
         return None
-    if not all(is_complete(out / split / shard.name) for split in record["idx_sha256"]):
-        return None
+    itemsize = np.dtype(settings["dtype"]).itemsize
+    for split, idx_sha in record["idx_sha256"].items():
+        prefix = out / split / shard.name
+        if not is_complete(prefix) or file_sha256(f"{prefix}.idx") != idx_sha:
+            return None
+        if os.path.getsize(f"{prefix}.bin") != record["tokens"][split] * itemsize:
+            return None
     record.pop("settings")
     return Shard(**record)
 
@@ -279,7 +290,7 @@ def prepare(cfg: PrepareConfig, log: Callable[[str], None] = print) -> dict:
         "validation_fraction": cfg.validation_fraction,
         "split_seed": cfg.split_seed,
     }
-    settings = {**key, "key": key, "output": str(out)}
+    settings = {**key, "key": key, "output": str(out), "dtype": str(token_dtype(tok.vocab_size))}
     todo, done = [], {}
     for shard in shards:
         reused = _reusable(shard, settings)
@@ -337,6 +348,7 @@ def _own_bpe(cfg: PrepareConfig, shards: list[Shard], out: Path, log) -> Path:
     source = {
         "vocab_size": vocab,
         "inputs": [_sources_sha256(s.sources) for s in shards],
+        "keys": [s.keys for s in shards],
         "text_field": cfg.text_field,
         "validation_fraction": cfg.validation_fraction,
         "split_seed": cfg.split_seed,
@@ -354,6 +366,7 @@ def _own_bpe(cfg: PrepareConfig, shards: list[Shard], out: Path, log) -> Path:
                         yield text
 
     out.mkdir(parents=True, exist_ok=True)
+    record.unlink(missing_ok=True)  # before the tokenizer is replaced
     tok = train_tokenizer(train_texts(), vocab)
     tmp = out / f".tokenizer.json.tmp.{os.getpid()}"
     tok.save(str(tmp))

@@ -75,3 +75,13 @@ def test_blend_errors_name_the_problem(tmp_path, single_process):
         _build(tmp_path, [BlendPart(str(a), -1)])
     with pytest.raises(ConfigError, match="empty"):
         _build(tmp_path, [])
+
+
+def test_a_bare_prefix_needs_a_validation_blend(tmp_path, single_process):
+    from mtp_megatron.data.config import BlendEntry, DataConfig
+    from mtp_megatron.data.indexed_loader import prepare_indexed_data
+
+    a = write_prefix(tmp_path / "a", seed=0)
+    cfg = DataConfig(train=[BlendEntry(str(a))], cache_dir=str(tmp_path / "c"))
+    with pytest.raises(ConfigError, match="data.validation is needed"):
+        prepare_indexed_data(cfg, 512, 32, 100, 10, seed=0, log=lambda _: None)

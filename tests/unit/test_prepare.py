@@ -96,6 +96,7 @@ def _corpus(root: Path) -> Path:
         json.dumps({"body": "no text field"}),
         "",
         json.dumps({"text": ""}),
+        '{"text": "\\ud800"}',  # valid JSON, a lone surrogate: no UTF-8 text
     ]
     (corpus / "rows.jsonl").write_text("\n".join(lines) + "\n")
     table = pa.table({"text": TEXTS[40:60], "n": list(range(20))})
@@ -145,7 +146,7 @@ def test_prepare_is_independent_of_workers_and_counts_what_it_skips(tmp_path):
         "bad_json": 1,
         "empty": 3,  # blank.txt, the empty line, the row with an empty text
         "no_text_field": 1,
-        "not_utf8": 1,
+        "not_utf8": 2,  # latin1.txt, the lone surrogate
         "unreadable": 1,  # cut.parquet
     }
     documents = totals["documents"]["train"] + totals["documents"]["validation"]
@@ -233,3 +234,29 @@ def test_the_projects_own_bpe_is_trained_once_on_the_train_split(tmp_path):
     assert not any("training" in line for line in lines)
     with pytest.raises(ConfigError, match="'bpe:VOCAB'"):
         prepare(_config(corpus, "bpe:lots", tmp_path / "x"), log=lambda _: None)
+
+
+def test_a_rerun_never_reuses_a_shard_whose_files_another_run_replaced(tmp_path, monkeypatch):
+    """Run B (another tokenizer) dies after writing shard 0's files but before its record:
+    run A again must redo shard 0, not trust A's old record next to B's files."""
+    corpus, tok_a = _corpus(tmp_path), tokenizer_dir(tmp_path)
+    (tmp_path / "b").mkdir()
+    tok_b = tokenizer_dir(tmp_path / "b", "<s>")  # other ids
+    clean = prepare(_config(corpus, tok_a, tmp_path / "clean"), log=lambda _: None)
+    out = tmp_path / "out"
+    prepare(_config(corpus, tok_a, out), log=lambda _: None)
+    real = prepare_indexed.atomic_write_json
+
+    def dies_before_the_record(path, obj):
+        if path.parent.name == "shards":
+            raise RuntimeError("killed before the record")
+        return real(path, obj)
+
+    monkeypatch.setattr(prepare_indexed, "atomic_write_json", dies_before_the_record)
+    with pytest.raises(RuntimeError, match="killed"):
+        prepare(_config(corpus, tok_b, out), log=lambda _: None)
+    monkeypatch.setattr(prepare_indexed, "atomic_write_json", real)
+    lines = []
+    again = prepare(_config(corpus, tok_a, out), log=lines.append)
+    assert f"({len(clean['shards']) - 1} already done)" in lines[0]  # shard 0 redone
+    assert _files(out) == _files(tmp_path / "clean") and again == clean
