@@ -23,6 +23,7 @@ import torch
 from mtp_megatron.config import ConfigError
 from mtp_megatron.data.config import BlendEntry, DataConfig
 from mtp_megatron.data.gpt_data import BlendPart, build_gpt_data, cache_key
+from mtp_megatron.data.loader import eval_sample_ranges
 from mtp_megatron.data.prepare_indexed import MANIFEST, prefixes
 
 
@@ -213,17 +214,7 @@ class IndexedBatches:
 def indexed_eval_batches(
     dataset, micro_batch_size: int, max_batches: int | None, dp_rank: int, dp_size: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The first ``max_batches`` (rounded down to a multiple of dp_size) validation batches in
-    order; rank r takes every dp_size-th from r (as ``loader.eval_batches``)."""
-    total = len(dataset) // micro_batch_size
-    if max_batches is not None:
-        total = min(total, max_batches)
-    total -= total % dp_size
-    if total == 0:
-        raise ConfigError(
-            f"the validation blend has {len(dataset)} samples, fewer than one batch of "
-            f"micro_batch_size={micro_batch_size} per rank (dp_size={dp_size}); add validation "
-            "data or lower the micro-batch size"
-        )
-    b = micro_batch_size
-    return (_pairs(dataset, np.arange(i * b, (i + 1) * b)) for i in range(dp_rank, total, dp_size))
+    """This rank's validation batches, as ``loader.eval_batches`` picks them."""
+    what = f"the validation blend has {len(dataset)} samples"
+    ranges = eval_sample_ranges(len(dataset), micro_batch_size, max_batches, dp_rank, dp_size, what)
+    return (_pairs(dataset, np.arange(lo, hi)) for lo, hi in ranges)

@@ -185,18 +185,32 @@ def eval_batches(
     if max_batches is not None:
         _positive("max_batches", max_batches)
     n = _num_chunks(tokens, seq_len, "validation token stream")
-    total = n // micro_batch_size
+    what = f"the validation token stream has {n} chunks of seq_len={seq_len}"
+    ranges = eval_sample_ranges(n, micro_batch_size, max_batches, dp_rank, dp_size, what)
+    # A generator of its own, so that the checks above raise at the call, not at the first next().
+    return (_windows(tokens, np.arange(lo, hi), seq_len) for lo, hi in ranges)
+
+
+def eval_sample_ranges(
+    items: int,
+    micro_batch_size: int,
+    max_batches: int | None,
+    dp_rank: int,
+    dp_size: int,
+    what: str,
+) -> list[tuple[int, int]]:
+    """[start, end) sample ranges of this rank's validation batches: the first ``max_batches``
+    full batches (all if None) rounded down to a multiple of dp_size, every dp_size-th from
+    dp_rank; ``what`` describes the data in the error when not one batch per rank fits."""
+    total = items // micro_batch_size
     if max_batches is not None:
         total = min(total, max_batches)
     total -= total % dp_size
     if total == 0:
         raise ConfigError(
-            f"the validation token stream has {n} chunks of seq_len={seq_len}, fewer than one "
-            f"batch of micro_batch_size={micro_batch_size} per rank (dp_size={dp_size}); raise "
-            "data.validation_fraction or lower the micro-batch size"
+            f"{what}, fewer than one batch of micro_batch_size={micro_batch_size} per rank "
+            f"(dp_size={dp_size}); add validation data (data.validation_fraction, "
+            "data.validation) or lower the micro-batch size"
         )
-    # A generator of its own, so that the checks above raise at the call, not at the first next().
-    return (
-        _windows(tokens, np.arange(i * micro_batch_size, (i + 1) * micro_batch_size), seq_len)
-        for i in range(dp_rank, total, dp_size)
-    )
+    b = micro_batch_size
+    return [(i * b, (i + 1) * b) for i in range(dp_rank, total, dp_size)]
