@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mtp_megatron import build_model
-from mtp_megatron.config import ConfigError, ETDConfig
+from mtp_megatron.config import ConfigError
 from mtp_megatron.decoding import generate_plain
 from mtp_megatron.model.specs import LayerContext, LocalLinear
 from mtp_megatron.parallel.sharding import partitions
@@ -17,17 +17,9 @@ from mtp_megatron.testing.variants import (
     tiny_model_config,
     valid_combinations,
 )
+from tests.cases.etd import etd_config
 
-ETD = ETDConfig(
-    n_encoder_layers=1,
-    n_think_layers=2,
-    n_decoder_layers=1,
-    max_think_iterations=2,
-    use_layer_router=True,
-    use_lora_experts=True,
-    num_lora_experts=3,
-    lora_rank=4,
-)
+ETD = etd_config(max_think_iterations=2, use_layer_router=True, use_lora_experts=True)
 CONFIGS = {
     "post": dict(mtp=mtp_config("transformer", True, "chained")),
     "pre-gqa-linear": dict(
