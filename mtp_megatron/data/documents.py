@@ -14,8 +14,6 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-TEXT_SUFFIXES = (".txt", ".py", ".md")
-ROW_SUFFIXES = (".jsonl", ".parquet")
 SKIP_REASONS = ("empty", "not_utf8", "bad_json", "no_text_field", "unreadable")
 """Why a document (or, for 'unreadable', a file or the rest of it) was skipped."""
 

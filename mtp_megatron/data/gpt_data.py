@@ -68,7 +68,9 @@ class GPTData:
     cache_dir: Path
     """This build's cache entry."""
     key: str
-    """Its name: the hash of what the samples depend on (``cache_key``)."""
+    """Its name: the hash of what the samples depend on (``_cache_key``)."""
+    train_key: str
+    """The hash of what the training samples alone depend on (a resume must keep it)."""
     built: bool
     """True when this call built the entry (False: it was complete already)."""
 
@@ -87,25 +89,27 @@ def _check_parts(parts: list[BlendPart], name: str) -> None:
             raise ConfigError(f"data.{name}: weight {part.weight!r} of {part.prefix} must be > 0")
 
 
-def cache_key(
-    train: list[BlendPart],
-    validation: list[BlendPart] | None,
+def _blend_identity(blend: list[BlendPart] | None) -> list[tuple[str, float, str]]:
+    """(path, weight, .idx sha256) of each prefix: what a blend's indices are made from."""
+    return [(p.prefix, p.weight, file_sha256(Path(p.prefix + ".idx"))) for p in blend or []]
+
+
+def _cache_key(
+    train: list[tuple],
+    validation: list[tuple],
     seq_len: int,
     seed: int,
     samples: tuple[int, int],
-    eod_id: int | None = None,
-    vocab_size: int | None = None,
+    eod_id: int,
+    vocab_size: int,
 ) -> str:
     """What the indices depend on, hashed (see the module doc); the prefixes' paths too, which
     megatron's own file names inside the entry include."""
     from importlib.metadata import version
 
-    def parts(blend):
-        return [(p.prefix, p.weight, file_sha256(Path(p.prefix + ".idx"))) for p in blend or []]
-
     body = {
-        "train": parts(train),
-        "validation": parts(validation),
+        "train": train,
+        "validation": validation,
         "seq_len": seq_len,
         "seed": seed,
         "samples": list(samples),
@@ -167,7 +171,10 @@ def build_gpt_data(
     if validation is not None:
         _check_parts(validation, "validation")
     samples = (train_samples, validation_samples if validation else 0)
-    key = cache_key(train, validation, seq_len, seed, samples, eod_id, vocab_size)
+    train_id, validation_id = _blend_identity(train), _blend_identity(validation)
+    key = _cache_key(train_id, validation_id, seq_len, seed, samples, eod_id, vocab_size)
+    # the training samples alone (validation settings may change on resume)
+    train_key = _cache_key(train_id, [], seq_len, seed, (samples[0], 0), eod_id, vocab_size)
     root = Path(cache_root).resolve()
     entry = root / key
     rank, world = _world()
@@ -190,7 +197,7 @@ def build_gpt_data(
             atomic_write_json(entry / MARKER, {"key": key, "samples": list(samples)})
         if world > 1:
             dist.barrier()
-    return GPTData(data[0], data[1], entry, key, built)
+    return GPTData(data[0], data[1], entry, key, train_key, built)
 
 
 def _build(train, validation, seq_len, seed, samples, eod_id, vocab_size, entry):

@@ -22,7 +22,7 @@ import torch
 
 from mtp_megatron.config import ConfigError
 from mtp_megatron.data.config import BlendEntry, DataConfig
-from mtp_megatron.data.gpt_data import BlendPart, build_gpt_data, cache_key
+from mtp_megatron.data.gpt_data import BlendPart, build_gpt_data
 from mtp_megatron.data.loader import eval_sample_ranges
 from mtp_megatron.data.prepare_indexed import MANIFEST, prefixes
 
@@ -145,9 +145,7 @@ def prepare_indexed_data(
         f"{len(data.train):,} train samples of {seq_len} tokens, "
         f"{'built' if data.built else 'cached'} in {data.cache_dir}"
     )
-    # what the training samples depend on (validation and eval_batches may change on resume)
-    fingerprint = cache_key(train, None, seq_len, seed, (train_samples, 0), eod, vocab_size)
-    return IndexedData(data.train, data.validation, tokenizer, fingerprint, train_samples)
+    return IndexedData(data.train, data.validation, tokenizer, data.train_key, train_samples)
 
 
 def _pairs(dataset, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,10 +171,6 @@ class IndexedBatches:
         )
         g = first + np.arange(self.micro_batch_size)
         return _pairs(self.data.train, g % len(self.data.train))
-
-    def epoch(self, step: int, grad_accum: int) -> float:
-        samples = step * grad_accum * self.dp_size * self.micro_batch_size
-        return samples / len(self.data.train)
 
     def state_dict(self) -> dict[str, Any]:
         return {

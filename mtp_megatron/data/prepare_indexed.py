@@ -36,13 +36,13 @@ import numpy as np
 
 from mtp_megatron.config import ConfigError
 from mtp_megatron.data.cache import atomic_write_json, file_sha256, unit_hash
-from mtp_megatron.data.documents import ROW_SUFFIXES, SKIP_REASONS, TEXT_SUFFIXES, iter_documents
+from mtp_megatron.data.config import SOURCE_SUFFIXES as SUFFIXES
+from mtp_megatron.data.documents import SKIP_REASONS, iter_documents
 from mtp_megatron.data.indexed import IndexedWriter, is_complete
 
 FORMAT = "mtp-megatron-indexed-v1"
 MANIFEST = "manifest.json"
 SPLITS = ("train", "validation")
-SUFFIXES = TEXT_SUFFIXES + ROW_SUFFIXES
 BPE_PREFIX = "bpe:"
 """``--tokenizer bpe:VOCAB``: train the project's byte-level BPE on the inputs' train split."""
 ENCODE_BATCH = 256
