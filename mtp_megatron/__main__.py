@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import yaml
@@ -34,10 +34,17 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
         f"# layout: world = PP {par.pipeline_parallel_size} x TP {par.tensor_parallel_size} x DP "
         f"(processes / {mp}); launch a multiple of {mp} processes"
     )
-    count = count_parameters(recipe.model)
+    model, vocab_note = recipe.model, ""
+    if model.vocab_size is None:  # the trainer takes the tokenizer's
+        from mtp_megatron.data.loader import data_vocab_size
+
+        model = replace(model, vocab_size=data_vocab_size(recipe.data))
+        vocab_note = f" (the tokenizer's {model.vocab_size})"
+    count = count_parameters(model)
     print(
         f"# parameters: trunk {_fmt_params(count.trunk)}, MTP heads {_fmt_params(count.heads)} "
-        f"({100 * count.overhead:.1f}% overhead), padded vocab {recipe.model.padded_vocab_size}"
+        f"({100 * count.overhead:.1f}% overhead), padded vocab {model.padded_vocab_size}"
+        f"{vocab_note}"
     )
     return 0
 

@@ -280,8 +280,10 @@ class ETDConfig:
 class ModelConfig:
     """An OLMo-2-style decoder (RMSNorm, RoPE, SwiGLU, QK-norm, optional GQA) and its MTP heads."""
 
-    vocab_size: int = 4096
-    """Tokenizer vocabulary size."""
+    vocab_size: int | None = 4096
+    """Token ids the model embeds; None (the recipes' default): the data's tokenizer's, filled
+    in by the trainer (the run directory's recipe records the number). A set value must hold
+    every id of the data."""
     vocab_pad_multiple: int = 128
     """The embedding / output rows are padded to a multiple of this (must divide by TP)."""
     hidden_size: int = 256
@@ -329,12 +331,17 @@ class ModelConfig:
 
     @property
     def padded_vocab_size(self) -> int:
+        if self.vocab_size is None:
+            raise ValueError("model.vocab_size is None: the trainer sets it from the tokenizer")
         m = self.vocab_pad_multiple
         return m * math.ceil(self.vocab_size / m)
 
     def validate(self, tensor_parallel_size: int = 1, path: str = "model") -> None:
+        if self.vocab_size is not None and (
+            not isinstance(self.vocab_size, int) or self.vocab_size < 1
+        ):
+            _fail(f"{path}.vocab_size", self.vocab_size, "must be a positive integer or null")
         positive = (
-            "vocab_size",
             "vocab_pad_multiple",
             "hidden_size",
             "num_layers",
@@ -373,11 +380,14 @@ class ModelConfig:
         for name, value in checks:
             if value % tp:
                 _fail(f"{path}.{name}", value, f"must be divisible by tensor_parallel_size ({tp})")
-        if self.padded_vocab_size % tp:
+        if self.vocab_pad_multiple % tp and (
+            self.vocab_size is None or self.padded_vocab_size % tp
+        ):
+            padded = "unknown until the tokenizer is read" if self.vocab_size is None else None
             _fail(
                 f"{path}.vocab_pad_multiple",
                 self.vocab_pad_multiple,
-                f"the padded vocabulary ({self.padded_vocab_size}) must be divisible by "
+                f"the padded vocabulary ({padded or self.padded_vocab_size}) must be divisible by "
                 f"tensor_parallel_size ({tp}); use a multiple of {tp}",
             )
         if self.mtp is not None:

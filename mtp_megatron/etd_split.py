@@ -131,7 +131,7 @@ def format_report(result: dict) -> str:
 def main_etd_split(argv: list[str] | None = None) -> int:
     """``python -m mtp_megatron etd-split``: measure a trained run and propose its ETD split."""
     from mtp_megatron.config import from_dict
-    from mtp_megatron.data import eval_batches, prepare_data
+    from mtp_megatron.data.loader import eval_batches, prepare_training_data
     from mtp_megatron.decoding.load import load_run
     from mtp_megatron.recipe import Recipe
     from mtp_megatron.train.consolidate import consolidated_folder
@@ -150,9 +150,16 @@ def main_etd_split(argv: list[str] | None = None) -> int:
 
     run = load_run(consolidated_folder(args.checkpoint))
     recipe = from_dict(Recipe, run.recipe)
-    data = prepare_data(recipe.data, recipe.model.vocab_size)
     batch_size = args.batch_size or recipe.train.micro_batch_size
-    batches = eval_batches(data.validation, recipe.seq_len, batch_size, args.batches)
+    data = prepare_training_data(  # the run's validation data (prepared already: a cache hit)
+        recipe.data,
+        recipe.model.vocab_size,
+        recipe.seq_len,
+        train_samples=batch_size,
+        validation_samples=batch_size * args.batches,
+        seed=recipe.train.seed,
+    )
+    batches = eval_batches(data.validation, batch_size, args.batches)
     result = propose_split(run.model, batches)
     result["checkpoint"] = run.metadata.get("checkpoint", str(run.folder))
     print(format_report(result))

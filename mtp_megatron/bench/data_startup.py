@@ -64,7 +64,7 @@ def rss_mib():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
 
-import mtp_megatron.data.indexed_loader as L
+import mtp_megatron.data.loader as L
 from mtp_megatron.data.config import BlendEntry, DataConfig
 from mtp_megatron.parallel import initialize_parallel
 initialize_parallel(tensor_parallel_size=1)
@@ -72,8 +72,8 @@ base = rss_mib()
 dataset, cache, samples, tok = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 cfg = DataConfig(train=[BlendEntry(dataset)], cache_dir=cache, tokenizer=tok)
 t = time.perf_counter()
-data = L.prepare_indexed_data(cfg, 32768, 1024, samples, 64, seed=0, log=lambda _: None)
-batches = L.IndexedBatches(data, 1024, 8, 0, 1)
+data = L.prepare_training_data(cfg, 32768, 1024, samples, 64, seed=0, log=lambda _: None)
+batches = L.Batches(data, 1024, 8, 0, 1)
 batches.batch(0, 0, 1)
 wall = time.perf_counter() - t
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -78,7 +78,7 @@ def stage_tests(ctx: Context) -> dict:
 
 def _tiny() -> list[str]:
     return [
-        "model.vocab_size=512",
+        "data.tokenizer=bpe:512",
         "model.hidden_size=64",
         "model.num_layers=2",
         "model.num_attention_heads=4",

@@ -1,24 +1,25 @@
-"""Training data: corpus -> deterministic split -> byte-level BPE -> cached token streams ->
-resumable, data-parallel batches.
+"""Training data: a source (the stdlib, local files, ``hf:NAME``) or blends of prepared Megatron
+indexed datasets, read through megatron-core's GPTDataset in resumable, data-parallel batches.
 
-    data = prepare_data(DataConfig(source="stdlib"), vocab_size=4096)
-    batches = TokenBatches(data.train, seq_len=256, micro_batch_size=8, dp_rank=r, dp_size=d,
-                           seed=cfg.shuffle_seed)
+    python -m mtp_megatron prepare corpus/ --tokenizer tok.json --output data/c   # or: on first use
+    data = prepare_training_data(recipe.data, recipe.model.vocab_size, seq_len=256,
+                                 train_samples=steps * global_batch, validation_samples=64, seed=0)
+    batches = Batches(data, seq_len=256, micro_batch_size=8, dp_rank=r, dp_size=d)
     input_ids, labels = batches.batch(step, micro_step, grad_accum)
 """
 
 from mtp_megatron.data.config import DataConfig
 
-# Everything else imports torch / datasets (seconds); recipe validation only needs DataConfig,
+# Everything else imports torch / megatron (seconds); recipe validation only needs DataConfig,
 # so the rest is imported on first use (PEP 562).
 _LAZY = {
-    "EOT_TOKEN": "mtp_megatron.data.tokenizer",
     "load_tokenizer": "mtp_megatron.data.tokenizer",
-    "TokenBatches": "mtp_megatron.data.loader",
+    "Batches": "mtp_megatron.data.loader",
     "eval_batches": "mtp_megatron.data.loader",
-    "PreparedData": "mtp_megatron.data.prepare",
-    "prepare_data": "mtp_megatron.data.prepare",
-    "prepare_data_distributed": "mtp_megatron.data.prepare",
+    "prefix_tokens": "mtp_megatron.data.loader",
+    "prepare_training_data": "mtp_megatron.data.loader",
+    "resolve_data": "mtp_megatron.data.loader",
+    "TrainingData": "mtp_megatron.data.loader",
 }
 
 __all__ = ["DataConfig", *_LAZY]

@@ -1,4 +1,5 @@
-"""Where the training text comes from and how it is split, limited and cached."""
+"""Where the training data comes from: a source prepared into the cache on first use, or blends
+of prepared datasets; its tokenizer, split, limits and cache."""
 
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ TEXT_SUFFIXES = (".txt", ".py", ".md")
 ROW_SUFFIXES = (".jsonl", ".parquet")
 """Files whose rows are documents (the ``text_field`` column)."""
 SOURCE_SUFFIXES = TEXT_SUFFIXES + ROW_SUFFIXES
+BPE_PREFIX = "bpe:"
+"""A tokenizer 'bpe:VOCAB': the project's byte-level BPE, trained on the train split."""
+MIN_VOCAB_SIZE = 257
+"""The project's BPE: the 256 byte symbols and the end-of-text token."""
 
 
 def _fail(path: str, value: Any, allowed: str) -> None:
@@ -36,25 +41,30 @@ class BlendEntry:
 
 @dataclass
 class DataConfig:
-    """The corpus, its train/validation split, and the cache of tokenizer and token streams."""
+    """The corpus or blend, its tokenizer and split, and the cache."""
 
     source: str = "stdlib"
     """'stdlib' (the running interpreter's standard library *.py files, without site-packages),
-    a local file or directory of .txt/.py/.md/.jsonl/.parquet files, or 'hf:NAME[:CONFIG]'."""
+    a local file or directory of .txt/.py/.md/.jsonl/.parquet files, or 'hf:NAME[:CONFIG]'
+    (a hub dataset's train split). Tokenized by ``prepare`` into ``cache_dir`` on first use and
+    read like any prepared dataset; ignored when ``train`` is set."""
     text_field: str = "text"
     """Column holding the text in .jsonl/.parquet files and hub datasets."""
     validation_fraction: float = 0.05
-    """Share of documents (chosen by a hash of their path) held out for validation."""
+    """Share of the source's documents (chosen by a hash of their key) held out for validation."""
     split_seed: int = 0
-    """Salt of the path hash that assigns documents to train or validation."""
+    """Salt of the key hash that assigns documents to train or validation."""
     cache_dir: str = ".cache/mtp_megatron"
-    """Tokenizer and token-stream cache; a relative path resolves against the working directory."""
+    """Prepared sources and GPTDataset indices; a relative path resolves against the working
+    directory. On a cluster: a directory every node mounts (a shared file system)."""
     max_files: int | None = None
-    """Read at most this many files (rows for an hf: source), the first ones in sorted order."""
+    """Read at most this many of the source's files, the first ones in sorted order (a hub
+    dataset: its first parquet files)."""
     max_bytes: int | None = None
-    """Stop reading once this many bytes are read (the file that crosses the limit is kept)."""
-    shuffle_seed: int = 1234
-    """Order of the training documents in the token stream; the trainer's TokenBatches seed."""
+    """Stop listing the source's files once this many bytes are listed (the file that crosses
+    the limit is kept)."""
+    prepare_workers: int = 1
+    """Tokenizer processes of the first-use ``prepare`` (on global rank 0)."""
     train: list[BlendEntry] | None = None
     """Train on a blend of prepared indexed datasets, read through megatron-core's GPTDataset,
     instead of ``source`` (which is then ignored). The number of samples drawn is train.steps x
@@ -62,8 +72,14 @@ class DataConfig:
     validation: list[BlendEntry] | None = None
     """The validation blend; None: the validation shards of the ``train`` entries' datasets."""
     tokenizer: str | None = None
-    """The tokenizer.json the ids of ``train`` come from (decoding needs it); None: the one the
-    prepared datasets record."""
+    """With ``source``: the tokenizer to prepare it with, a Hugging Face ``tokenizer.json`` or a
+    directory holding one, or 'bpe:VOCAB' (the project's byte-level BPE trained on the train
+    split); None: 'bpe:4096'. With ``train``: the tokenizer.json the ids come from (decoding
+    needs it); None: the one the prepared datasets record. The model's vocabulary is the
+    tokenizer's unless ``model.vocab_size`` sets a larger one."""
+    eod_token: str | None = None
+    """The token ending each document of ``source``; None: the tokenizer directory's
+    ``eos_token``, else <|endoftext|>."""
 
     def validate(self, path: str = "data") -> None:
         for name in ("train", "validation"):
@@ -84,8 +100,23 @@ class DataConfig:
             _fail(f"{path}.train", self.train, "must list at least one dataset (or be null)")
         if self.validation is not None and self.train is None:
             _fail(f"{path}.validation", self.validation, "needs data.train (an indexed blend)")
-        if self.tokenizer is not None and not os.path.exists(self.tokenizer):
-            _fail(f"{path}.tokenizer", self.tokenizer, "no such file or directory")
+        tok = self.tokenizer
+        if tok is not None and not (isinstance(tok, str) and tok):
+            _fail(f"{path}.tokenizer", tok, "must be a tokenizer path or 'bpe:VOCAB'")
+        if tok is not None and tok.startswith(BPE_PREFIX):
+            if self.train is not None:
+                _fail(f"{path}.tokenizer", tok, "with data.train, name the tokenizer.json")
+            size = tok[len(BPE_PREFIX) :]
+            if not size.isdigit() or int(size) < MIN_VOCAB_SIZE:
+                _fail(
+                    f"{path}.tokenizer",
+                    tok,
+                    f"the project's BPE is 'bpe:VOCAB' with VOCAB >= {MIN_VOCAB_SIZE}",
+                )
+        elif tok is not None and not os.path.exists(tok):
+            _fail(f"{path}.tokenizer", tok, "no such file or directory (or 'bpe:VOCAB')")
+        if self.eod_token is not None and not (isinstance(self.eod_token, str) and self.eod_token):
+            _fail(f"{path}.eod_token", self.eod_token, "must be a token string or null")
         src = self.source
         if not isinstance(src, str) or not src:
             _fail(f"{path}.source", src, "must be 'stdlib', a local path or 'hf:NAME[:CONFIG]'")
@@ -117,9 +148,10 @@ class DataConfig:
                 frac,
                 "must be a number in (0, 0.5]: both splits need documents",
             )
-        for name in ("split_seed", "shuffle_seed"):
-            if not _is_int(getattr(self, name)):
-                _fail(f"{path}.{name}", getattr(self, name), "must be an integer")
+        if not _is_int(self.split_seed):
+            _fail(f"{path}.split_seed", self.split_seed, "must be an integer")
+        if not _is_int(self.prepare_workers) or self.prepare_workers < 1:
+            _fail(f"{path}.prepare_workers", self.prepare_workers, "must be an integer >= 1")
         if not isinstance(self.cache_dir, str) or not self.cache_dir:
             _fail(f"{path}.cache_dir", self.cache_dir, "must be a non-empty directory path")
         for name in ("max_files", "max_bytes"):

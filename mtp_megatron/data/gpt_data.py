@@ -120,7 +120,8 @@ def _cache_key(
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _world() -> tuple[int, int]:
+def world() -> tuple[int, int]:
+    """(global rank, world size) of the default group; (0, 1) without one."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -177,7 +178,7 @@ def build_gpt_data(
     train_key = _cache_key(train_id, [], seq_len, seed, (samples[0], 0), eod_id, vocab_size)
     root = Path(cache_root).resolve()
     entry = root / key
-    rank, world = _world()
+    rank, size = world()
     with contextlib.ExitStack() as held:
         # rank 0 holds the entry's lock through the build and the marker: another job with the
         # same key waits instead of removing or marking a half-written entry
@@ -191,11 +192,11 @@ def build_gpt_data(
                 entry.mkdir(parents=True, exist_ok=True)
             except OSError as e:  # told to every rank below, so none waits in a collective
                 failure = f"cannot prepare the data cache {entry}: {e}"
-        _agree_shared(entry, rank, world, failure)
+        _agree_shared(entry, rank, size, failure)
         data = _build(train, validation, seq_len, seed, samples, eod_id, vocab_size, entry)
         if rank == 0 and built:
             atomic_write_json(entry / MARKER, {"key": key, "samples": list(samples)})
-        if world > 1:
+        if size > 1:
             dist.barrier()
     return GPTData(data[0], data[1], entry, key, train_key, built)
 

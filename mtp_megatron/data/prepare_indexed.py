@@ -9,12 +9,13 @@ Input files are grouped, in order, into shards of about ``shard_mb`` (a larger f
 of its own); each shard is tokenized by one worker process (one tokenizer thread each,
 ``encode_batch_fast``) and streamed (``data/documents.py``: memory bounded by the shard, never
 by the corpus). A document goes to validation when the hash of its key (shard path and row) and
-``split_seed`` falls under ``validation_fraction`` (the split of ``data/split.py``: a document's
-side depends on nothing else). Every document is followed by the end-of-document token. A shard's
-files depend only on the shard, the tokenizer and the split settings, so the output is
-byte-identical for any worker count; a re-run reuses every shard whose record matches (after a
-crash, the finished ones) and is a no-op when the manifest does. The manifest's ``fingerprint``
-(sha256 of its content) names the dataset: caches keyed by it can never hold stale indices.
+``split_seed`` falls under ``validation_fraction``: a document's side depends on nothing else
+(reordering, adding or removing other files never moves it). Every document is followed by the
+end-of-document token. A shard's files depend only on the shard, the tokenizer and the split
+settings, so the output is byte-identical for any worker count; a re-run reuses every shard whose
+record matches (after a crash, the finished ones) and is a no-op when the manifest does. The
+manifest's ``fingerprint`` (sha256 of its content) names the dataset: caches keyed by it can never
+hold stale indices.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import numpy as np
 
 from mtp_megatron.config import ConfigError
 from mtp_megatron.data.cache import atomic_write_json, file_sha256, unit_hash
+from mtp_megatron.data.config import BPE_PREFIX
 from mtp_megatron.data.config import SOURCE_SUFFIXES as SUFFIXES
 from mtp_megatron.data.documents import SKIP_REASONS, iter_documents
 from mtp_megatron.data.indexed import IndexedWriter, is_complete
@@ -43,8 +45,8 @@ from mtp_megatron.data.indexed import IndexedWriter, is_complete
 FORMAT = "mtp-megatron-indexed-v1"
 MANIFEST = "manifest.json"
 SPLITS = ("train", "validation")
-BPE_PREFIX = "bpe:"
-"""``--tokenizer bpe:VOCAB``: train the project's byte-level BPE on the inputs' train split."""
+HUB_PREFIX = "hf:"
+"""An input ``hf:NAME[:CONFIG]``: a Hugging Face dataset's train split."""
 ENCODE_BATCH = 256
 """Documents per ``encode_batch_fast`` call."""
 
@@ -54,7 +56,9 @@ class PrepareConfig:
     """What ``prepare`` reads, how it tokenizes and splits, and where it writes."""
 
     inputs: list[str]
-    """Files, globs or directories (searched recursively) of .txt/.py/.md/.jsonl/.parquet."""
+    """Files, globs or directories (searched recursively) of .txt/.py/.md/.jsonl/.parquet, or
+    ``hf:NAME[:CONFIG]``: a Hugging Face hub dataset's train split (or a local directory
+    ``datasets`` can load), exported once to parquet under ``OUTPUT/hub/``."""
     tokenizer: str
     """A Hugging Face ``tokenizer.json`` or a directory holding one (``save_pretrained``), or
     ``bpe:VOCAB``: the project's byte-level BPE, trained here on the train split."""
@@ -73,6 +77,14 @@ class PrepareConfig:
     shard_mb: float = 64.0
     """Consecutive small input files are grouped into shards of about this size (the unit of
     work, reuse and output files)."""
+    suffixes: tuple[str, ...] = SUFFIXES
+    """The file types read from input directories and globs."""
+    exclude_dirs: tuple[str, ...] = ()
+    """Directory names pruned from input directories (besides hidden ones)."""
+    max_files: int | None = None
+    """Read only the first this many files (in the sorted input order)."""
+    max_bytes: int | None = None
+    """Stop adding files once this many bytes are listed (the file crossing the limit is kept)."""
 
     def validate(self) -> None:
         if not self.inputs:
@@ -90,6 +102,12 @@ class PrepareConfig:
             raise ConfigError(f"--shard-mb={self.shard_mb!r} is invalid: must be a number > 0")
         if not self.text_field:
             raise ConfigError("--text-field must be a non-empty column name")
+        for name in ("max_files", "max_bytes"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"--{name.replace('_', '-')}={value!r} must be an integer")
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')}={value!r} must be >= 1")
 
 
 @dataclass
@@ -117,18 +135,35 @@ class Shard:
         return f"shard_{self.index:05d}"
 
 
-def list_shards(inputs: list[str], shard_mb: float = 64.0) -> list[Shard]:
-    """Every input file, in a deterministic order (inputs in order, each expanded sorted),
-    grouped into shards of about ``shard_mb``."""
+def _walk(root: Path, suffixes: tuple[str, ...], exclude: tuple[str, ...]) -> list[Path]:
+    """The files under ``root`` with one of ``suffixes``, sorted; hidden entries and the
+    ``exclude`` directories are pruned, not filtered (a .git or .venv can hold far more files
+    than the corpus itself)."""
+    files = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in exclude]
+        files += [Path(folder, n) for n in names if n.endswith(suffixes) and not n.startswith(".")]
+    return sorted(files)
+
+
+def list_shards(
+    inputs: list[str],
+    shard_mb: float = 64.0,
+    *,
+    suffixes: tuple[str, ...] = SUFFIXES,
+    exclude_dirs: tuple[str, ...] = (),
+    max_files: int | None = None,
+    max_bytes: int | None = None,
+) -> list[Shard]:
+    """Every input file, in a deterministic order (inputs in order, each expanded sorted), cut
+    to the limits and grouped into shards of about ``shard_mb``."""
     found: list[tuple[str, str]] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            for file in _walk(path, suffixes, exclude_dirs):
                 rel = file.relative_to(path)
-                hidden = any(part.startswith(".") for part in rel.parts)
-                if file.suffix in SUFFIXES and not hidden:
-                    found.append((str(file.resolve()), f"{path.name}/{rel.as_posix()}"))
+                found.append((str(file.resolve()), f"{path.name}/{rel.as_posix()}"))
         elif path.is_file():
             found.append((str(path.resolve()), path.name))
         else:
@@ -136,12 +171,12 @@ def list_shards(inputs: list[str], shard_mb: float = 64.0) -> list[Shard]:
             files = [Path(m) for m in matches if Path(m).is_file()]
             if not files:
                 raise ConfigError(f"prepare: input {item!r} is no file, directory or matching glob")
-            found += [(str(f.resolve()), f.name) for f in files if f.suffix in SUFFIXES]
+            found += [(str(f.resolve()), f.name) for f in files if f.name.endswith(suffixes)]
     unknown = [s for s, _ in found if not s.endswith(SUFFIXES)]
     if unknown:
         raise ConfigError(f"prepare: {unknown[0]} is not one of {SUFFIXES}")
     if not found:
-        raise ConfigError(f"prepare: no {'/'.join(SUFFIXES)} files under {inputs}")
+        raise ConfigError(f"prepare: no {'/'.join(suffixes)} files under {inputs}")
     counts = Counter(k for _, k in found)
     duplicate = next((k for k, n in counts.items() if n > 1), None)
     if duplicate is not None:
@@ -149,10 +184,18 @@ def list_shards(inputs: list[str], shard_mb: float = 64.0) -> list[Shard]:
             f"prepare: two inputs are both named {duplicate!r}; documents are keyed by name "
             "(the split hashes it): rename one or pass their common parent directory"
         )
+    if max_files is not None:
+        found = found[:max_files]
+    sizes = [os.path.getsize(source) for source, _ in found]
+    if max_bytes is not None:
+        kept, total = 0, 0
+        while kept < len(found) and total < max_bytes:
+            total += sizes[kept]
+            kept += 1
+        found, sizes = found[:kept], sizes[:kept]
     shards: list[Shard] = []
     size, limit = 0, shard_mb * 1e6
-    for source, key in found:
-        file_size = os.path.getsize(source)
+    for (source, key), file_size in zip(found, sizes):
         if not shards or size + file_size > limit:
             shards.append(Shard(len(shards), [], []))
             size = 0
@@ -278,7 +321,15 @@ def prepare(cfg: PrepareConfig, log: Callable[[str], None] = print) -> dict:
 
     cfg.validate()
     out = Path(cfg.output).resolve()
-    shards = list_shards(cfg.inputs, cfg.shard_mb)
+    inputs = [_hub_export(i, out, log) if i.startswith(HUB_PREFIX) else i for i in cfg.inputs]
+    shards = list_shards(
+        inputs,
+        cfg.shard_mb,
+        suffixes=cfg.suffixes,
+        exclude_dirs=cfg.exclude_dirs,
+        max_files=cfg.max_files,
+        max_bytes=cfg.max_bytes,
+    )
     if cfg.tokenizer.startswith(BPE_PREFIX):
         cfg = dataclasses.replace(cfg, tokenizer=str(_own_bpe(cfg, shards, out, log)))
     tok = load_hf_tokenizer(cfg.tokenizer, cfg.eod_token)
@@ -330,6 +381,40 @@ def prepare(cfg: PrepareConfig, log: Callable[[str], None] = print) -> dict:
         f"fingerprint {manifest['fingerprint'][:16]}"
     )
     return manifest
+
+
+def _hub_export(spec: str, out: Path, log) -> str:
+    """``hf:NAME[:CONFIG]``: the dataset's train split as parquet files in a directory of
+    ``out/hub/`` (downloaded and exported by ``datasets`` once; a later call finds it)."""
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or not all(parts[1:]):
+        raise ConfigError(f"prepare: {spec!r}: a hub dataset is written 'hf:NAME[:CONFIG]'")
+    name, config = parts[1], (parts[2] if len(parts) == 3 else None)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name.strip("/"))
+    safe += f"-{config}" if config else ""
+    hub = out / "hub"
+    folder, export, done = hub / safe, hub / f".{safe}.export", hub / f".{safe}.json"
+    if not done.is_file():
+        import datasets
+
+        log(f"prepare: exporting the hub dataset {name} {config or ''} to parquet in {folder}")
+        try:
+            builder = datasets.load_dataset_builder(name, config, cache_dir=str(hub / ".cache"))
+            builder.download_and_prepare(output_dir=str(export), file_format="parquet")
+        except Exception as e:  # offline, unknown name, gated: all end the same way
+            raise ConfigError(
+                f"{spec}: could not load the Hugging Face dataset {name!r} ({type(e).__name__}: "
+                f"{e}); the hub may be unreachable from this machine: download its files and "
+                "pass their directory instead"
+            ) from e
+        train = sorted(export.glob("*-train*.parquet"))
+        if not train:
+            raise ConfigError(f"{spec}: the dataset has no train split")
+        folder.mkdir(parents=True, exist_ok=True)
+        for file in train:  # only the train split's rows are the dataset's documents
+            os.replace(file, folder / file.name)
+        atomic_write_json(done, {"dataset": name, "config": config, "files": len(train)})
+    return str(folder)
 
 
 def _own_bpe(cfg: PrepareConfig, shards: list[Shard], out: Path, log) -> Path:
@@ -476,7 +561,9 @@ def main_prepare(argv: list[str]) -> int:
         description="Tokenize files into Megatron indexed datasets (train/ and validation/), or "
         "record existing Megatron prefixes / flat token files as a dataset.",
     )
-    parser.add_argument("inputs", nargs="*", help="files, globs or directories to tokenize")
+    parser.add_argument(
+        "inputs", nargs="*", help="files, globs or directories to tokenize, or hf:NAME[:CONFIG]"
+    )
     parser.add_argument("--output", required=True, help="the dataset directory")
     parser.add_argument("--tokenizer", help="tokenizer.json or its directory, or bpe:VOCAB")
     parser.add_argument("--eod-token", default=None, help="default: eos_token, <|endoftext|>")
@@ -485,6 +572,8 @@ def main_prepare(argv: list[str]) -> int:
     parser.add_argument("--validation-fraction", type=float, default=0.05)
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--shard-mb", type=float, default=64.0, help="input grouped per shard")
+    parser.add_argument("--max-files", type=int, default=None, help="only the first N files")
+    parser.add_argument("--max-bytes", type=int, default=None, help="only about N bytes")
     imports = parser.add_argument_group("importing token data made elsewhere (not copied)")
     imports.add_argument("--from-megatron", nargs="+", metavar="PREFIX", help=".bin/.idx prefixes")
     imports.add_argument("--from-numpy", nargs="+", metavar="GLOB", help="flat token files")
@@ -531,6 +620,8 @@ def main_prepare(argv: list[str]) -> int:
             split_seed=args.split_seed,
             workers=args.workers,
             shard_mb=args.shard_mb,
+            max_files=args.max_files,
+            max_bytes=args.max_bytes,
         )
     )
     return 0

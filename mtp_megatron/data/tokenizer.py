@@ -10,7 +10,7 @@ file, or a directory saved by ``save_pretrained``) is loaded with ``tokenizers``
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,11 +19,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from mtp_megatron.config import ConfigError
 from mtp_megatron.data.cache import file_sha256
+from mtp_megatron.data.config import MIN_VOCAB_SIZE
 
 EOT_TOKEN = "<|endoftext|>"
 """Separates documents in the token stream."""
-MIN_VOCAB_SIZE = 257
-"""The 256 byte symbols and the end-of-text token."""
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -135,24 +134,6 @@ def load_hf_tokenizer(path: str | Path, eod_token: str | None = None) -> HFToken
     )
 
 
-def load_tokenizer(path: str) -> Tokenizer:
-    """Load a tokenizer saved by ``prepare_data`` (its JSON file) and check it has EOT."""
-    tok = Tokenizer.from_file(str(path))
-    if tok.token_to_id(EOT_TOKEN) is None:
-        raise ValueError(f"tokenizer {path} has no {EOT_TOKEN} token; it was not made here")
-    return tok
-
-
-def encode_stream(
-    tok: Tokenizer, batches: Iterator[list[str]], dtype: np.dtype, eot_id: int
-) -> np.ndarray:
-    """Encode each document, follow it by ``eot_id``, and concatenate: one 1-D token stream."""
-    eot = np.array([eot_id], dtype=dtype)
-    # encode_batch_fast (tokenizers >= 0.21) skips the character offsets we never use: ~1.5x.
-    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
-    parts: list[np.ndarray] = []
-    for texts in batches:
-        for enc in encode(texts, add_special_tokens=False):
-            parts.append(np.asarray(enc.ids, dtype=dtype))
-            parts.append(eot)
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer of a run (its ``tokenizer.json``), whichever made the data."""
+    return Tokenizer.from_file(str(path))

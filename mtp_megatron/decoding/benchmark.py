@@ -48,18 +48,23 @@ class DecodeRow:
         return self.new_tokens / max(self.forward_calls, 1)
 
 
+FREQUENCY_TOKENS = 50_000_000
+"""Training tokens counted for the draft vocabulary (bounded: a pretraining corpus is large)."""
+
+
 def benchmark_inputs(
     run: LoadedRun, n: int, prompt_len: int, draft_vocab_size: int = 0
 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """n prompts of prompt_len tokens, evenly spaced over the validation token stream, and the
-    draft_vocab_size most frequent training tokens (None when 0: drafts use every token)."""
-    from mtp_megatron.data import prepare_data
+    """n prompts of prompt_len tokens, evenly spaced over the run's validation documents (back
+    to back), and the draft_vocab_size most frequent tokens of the first
+    ``FREQUENCY_TOKENS`` training tokens (None when 0: drafts use every token)."""
     from mtp_megatron.data.config import DataConfig
+    from mtp_megatron.data.loader import prefix_tokens, resolve_data
 
     vocab_size = run.model_config.vocab_size
     data_cfg = from_dict(DataConfig, run.recipe.get("data") or {}, "data")
-    data = prepare_data(data_cfg, vocab_size, log=lambda *a: None)
-    stream = torch.from_numpy(data.validation.astype("int64"))
+    blends = resolve_data(data_cfg, log=lambda *a: None)  # prepared already: a no-op
+    stream = torch.from_numpy(prefix_tokens(blends.validation).astype("int64"))
     span = len(stream) - prompt_len - 1
     if span <= 0:
         raise ConfigError(f"validation split too short for {prompt_len}-token prompts")
@@ -67,7 +72,8 @@ def benchmark_inputs(
     prompts = [stream[s : s + prompt_len][None] for s in starts]
     vocab = None
     if draft_vocab_size:
-        vocab = frequent_token_ids(data.train, draft_vocab_size, vocab_size)
+        train = prefix_tokens(blends.train, limit=FREQUENCY_TOKENS)
+        vocab = frequent_token_ids(train, draft_vocab_size, vocab_size)
     return prompts, vocab
 
 

@@ -19,7 +19,7 @@ def tiny_run_overrides(run_dir: Path, cache: Path, **extra) -> list[str]:
     no evaluation or checkpoints unless ``extra`` asks; ``cache``: the tokenizer + token cache
     (share one between runs: the first run builds it)."""
     base = {
-        "model.vocab_size": 512,
+        "data.tokenizer": "bpe:512",
         "model.hidden_size": 64,
         "model.num_layers": 2,
         "model.num_attention_heads": 4,

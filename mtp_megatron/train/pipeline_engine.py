@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from mtp_megatron.data import TokenBatches
+from mtp_megatron.data.loader import Batches
 from mtp_megatron.model import MTPModel
 from mtp_megatron.train.config import TrainConfig
 from mtp_megatron.train.engine import deepspeed_config, lr_lambda, parameter_groups
@@ -72,7 +72,7 @@ class PipelineSteps:
         self._last_rank = parallel_state.get_pipeline_model_parallel_last_rank()
         self._dp_group = parallel_state.get_data_parallel_group()
 
-    def train_step(self, batches: TokenBatches, step: int, grad_accum: int) -> dict[str, float]:
+    def train_step(self, batches: Batches, step: int, grad_accum: int) -> dict[str, float]:
         """One optimizer step; the logged values (DP mean over the step's micro-batches)."""
         pairs = (batches.batch(step, micro, grad_accum) for micro in range(grad_accum))
         self.engine.train_batch(micro_batches(pairs, step))

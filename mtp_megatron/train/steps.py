@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from mtp_megatron.data import TokenBatches
+from mtp_megatron.data.loader import Batches
 from mtp_megatron.model.etd import etd_metrics
 from mtp_megatron.train.evaluate import evaluate
 from mtp_megatron.train.pipeline import logged_values
@@ -28,7 +28,7 @@ class StepRunner(Protocol):
     engine: object
     """The DeepSpeed engine (checkpoints, LR, grad norm, skipped steps)."""
 
-    def train_step(self, batches: TokenBatches, step: int, grad_accum: int) -> dict[str, float]:
+    def train_step(self, batches: Batches, step: int, grad_accum: int) -> dict[str, float]:
         """One optimizer step over ``grad_accum`` micro-batches; its logged values."""
 
     def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
@@ -54,7 +54,7 @@ class SingleStageSteps:
         self.num_mtp_steps = num_mtp_steps
         self._dp_group = parallel_state.get_data_parallel_group()
 
-    def train_step(self, batches: TokenBatches, step: int, grad_accum: int) -> dict[str, float]:
+    def train_step(self, batches: Batches, step: int, grad_accum: int) -> dict[str, float]:
         engine, sums = self.engine, None
         for micro in range(grad_accum):
             input_ids, labels = batches.batch(step, micro, grad_accum)

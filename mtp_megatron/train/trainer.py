@@ -26,7 +26,7 @@ import torch.distributed as dist
 import yaml
 
 from mtp_megatron.config import ConfigError
-from mtp_megatron.data import TokenBatches, eval_batches, prepare_data
+from mtp_megatron.data.loader import Batches, eval_batches, prepare_training_data
 from mtp_megatron.model import build_model
 from mtp_megatron.parallel import initialize_parallel
 from mtp_megatron.recipe import Recipe
@@ -162,9 +162,12 @@ def _check_against(folder: Path, recipe: Recipe, world: int) -> list[str]:
     """Refuse (ConfigError) resuming ``folder`` with ``recipe`` on ``world`` processes where
     that changes what the checkpoint fixes; the allowed changes, as report lines."""
     saved = read_run_state(folder)
+    current = asdict(recipe)
+    if current["model"]["vocab_size"] is None:  # the data's, not known yet: its loader state
+        current["model"]["vocab_size"] = saved["recipe"]["model"]["vocab_size"]  # is compared
     return check_resume(
         saved["recipe"],
-        asdict(recipe),
+        current,
         recipe.train.resume_overrides,
         saved["world_size"],
         world,
@@ -228,31 +231,12 @@ class _Trainer:
 
     # -- set-up ----------------------------------------------------------------------------------
     def _prepare_data(self) -> None:
-        recipe, tcfg, layout = self.recipe, self.tcfg, self.layout
-        if recipe.data.train is not None:  # a blend of indexed datasets, through GPTDataset
-            self._prepare_indexed_data()
-            return
-        self.data = prepare_data(recipe.data, recipe.model.vocab_size, log=self.say)
-        self.batches = TokenBatches(
-            self.data.train,
-            recipe.seq_len,
-            tcfg.micro_batch_size,
-            layout.data_parallel_rank,
-            layout.data_parallel_size,
-            tcfg.seed,
-        )
-        try:
-            self._val_batches()  # raises now, not at the first evaluation, when too small
-        except ValueError as e:
-            raise ConfigError(f"data: {e}") from None
-
-    def _prepare_indexed_data(self) -> None:
-        from mtp_megatron.data.indexed_loader import IndexedBatches, prepare_indexed_data
-
+        """The recipe's data through megatron-core's GPTDataset; ``model.vocab_size`` None
+        becomes the tokenizer's (the run directory's recipe records the number)."""
         recipe, tcfg, layout = self.recipe, self.tcfg, self.layout
         per_step = tcfg.micro_batch_size * tcfg.grad_accum * layout.data_parallel_size
         evaluated = tcfg.micro_batch_size * layout.data_parallel_size * max(tcfg.eval_batches, 1)
-        self.data = prepare_indexed_data(
+        self.data = prepare_training_data(
             recipe.data,
             recipe.model.vocab_size,
             recipe.seq_len,
@@ -261,7 +245,9 @@ class _Trainer:
             seed=tcfg.seed,
             log=self.say,
         )
-        self.batches = IndexedBatches(
+        recipe.model.vocab_size = self.data.vocab_size
+        recipe.model.validate(recipe.parallel.tensor_parallel_size)
+        self.batches = Batches(
             self.data,
             recipe.seq_len,
             tcfg.micro_batch_size,
@@ -273,23 +259,12 @@ class _Trainer:
     def _val_batches(self):
         # every DP rank runs the same number of batches (ZeRO-3 gathers are collective)
         layout, tcfg = self.layout, self.tcfg
-        if self.recipe.data.train is not None:
-            from mtp_megatron.data.indexed_loader import indexed_eval_batches
-
-            return indexed_eval_batches(
-                self.data.validation,
-                tcfg.micro_batch_size,
-                tcfg.eval_batches * layout.data_parallel_size,
-                layout.data_parallel_rank,
-                layout.data_parallel_size,
-            )
         return eval_batches(
             self.data.validation,
-            self.recipe.seq_len,
             tcfg.micro_batch_size,
             tcfg.eval_batches * layout.data_parallel_size,
-            dp_rank=layout.data_parallel_rank,
-            dp_size=layout.data_parallel_size,
+            layout.data_parallel_rank,
+            layout.data_parallel_size,
         )
 
     def _build(self) -> None:

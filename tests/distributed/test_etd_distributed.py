@@ -67,7 +67,7 @@ def test_trained_etd_run_loads_decodes_and_splits(single_process, tmp_path):
 
     run_dir = tmp_path / "run"
     overrides = {
-        "model.vocab_size": 512,
+        "data.tokenizer": "bpe:512",
         "model.hidden_size": 64,
         "model.max_seq_len": 32,
         "model.mtp.num_predict_tokens": 2,

@@ -173,7 +173,7 @@ def test_pp2_tp2_matches_tp1_pp1(single_process):
 
 def _overrides(run_dir: Path, cache: Path, **extra) -> list[str]:
     base = {
-        "model.vocab_size": 512,
+        "data.tokenizer": "bpe:512",
         "model.hidden_size": 64,
         "model.num_layers": 3,
         "model.num_attention_heads": 4,

@@ -49,7 +49,7 @@ if (_reason := cannot_run_reason()) is not None:
 
 def _overrides(cache: Path) -> list[str]:
     tiny = {
-        "model.vocab_size": 512,
+        "data.tokenizer": "bpe:512",
         "model.hidden_size": 64,
         "model.num_layers": 2,
         "model.num_attention_heads": 4,
