@@ -70,7 +70,7 @@ class GPTData:
     key: str
     """Its name: the hash of what the samples depend on (``_cache_key``)."""
     train_key: str
-    """The hash of what the training samples alone depend on (a resume must keep it)."""
+    """The hash of the training data, its sequence length and seed (a resume must keep it)."""
     built: bool
     """True when this call built the entry (False: it was complete already)."""
 
@@ -174,8 +174,9 @@ def build_gpt_data(
     samples = (train_samples, validation_samples if validation else 0)
     train_id, validation_id = _blend_identity(train), _blend_identity(validation)
     key = _cache_key(train_id, validation_id, seq_len, seed, samples, eod_id, vocab_size)
-    # the training samples alone (validation settings may change on resume)
-    train_key = _cache_key(train_id, [], seq_len, seed, (samples[0], 0), eod_id, vocab_size)
+    # the training data alone (validation settings may change on resume; the sample total is
+    # recorded and compared on its own)
+    train_key = _cache_key(train_id, [], seq_len, seed, (0, 0), eod_id, vocab_size)
     root = Path(cache_root).resolve()
     entry = root / key
     rank, size = world()

@@ -194,6 +194,14 @@ def prepare_training_data(
     ``vocab_size`` is ``model.vocab_size`` (None: the tokenizer's)."""
     blends = resolve_data(cfg, log)
     vocab = model_vocab_size(vocab_size, blends.vocab_size)
+    # GPTDataset repeats a split to fill any request: ask for no more validation samples than
+    # there are distinct ones, so that a too small split is an error, not the same samples twice
+    distinct = distinct_samples(blends.validation, seq_len)
+    if distinct < 1:
+        raise ConfigError(
+            f"the validation blend has no sample of seq_len={seq_len} tokens; add validation "
+            "data (data.validation_fraction, data.validation) or shorten the sequences"
+        )
     root = Path(cfg.cache_dir).resolve() / "gpt_datasets"
     data = build_gpt_data(
         blends.train,
@@ -201,7 +209,7 @@ def prepare_training_data(
         seq_len=seq_len,
         seed=seed,
         train_samples=train_samples,
-        validation_samples=validation_samples,
+        validation_samples=min(validation_samples, distinct),
         eod_id=blends.eod_id,
         vocab_size=vocab,
         cache_root=root,
@@ -214,6 +222,20 @@ def prepare_training_data(
     return TrainingData(
         data.train, data.validation, blends.tokenizer_path, data.train_key, train_samples, vocab
     )
+
+
+def distinct_samples(parts: list[BlendPart], seq_len: int) -> int:
+    """Samples of seq_len tokens (plus the next one) the prefixes hold without repeating, as
+    GPTDataset counts an epoch."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    total = 0
+    for part in parts:
+        index = IndexedDataset(part.prefix)  # alive while its memory-mapped lengths are read
+        tokens = int(index.sequence_lengths.sum())
+        total += max(tokens - 1, 0) // seq_len
+        del index
+    return total
 
 
 def prefix_tokens(parts: list[BlendPart], limit: int | None = None) -> np.ndarray:
@@ -266,20 +288,30 @@ class Batches:
             "dp_size": self.dp_size,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Refuse a checkpoint made with other data, another sample total or batch layout."""
+    def load_state_dict(self, state: dict[str, Any], new_total_allowed: bool = False) -> str:
+        """Refuse a checkpoint made with other data, another sample total (unless
+        ``new_total_allowed``: ``steps`` is in ``train.resume_overrides``) or batch layout;
+        returns a note for the log when the total changed ('' otherwise)."""
         mine = self.state_dict()
         if state.get("kind") != "gpt_dataset":
             raise ConfigError(
                 "cannot resume: the checkpoint was written by an older data loader (an in-memory "
                 "token stream); its batch order cannot be continued: start a new run"
             )
-        if state["train_samples"] != mine["train_samples"]:
+        note = ""
+        if state["train_samples"] != mine["train_samples"] and new_total_allowed:
+            note = (
+                f"the data's sample total {state['train_samples']:,} -> "
+                f"{mine['train_samples']:,} (train.steps): GPTDataset draws a new sample order "
+                "from the resume step on, so samples already trained on may come again"
+            )
+        elif state["train_samples"] != mine["train_samples"]:
             raise ConfigError(
                 f"cannot resume: the checkpoint's data drew {state['train_samples']:,} training "
                 f"samples, this run {mine['train_samples']:,} (train.steps x the global batch): "
                 "GPTDataset's sample order depends on that total, so the run would not continue "
-                "its data order; resume with the same train.steps, or start a new run"
+                "its data order; resume with the same train.steps, list steps in "
+                "train.resume_overrides to accept a new order from here, or start a new run"
             )
         for key in ("fingerprint", "seq_len", "micro_batch_size", "dp_size"):
             if state[key] != mine[key]:
@@ -287,6 +319,7 @@ class Batches:
                     f"cannot resume: the checkpoint's data loader had {key}={state[key]!r}, this "
                     f"run has {key}={mine[key]!r}; resume with the same data and settings"
                 )
+        return note
 
 
 def eval_batches(

@@ -293,7 +293,11 @@ class _Trainer:
             state, folder = _resume(engine, recipe, plan, self.layout.world_size, self.say)
             self.start_step = int(state["step"])
             tb_dir = state.get("tb_dir")
-            self.batches.load_state_dict(state["data"])
+            note = self.batches.load_state_dict(
+                state["data"], new_total_allowed="steps" in recipe.train.resume_overrides
+            )
+            if note:
+                self.say(f"[resume] changed: {note}")
             self.latest = folder.name
             self.say(f"[resume] from {folder} at step {self.start_step}")
         self.tb_dir = tb_dir or str(self.run_dir / datetime.now().strftime("%Y%m%d-%H%M%S"))

@@ -267,6 +267,7 @@ def test_resume_survives_broken_checkpoints_and_refuses_changed_recipes(tmp_path
     longer = out["steps_override"]
     assert longer["error"] is None, longer["error"]
     assert longer["lrs"] == pytest.approx(out["steps_expected"], rel=1e-12)
+    assert "[resume] changed: the data's sample total 64 -> 96" in "\n".join(longer["log"])
 
     message = run_distributed(_resume_with_one_process, 1, str(tmp_path), str(data_cache))[0]
     assert message and "saved by 2 processes; this run has 1" in message

@@ -208,6 +208,10 @@ def test_loader_state_refuses_other_data_or_sample_total():
         Batches(other, 10, 5, 0, 2).load_state_dict(saved)
     with pytest.raises(ConfigError, match="100 training samples, this run 200"):
         Batches(_data(200), 10, 5, 0, 2).load_state_dict(saved)
+    # steps in train.resume_overrides: a longer run accepts a new sample order, and says so
+    note = Batches(_data(200), 10, 5, 0, 2).load_state_dict(saved, new_total_allowed=True)
+    assert "sample total 100 -> 200" in note and "new sample order" in note
+    assert Batches(_data(), 10, 5, 0, 2).load_state_dict(saved, new_total_allowed=True) == ""
     with pytest.raises(ConfigError, match="micro_batch_size=5"):
         Batches(_data(), 10, 4, 0, 2).load_state_dict(saved)
     with pytest.raises(ConfigError, match="older data loader"):
