@@ -65,6 +65,10 @@ def test_dry_run_and_params_commands(capsys, single_process):
     )
     out = capsys.readouterr().out
     assert "num_predict_tokens: 2" in out and "# parameters: trunk" in out
+    # model.vocab_size null: counted with the tokenizer's vocabulary
+    assert "vocab_size: null" in out and "padded vocab 4096 (the tokenizer's 4096)" in out
+    assert main(["dry-run", str(RECIPES[0]), "data.tokenizer=bpe:1000"]) == 0
+    assert "padded vocab 1024 (the tokenizer's 1000)" in capsys.readouterr().out
     assert main(["dry-run", str(RECIPES[0]), "model.mtp.num_predict_tokens=0"]) == 2
     assert "num_predict_tokens=0" in capsys.readouterr().err
     assert main(["params"]) == 0
