@@ -197,6 +197,15 @@ def cmd_consolidate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    """Write a run's trunk as a Hugging Face checkpoint (transformers' twin class: Exaone4,
+    Qwen3 or Llama) that AutoModelForCausalLM loads with the same logits."""
+    from mtp_megatron.hf.export import export_hf
+
+    export_hf(args.checkpoint, args.out)
+    return 0
+
+
 def cmd_bench_decode(args: argparse.Namespace) -> int:
     """Plain vs speculative decoding (lookahead 1..K) on held-out prompts of a trained run."""
     return decode_benchmark(
@@ -378,6 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
         "run_dir/consolidated/step_N)",
     )
     p.set_defaults(func=cmd_consolidate)
+
+    p = sub.add_parser("export-hf", help=cmd_export_hf.__doc__)
+    p.add_argument("checkpoint", help="run dir, checkpoints/ or step folder, or consolidated")
+    p.add_argument("out", help="the Hugging Face directory to write (must not exist)")
+    p.set_defaults(func=cmd_export_hf)
 
     p = sub.add_parser("bench-decode", help=cmd_bench_decode.__doc__)
     p.add_argument("--checkpoint", required=True, help="run dir, checkpoints/ or step folder")

@@ -13,13 +13,17 @@ CONFIG_MODULES = {"config", "data.config", "train.config"}
 
 FORBIDDEN = {
     "config": {"*"},
-    "parallel": {"model", "data", "train", "decoding", "recipe", "bench", "report", "sweep"},
-    "consolidated": {"model", "data", "train", "decoding", "recipe", "parallel", "bench"},
-    "model": {"train", "decoding", "data", "recipe", "bench", "report", "sweep", "consolidated"},
-    "data": {"model", "train", "decoding", "recipe", "bench", "report", "sweep"},
-    "decoding": {"train", "recipe", "bench", "report", "sweep"},
-    "train": {"decoding", "bench", "report", "sweep"},
-    "report": {"model", "train", "decoding", "data", "bench"},
+    "parallel": {"model", "data", "train", "decoding", "recipe", "bench", "report", "sweep", "hf"},
+    "consolidated": {"model", "data", "train", "decoding", "recipe", "parallel", "bench", "hf"},
+    "model": {
+        *("train", "decoding", "data", "recipe", "bench", "report", "sweep", "consolidated"),
+        "hf",
+    },
+    "data": {"model", "train", "decoding", "recipe", "bench", "report", "sweep", "hf"},
+    "decoding": {"train", "recipe", "bench", "report", "sweep", "hf"},
+    "train": {"decoding", "bench", "report", "sweep", "hf"},
+    "report": {"model", "train", "decoding", "data", "bench", "hf"},
+    "hf": {"decoding", "recipe", "bench", "report", "sweep"},
 }
 """unit -> units it must not import ('*': any of ours other than the config modules)."""
 

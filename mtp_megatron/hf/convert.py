@@ -1,0 +1,124 @@
+"""Our TP=1 master state dict <-> a Hugging Face twin's (``families.py``), trunk weights only.
+
+Notation: V vocabulary, V' padded vocabulary (a multiple of ``vocab_pad_multiple``), h hidden,
+f SwiGLU width. Our fused ``gate_up`` [2f, h] is HF's ``gate_proj`` [f, h] over ``up_proj``;
+our embedding and output layer hold V' rows, HF's V (the padding rows are dropped on export and
+zero on import). Every other tensor keeps its name's shape and values: a round trip is bitwise.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mtp_megatron.config import ConfigError, ModelConfig
+from mtp_megatron.hf.families import Family
+
+_SAME = {  # ours (under trunk.layers.{i}.) -> HF (under model.layers.{i}.)
+    "attention.inner.q_proj.weight": "self_attn.q_proj.weight",
+    "attention.inner.k_proj.weight": "self_attn.k_proj.weight",
+    "attention.inner.v_proj.weight": "self_attn.v_proj.weight",
+    "attention.inner.o_proj.weight": "self_attn.o_proj.weight",
+    "attention.inner.q_norm.weight": "self_attn.q_norm.weight",
+    "attention.inner.k_norm.weight": "self_attn.k_norm.weight",
+    "mlp.inner.down.weight": "mlp.down_proj.weight",
+}
+
+
+def _layer_names(family: Family) -> dict[str, str]:
+    names = dict(_SAME)
+    if not family.qk_norm:
+        del names["attention.inner.q_norm.weight"], names["attention.inner.k_norm.weight"]
+    names["attention.norm.weight"] = f"{family.attention_norm}.weight"
+    names["mlp.norm.weight"] = f"{family.mlp_norm}.weight"
+    return names
+
+
+def trunk_to_hf(master: dict[str, torch.Tensor], cfg: ModelConfig, family: Family) -> dict:
+    """The HF state dict of the trunk in ``master`` (our names, TP=1 layout)."""
+    v = cfg.vocab_size
+    out = {
+        "model.embed_tokens.weight": master["trunk.embedding.weight"][:v],  # [V, h]
+        "model.norm.weight": master["trunk.final_norm.weight"],
+    }
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = master["trunk.output_layer.weight"][:v]  # [V, h]
+    names = _layer_names(family)
+    for i in range(cfg.num_layers):
+        ours, theirs = f"trunk.layers.{i}.", f"model.layers.{i}."
+        for a, b in names.items():
+            out[theirs + b] = master[ours + a]
+        gate, up = master[ours + "mlp.inner.gate_up.weight"].chunk(2, dim=0)  # [f, h] each
+        out[theirs + "mlp.gate_proj.weight"], out[theirs + "mlp.up_proj.weight"] = gate, up
+    return {k: t.contiguous() for k, t in out.items()}
+
+
+def trunk_from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig, family: Family) -> dict:
+    """Our trunk's master state dict from an HF state dict; a missing or unexpected HF tensor
+    is an error naming it (strict loading)."""
+    padded, v = cfg.padded_vocab_size, cfg.vocab_size
+
+    def pad(t: torch.Tensor) -> torch.Tensor:  # [V, h] -> [V', h]
+        return torch.cat([t, t.new_zeros(padded - v, t.shape[1])])
+
+    used: set[str] = set()
+
+    def take(name: str) -> torch.Tensor:
+        if name not in hf:
+            raise ConfigError(f"the Hugging Face checkpoint lacks {name} (a {family.model_type})")
+        used.add(name)
+        return hf[name]
+
+    out = {
+        "trunk.embedding.weight": pad(take("model.embed_tokens.weight")),
+        "trunk.final_norm.weight": take("model.norm.weight"),
+    }
+    if not cfg.tie_embeddings:
+        out["trunk.output_layer.weight"] = pad(take("lm_head.weight"))
+    names = _layer_names(family)
+    for i in range(cfg.num_layers):
+        ours, theirs = f"trunk.layers.{i}.", f"model.layers.{i}."
+        for a, b in names.items():
+            out[ours + a] = take(theirs + b)
+        gate, up = take(theirs + "mlp.gate_proj.weight"), take(theirs + "mlp.up_proj.weight")
+        out[ours + "mlp.inner.gate_up.weight"] = torch.cat([gate, up])  # [2f, h]
+    unexpected = sorted(set(hf) - used - {"lm_head.weight"})  # a tied checkpoint may keep it
+    if unexpected:
+        raise ConfigError(
+            f"the Hugging Face checkpoint has tensors a {family.model_type} twin of this trunk "
+            f"does not: {unexpected[:5]}"
+        )
+    return out
+
+
+def hf_config(cfg: ModelConfig, family: Family, eos_token_id: int | None, dtype: str):
+    """The transformers config of ``cfg``'s trunk in ``family``."""
+    import transformers
+
+    common = dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.ffn_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.kv_heads,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        tie_word_embeddings=cfg.tie_embeddings,
+        hidden_act="silu",
+        attention_bias=False,
+        bos_token_id=None,
+        eos_token_id=eos_token_id,
+        pad_token_id=None,
+        dtype=dtype,
+        architectures=[family.architecture],
+    )
+    full = ["full_attention"] * cfg.num_layers
+    if family.model_type == "exaone4":
+        config = transformers.Exaone4Config(**common, sliding_window=None, layer_types=full)
+    elif family.model_type == "qwen3":
+        config = transformers.Qwen3Config(**common, use_sliding_window=False, layer_types=full)
+    else:
+        config = transformers.LlamaConfig(**common, mlp_bias=False)
+    return config

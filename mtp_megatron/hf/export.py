@@ -1,0 +1,79 @@
+"""``python -m mtp_megatron export-hf RUN OUT``: a run's trunk as a Hugging Face checkpoint.
+
+OUT gets what ``AutoModelForCausalLM.from_pretrained(OUT)`` and ``AutoTokenizer`` read:
+``config.json`` (the twin family of ``families.py``), ``model.safetensors`` (the vocabulary
+padding dropped), ``tokenizer.json`` and ``tokenizer_config.json`` (the run's end-of-document
+token as ``eos_token``). Everything is written into a temporary directory renamed into place,
+so OUT is complete or absent. The MTP heads are not exported yet (issue 16, part 3).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from mtp_megatron import consolidated
+from mtp_megatron.config import ConfigError
+from mtp_megatron.hf.convert import hf_config, trunk_to_hf
+from mtp_megatron.hf.families import family_of
+
+DEFAULT_EOD = "<|endoftext|>"
+
+
+def _eos_token(recipe: dict, tokenizer_file: Path) -> tuple[str | None, int | None]:
+    """The run's end-of-document token and its id (None, None when the tokenizer has none)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    token = (recipe.get("data") or {}).get("eod_token") or DEFAULT_EOD
+    token_id = tok.token_to_id(token)
+    return (token, token_id) if token_id is not None else (None, None)
+
+
+def export_hf(run: str | Path, out: str | Path, log: Callable[[str], None] = print) -> Path:
+    """Write the Hugging Face checkpoint of ``run`` (a run directory, checkpoint or consolidated
+    folder) to ``out``; returns ``out``."""
+    from safetensors.torch import save_file
+
+    from mtp_megatron.train.consolidate import consolidated_folder
+
+    out = Path(out).resolve()
+    if out.exists():
+        raise ConfigError(f"{out} exists; export into a new directory (nothing is overwritten)")
+    folder = consolidated_folder(run, log)
+    cfg = consolidated.read_model_config(folder)
+    family = family_of(cfg)
+    master, metadata = consolidated.load_weights(folder)
+    bad = consolidated.non_finite_tensors(master)
+    if bad:
+        raise ConfigError(f"{folder} holds non-finite weights ({bad[:3]}); export another step")
+    recipe = consolidated.read_recipe(folder)
+    eos, eos_id = _eos_token(recipe, folder / consolidated.TOKENIZER_FILE)
+    dtype = str(master["trunk.embedding.weight"].dtype).removeprefix("torch.")
+    tmp = out.parent / f".{out.name}.tmp.{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        hf_config(cfg, family, eos_id, dtype).save_pretrained(tmp)
+        tensors = trunk_to_hf(master, cfg, family)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        shutil.copyfile(folder / consolidated.TOKENIZER_FILE, tmp / "tokenizer.json")
+        tok_config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": cfg.max_seq_len,
+            **({"eos_token": eos} if eos else {}),
+        }
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=1) + "\n")
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    note = "" if cfg.mtp is None else f" (its {cfg.mtp.num_predict_tokens} MTP heads: not yet)"
+    log(
+        f"[export-hf] {folder} (step {metadata.get('step', '?')}) -> {out}: "
+        f"{family.architecture}, {cfg.num_layers} layers, vocabulary {cfg.vocab_size}{note}"
+    )
+    return out
