@@ -202,7 +202,7 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
     Qwen3 or Llama) that AutoModelForCausalLM loads with the same logits."""
     from mtp_megatron.hf.export import export_hf
 
-    export_hf(args.checkpoint, args.out)
+    export_hf(_consolidated(args.checkpoint), args.out)
     return 0
 
 

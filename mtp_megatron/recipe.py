@@ -35,6 +35,14 @@ class Recipe:
     """Optimisation, ZeRO, logging, checkpoints."""
     data: DataConfig = field(default_factory=DataConfig)
     """Corpus, split, tokenizer cache."""
+    init_from: str | None = None
+    """'hf:DIR': start from a pretrained Hugging Face checkpoint (Llama, Qwen3, Exaone4). Its
+    config.json sets the trunk's architecture (the model section keeps the MTP heads, ETD,
+    max_seq_len and padding), its weights the trunk's, its tokenizer the data's (unless
+    data.tokenizer is set). None: train from scratch."""
+    mtp_head_init: str = "random"
+    """With init_from: the MTP heads' blocks 'random', or 'last_layer' (copies of the trunk's
+    last layer and final norm, the usual start of MTP fine-tuning)."""
 
     def dims(self, world: int) -> ParallelDims:
         """This recipe's layout over ``world`` processes (ConfigError if they do not split)."""
@@ -45,6 +53,14 @@ class Recipe:
         return self.train.seq_len or self.model.max_seq_len
 
     def validate(self) -> None:
+        from mtp_megatron.hf.importer import HEAD_INITS
+
+        if self.mtp_head_init not in HEAD_INITS:
+            raise ConfigError(
+                f"mtp_head_init={self.mtp_head_init!r} is invalid: one of {HEAD_INITS}"
+            )
+        if self.mtp_head_init != "random" and self.init_from is None:
+            raise ConfigError("mtp_head_init='last_layer' needs init_from (a pretrained trunk)")
         self.parallel.validate()
         check_model_layout(self.model, self.parallel)
         self.train.validate()
@@ -137,5 +153,18 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     data = apply_overrides(load_recipe_dict(path), overrides or [])
     data.setdefault("name", Path(path).stem)
     recipe = from_dict(Recipe, data)
+    if recipe.init_from is not None:
+        _take_pretrained_architecture(recipe)
     recipe.validate()
     return recipe
+
+
+def _take_pretrained_architecture(recipe: Recipe) -> None:
+    """``init_from: hf:DIR``: the trunk's architecture and (by default) the tokenizer are the
+    checkpoint's, resolved here so that every check before launch sees them."""
+    from mtp_megatron.hf.importer import architecture, hf_directory
+
+    folder = hf_directory(recipe.init_from)
+    recipe.model, _ = architecture(folder, recipe.model)
+    if recipe.data.tokenizer is None and recipe.data.train is None:
+        recipe.data.tokenizer = str(folder)

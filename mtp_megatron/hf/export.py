@@ -33,17 +33,18 @@ def _eos_token(recipe: dict, tokenizer_file: Path) -> tuple[str | None, int | No
     return (token, token_id) if token_id is not None else (None, None)
 
 
-def export_hf(run: str | Path, out: str | Path, log: Callable[[str], None] = print) -> Path:
-    """Write the Hugging Face checkpoint of ``run`` (a run directory, checkpoint or consolidated
-    folder) to ``out``; returns ``out``."""
+def export_hf(folder: str | Path, out: str | Path, log: Callable[[str], None] = print) -> Path:
+    """Write the Hugging Face checkpoint of the consolidated model in ``folder`` (a finished
+    run's directory, or what ``consolidate`` wrote) to ``out``; returns ``out``."""
     from safetensors.torch import save_file
 
-    from mtp_megatron.train.consolidate import consolidated_folder
-
-    out = Path(out).resolve()
+    out, folder = Path(out).resolve(), Path(folder).resolve()
     if out.exists():
         raise ConfigError(f"{out} exists; export into a new directory (nothing is overwritten)")
-    folder = consolidated_folder(run, log)
+    if not consolidated.is_consolidated(folder):
+        raise ConfigError(
+            f"{folder} holds no consolidated model; `python -m mtp_megatron consolidate` it first"
+        )
     cfg = consolidated.read_model_config(folder)
     family = family_of(cfg)
     master, metadata = consolidated.load_weights(folder)

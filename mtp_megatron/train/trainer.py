@@ -226,7 +226,7 @@ class _Trainer:
         if plan.candidates:  # refuse a changed recipe before seconds of data and model set-up
             _check_against(plan.candidates[0], recipe, layout.world_size)
         self._prepare_data()
-        self._build()
+        self._build(fresh=not plan.candidates)
         self._restore(plan)
 
     # -- set-up ----------------------------------------------------------------------------------
@@ -267,10 +267,15 @@ class _Trainer:
             layout.data_parallel_size,
         )
 
-    def _build(self) -> None:
+    def _build(self, fresh: bool) -> None:
         recipe, tcfg, par = self.recipe, self.tcfg, self.recipe.parallel
         torch.manual_seed(tcfg.seed)  # same master weights on every rank, sliced per TP rank
-        setup = apply_training(build_model(recipe.model), tcfg, par, self.device)
+        model = build_model(recipe.model)
+        if recipe.init_from is not None and fresh:  # a resume loads the checkpoint instead
+            from mtp_megatron.hf.importer import load_pretrained
+
+            load_pretrained(model, recipe.init_from, recipe.mtp_head_init, log=self.say)
+        setup = apply_training(model, tcfg, par, self.device)
         self.engine, self.runner, model = setup.engine, setup.runner, setup.module
         if par.pipeline_parallel_size > 1:
             self.say(f"[setup] pipeline ({par.pipeline_partition}): {model.describe()}")

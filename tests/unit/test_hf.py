@@ -109,3 +109,86 @@ def test_a_trunk_without_a_twin_and_an_existing_output_are_refused(tmp_path, sin
     partial = {"model.embed_tokens.weight": torch.zeros(VOCAB, 64)}
     with pytest.raises(ConfigError, match="lacks model.norm.weight"):
         trunk_from_hf(partial, _config("llama", False), FAMILIES["llama"])
+
+
+# ---------------------------------------------------------------------------------------------
+# import: init_from: hf:DIR
+
+
+def _recipe(folder: Path, *extra: str):
+    from mtp_megatron.recipe import load_recipe
+    from mtp_megatron.testing.runs import DEMO_RECIPE
+
+    return load_recipe(
+        DEMO_RECIPE,
+        [
+            f"init_from=hf:{folder}",
+            "model.max_seq_len=64",
+            "model.mtp.num_predict_tokens=2",
+            "model.mtp.speculation_lookahead=2",
+            *extra,
+        ],
+    )
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("family", sorted(FAMILY_SWITCHES))
+def test_an_imported_checkpoint_computes_what_transformers_computes(
+    tmp_path, single_process, family, tied
+):
+    from mtp_megatron.hf.importer import load_pretrained
+    from tests.cases.hf import HF_VOCAB, hf_checkpoint
+
+    folder = hf_checkpoint(tmp_path, family, tied)
+    recipe = _recipe(folder, "mtp_head_init=last_layer")
+    cfg = recipe.model
+    assert (cfg.num_layers, cfg.hidden_size, cfg.vocab_size, cfg.tie_embeddings) == (
+        2,
+        64,
+        HF_VOCAB,
+        tied,
+    )
+    assert (cfg.norm_placement, cfg.qk_norm) == FAMILY_SWITCHES[family]
+    assert recipe.data.tokenizer == str(folder)
+    torch.manual_seed(0)
+    model = build_model(cfg, backend="local").eval()
+    load_pretrained(model, recipe.init_from, recipe.mtp_head_init, log=lambda _: None)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = torch.randint(0, HF_VOCAB, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours, theirs = model(ids).logits, hf(ids).logits
+    # as for the export: fp32, RoPE tables rounded differently; measured <= 5e-7
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    last = model.trunk.layers[-1].state_dict()
+    for head in model.mtp.heads:  # 'last_layer': every head's block starts as that layer
+        for name, tensor in head.block.state_dict().items():
+            if torch.is_tensor(tensor):
+                assert torch.equal(tensor, last[name]), name
+
+
+def test_a_checkpoint_the_trunk_cannot_compute_is_refused_by_name(tmp_path):
+    import json
+
+    from tests.cases.hf import hf_checkpoint
+
+    folder = hf_checkpoint(tmp_path, "llama")
+    config = json.loads((folder / "config.json").read_text())
+    cases = [
+        ({"model_type": "olmo2"}, "model_type 'olmo2'"),
+        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, "RoPE scaling"),
+        ({"attention_bias": True}, "attention_bias"),
+        ({"head_dim": 32}, "head_dim 32"),
+        ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ]
+    for change, named in cases:
+        (folder / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(ConfigError, match="cannot be represented") as err:
+            _recipe(folder)
+        assert named in str(err.value)
+    with pytest.raises(ConfigError, match="no config.json"):
+        _recipe(tmp_path)
+    with pytest.raises(ConfigError, match="needs init_from"):
+        from mtp_megatron.recipe import load_recipe
+        from mtp_megatron.testing.runs import DEMO_RECIPE
+
+        load_recipe(DEMO_RECIPE, ["mtp_head_init=last_layer"])

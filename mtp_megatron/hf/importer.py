@@ -1,0 +1,145 @@
+"""A pretrained Hugging Face checkpoint (a local directory: ``config.json``, ``*.safetensors``,
+tokenizer files) as the start of a run: ``init_from: hf:DIR``.
+
+:func:`architecture` turns the directory's ``config.json`` into our trunk's settings (refusing
+what the trunk cannot compute, by name); the recipe's ``model`` section keeps the rest (MTP
+heads, ETD, ``max_seq_len``, vocabulary padding). :func:`load_pretrained` puts the weights into
+a built model at any TP size (each rank keeps its slice of the master tensors) before the
+pipeline split, and initialises the MTP heads as the recipe says. Needs only ``safetensors``
+and JSON, not ``transformers``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from mtp_megatron.config import ConfigError, ModelConfig
+from mtp_megatron.hf.convert import trunk_from_hf
+from mtp_megatron.hf.families import FAMILIES, Family
+
+PREFIX = "hf:"
+HEAD_INITS = ("random", "last_layer")
+"""``mtp_head_init``: the heads' transformer blocks drawn at random, or copies of the trunk's
+last layer (the usual start of MTP fine-tuning: the head begins as one more trunk layer)."""
+
+
+def hf_directory(init_from: str) -> Path:
+    """The directory of ``init_from: hf:DIR``, checked to hold a config and weights."""
+    if not init_from.startswith(PREFIX):
+        raise ConfigError(f"init_from={init_from!r} is invalid: write hf:DIR (a local directory)")
+    folder = Path(init_from[len(PREFIX) :]).expanduser().resolve()
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"init_from={init_from!r}: {folder} has no config.json")
+    if not list(folder.glob("*.safetensors")):
+        raise ConfigError(
+            f"init_from={init_from!r}: {folder} has no *.safetensors weights (convert .bin "
+            "weights with transformers' save_pretrained(safe_serialization=True))"
+        )
+    return folder
+
+
+def _refuse(folder: Path, what: str) -> None:
+    raise ConfigError(f"init_from: {folder} cannot be represented by the trunk: {what}")
+
+
+def architecture(folder: Path, model: ModelConfig) -> tuple[ModelConfig, Family]:
+    """``model`` with the trunk settings of ``folder``'s config.json, and its family."""
+    config = json.loads((folder / "config.json").read_text())
+    model_type = config.get("model_type")
+    family = FAMILIES.get(model_type)
+    if family is None:
+        _refuse(folder, f"model_type {model_type!r} (supported: {sorted(FAMILIES)})")
+    heads = config["num_attention_heads"]
+    hidden = config["hidden_size"]
+    if config.get("head_dim", hidden // heads) != hidden // heads:
+        _refuse(folder, f"head_dim {config['head_dim']} != hidden_size / heads ({hidden // heads})")
+    rope = config.get("rope_parameters") or {}
+    rope_type = rope.get("rope_type", "default")
+    if rope_type != "default" or config.get("rope_scaling"):
+        _refuse(folder, f"RoPE scaling {rope_type!r} (only unscaled RoPE so far)")
+    theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+    if config.get("hidden_act", "silu") != "silu":
+        _refuse(folder, f"hidden_act {config['hidden_act']!r} (SwiGLU with silu only)")
+    for flag in ("attention_bias", "mlp_bias"):
+        if config.get(flag):
+            _refuse(folder, f"{flag}: true (no biases in the trunk)")
+    if config.get("use_sliding_window") or (
+        model_type == "exaone4" and config.get("sliding_window")
+    ):
+        _refuse(folder, "sliding-window attention")
+    layer_types = set(config.get("layer_types") or ["full_attention"])
+    if layer_types != {"full_attention"}:
+        _refuse(folder, f"layer types {sorted(layer_types)} (full attention only)")
+    resolved = dataclasses.replace(
+        model,
+        vocab_size=config["vocab_size"],
+        hidden_size=hidden,
+        num_layers=config["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_kv_heads=config.get("num_key_value_heads") or heads,
+        ffn_hidden_size=config["intermediate_size"],
+        rope_theta=float(theta),
+        norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        qk_norm=family.qk_norm,
+        norm_placement=family.norm_placement,
+        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+    )
+    return resolved, family
+
+
+def hf_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the directory's safetensors files (one file or a sharded set)."""
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(str(file)))
+    return tensors
+
+
+def copy_last_layer_into_heads(model: torch.nn.Module) -> int:
+    """Each MTP head's transformer block (and final norm) becomes a copy of the trunk's last
+    layer (and final norm); returns how many heads got one (heads without a block keep their
+    initialisation). Works on any TP slice: trunk and head blocks are sharded alike."""
+    if model.mtp is None:
+        return 0
+    trunk_layer = model.trunk.layers[-1].state_dict()
+    copied = 0
+    for head in model.mtp.heads:
+        block = getattr(head, "block", None)
+        if block is None or set(block.state_dict()) != set(trunk_layer):
+            continue
+        block.load_state_dict(trunk_layer)
+        if getattr(head, "final_norm", None) is not None:
+            head.final_norm.load_state_dict(model.trunk.final_norm.state_dict())
+        copied += 1
+    return copied
+
+
+def load_pretrained(model: torch.nn.Module, init_from: str, head_init: str, log=print) -> None:
+    """Load ``init_from``'s weights into the trunk of ``model`` (built from the resolved recipe,
+    before the pipeline split) and initialise its MTP heads per ``head_init``."""
+    from mtp_megatron.parallel import tensor_parallel_group
+    from mtp_megatron.parallel.sharding import partitions, shard_state_dict
+
+    folder = hf_directory(init_from)
+    cfg = model.cfg
+    _, family = architecture(folder, cfg)
+    master = trunk_from_hf(hf_state_dict(folder), cfg, family)
+    group = tensor_parallel_group()
+    tp_rank = torch.distributed.get_rank(group)
+    local = shard_state_dict(master, partitions(model), tp_rank, group.size())
+    wanted = {n for n, t in model.state_dict().items() if torch.is_tensor(t) and "trunk." in n}
+    missing = sorted(wanted - set(local))
+    if missing:
+        raise ConfigError(f"init_from: {folder} gives no weights for {missing[:5]}")
+    model.load_state_dict(local, strict=False)
+    copied = copy_last_layer_into_heads(model) if head_init == "last_layer" else 0
+    log(
+        f"[init] trunk from {folder} ({family.architecture}, {cfg.num_layers} layers); MTP "
+        f"heads: {head_init}" + (f" ({copied} copied from the last layer)" if copied else "")
+    )

@@ -1,0 +1,56 @@
+"""Tiny random Hugging Face checkpoints of the trunk's twin families, made with transformers'
+own classes (``from_config``), for the import tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from tests.cases.indexed import tokenizer_dir
+
+HF_VOCAB = 512
+"""The checkpoints' vocabulary: holds the 400-token test tokenizer, a multiple of 128 (no
+padding rows, so our loss is the checkpoint's own)."""
+
+
+def hf_checkpoint(root: Path, family: str, tied: bool = False, layers: int = 2) -> Path:
+    """A saved ``{family}`` model (h 64, 4 heads, 2 kv heads, random weights and norms) with
+    the test tokenizer (end token ``</s>``) beside it."""
+    import transformers
+
+    common = dict(
+        vocab_size=HF_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 5e5},
+        tie_word_embeddings=tied,
+    )
+    full = ["full_attention"] * layers
+    if family == "exaone4":
+        config = transformers.Exaone4Config(**common, sliding_window=None, layer_types=full)
+    elif family == "qwen3":
+        config = transformers.Qwen3Config(**common, layer_types=full)
+    else:
+        config = transformers.LlamaConfig(**common)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)  # a swapped norm would show
+    folder = root / f"hf-{family}-{'tied' if tied else 'untied'}"
+    model.save_pretrained(folder)
+    tok_root = root / f".tok-{folder.name}"
+    tok_root.mkdir()
+    tok = tokenizer_dir(tok_root, "</s>")
+    (folder / "tokenizer.json").write_bytes((tok / "tokenizer.json").read_bytes())
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    return folder
