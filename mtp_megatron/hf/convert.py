@@ -90,6 +90,85 @@ def trunk_from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig, family: Family)
     return out
 
 
+EXPORTABLE_HEADS = ("transformer", "mlp", "shared_lm_head")
+"""Chained head types that are exactly a DeepSeek-V3 MTP layer of the family's decoder layer:
+'mlp' with a zero attention sub-block, 'shared_lm_head' with eh_proj = [I I], unit norms and a
+zero decoder layer (both sub-blocks add nothing). 'linear' and independent heads are not."""
+
+
+def heads_exportable(cfg: ModelConfig) -> str | None:
+    """Why ``cfg``'s MTP heads cannot be written in transformers' MTP layout (None: they can)."""
+    mtp = cfg.mtp
+    if mtp is None:
+        return "the model has no MTP heads"
+    if mtp.head_arrangement != "chained":
+        return "independent (Meta) heads read the trunk output, not the previous step's state"
+    if mtp.mtp_head_type not in EXPORTABLE_HEADS:
+        return f"the {mtp.mtp_head_type!r} head is no decoder layer"
+    return None
+
+
+def _blank_layer(cfg: ModelConfig, family: Family, like: torch.Tensor) -> dict:
+    """A decoder layer that adds nothing to its input (zero output projections, unit norms)."""
+    h, f, d = cfg.hidden_size, cfg.ffn_size, cfg.head_dim
+    zeros = {
+        "self_attn.q_proj.weight": (cfg.num_attention_heads * d, h),
+        "self_attn.k_proj.weight": (cfg.kv_heads * d, h),
+        "self_attn.v_proj.weight": (cfg.kv_heads * d, h),
+        "self_attn.o_proj.weight": (h, cfg.num_attention_heads * d),
+        "mlp.gate_proj.weight": (f, h),
+        "mlp.up_proj.weight": (f, h),
+        "mlp.down_proj.weight": (h, f),
+    }
+    out = {name: like.new_zeros(shape) for name, shape in zeros.items()}
+    out[f"{family.attention_norm}.weight"] = like.new_ones(h)
+    out[f"{family.mlp_norm}.weight"] = like.new_ones(h)
+    if family.qk_norm:  # per head
+        out["self_attn.q_norm.weight"] = like.new_ones(d)
+        out["self_attn.k_norm.weight"] = like.new_ones(d)
+    return out
+
+
+def heads_to_hf(master: dict[str, torch.Tensor], cfg: ModelConfig, family: Family) -> dict:
+    """The chained MTP heads in DeepSeek-V3's layout, which transformers' ``MtpModel`` reads:
+    step k (1..K) as ``model.layers.{L+k-1}.{enorm, hnorm, eh_proj, shared_head.norm, <the
+    family's decoder layer>}`` (a FastMTP head shared by every step is written K times)."""
+    why = heads_exportable(cfg)
+    if why is not None:
+        raise ConfigError(f"the MTP heads cannot be exported to transformers: {why}")
+    mtp, h, like = cfg.mtp, cfg.hidden_size, master["trunk.final_norm.weight"]
+    names = _layer_names(family)
+    out = {}
+    for k in range(1, mtp.num_predict_tokens + 1):
+        ours = f"mtp.heads.{0 if mtp.share_weights_across_steps else k - 1}."
+        theirs = f"model.layers.{cfg.num_layers + k - 1}."
+        if mtp.mtp_head_type == "shared_lm_head":  # final_norm(rms(h) + rms(e)), no parameters
+            eye = torch.eye(h, dtype=like.dtype)
+            step = {
+                "enorm.weight": like.new_ones(h),
+                "hnorm.weight": like.new_ones(h),
+                "eh_proj.weight": torch.cat([eye, eye], dim=1),  # [h, 2h]
+                "shared_head.norm.weight": master["trunk.final_norm.weight"],
+                **_blank_layer(cfg, family, like),
+            }
+        else:
+            step = {
+                "enorm.weight": master[ours + "enorm.weight"],
+                "hnorm.weight": master[ours + "hnorm.weight"],
+                "eh_proj.weight": master[ours + "eh_proj.weight"],  # [h, 2h] over [e; h]
+                "shared_head.norm.weight": master[ours + "final_norm.weight"],
+                **_blank_layer(cfg, family, like),
+            }
+            block = ours + "block."
+            for a, b in names.items():
+                if block + a in master:  # an 'mlp' head keeps the blank attention sub-block
+                    step[b] = master[block + a]
+            gate, up = master[block + "mlp.inner.gate_up.weight"].chunk(2, dim=0)
+            step["mlp.gate_proj.weight"], step["mlp.up_proj.weight"] = gate, up
+        out.update({theirs + name: t.clone() for name, t in step.items()})  # no shared storage
+    return out
+
+
 def hf_config(cfg: ModelConfig, family: Family, eos_token_id: int | None, dtype: str):
     """The transformers config of ``cfg``'s trunk in ``family``."""
     import transformers
@@ -115,10 +194,14 @@ def hf_config(cfg: ModelConfig, family: Family, eos_token_id: int | None, dtype:
         architectures=[family.architecture],
     )
     full = ["full_attention"] * cfg.num_layers
+    mtp = {}
+    if heads_exportable(cfg) is None:  # transformers' MtpModel reads these
+        k = cfg.mtp.num_predict_tokens
+        mtp = {"num_mtp_layers": k}
+        if family.model_type != "llama":  # a config with layer_types needs the heads' too
+            mtp["mtp_layer_types"] = ["full_attention"] * k
     if family.model_type == "exaone4":
-        config = transformers.Exaone4Config(**common, sliding_window=None, layer_types=full)
-    elif family.model_type == "qwen3":
-        config = transformers.Qwen3Config(**common, use_sliding_window=False, layer_types=full)
-    else:
-        config = transformers.LlamaConfig(**common, mlp_bias=False)
-    return config
+        return transformers.Exaone4Config(**common, sliding_window=None, layer_types=full, **mtp)
+    if family.model_type == "qwen3":
+        return transformers.Qwen3Config(**common, use_sliding_window=False, layer_types=full, **mtp)
+    return transformers.LlamaConfig(**common, mlp_bias=False, **mtp)

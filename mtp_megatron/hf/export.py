@@ -3,8 +3,11 @@
 OUT gets what ``AutoModelForCausalLM.from_pretrained(OUT)`` and ``AutoTokenizer`` read:
 ``config.json`` (the twin family of ``families.py``), ``model.safetensors`` (the vocabulary
 padding dropped), ``tokenizer.json`` and ``tokenizer_config.json`` (the run's end-of-document
-token as ``eos_token``). Everything is written into a temporary directory renamed into place,
-so OUT is complete or absent. The MTP heads are not exported yet (issue 16, part 3).
+token as ``eos_token``). Chained MTP heads of the types in ``convert.EXPORTABLE_HEADS`` go into
+the same file in DeepSeek-V3's layout (``model.layers.{L+k}``) with ``num_mtp_layers`` in the
+config, which transformers' ``MtpModel`` reads for ``generate(use_mtp=True)``; other heads are
+left out with the reason logged. Everything is written into a temporary directory renamed into
+place, so OUT is complete or absent.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 
 from mtp_megatron import consolidated
 from mtp_megatron.config import ConfigError
-from mtp_megatron.hf.convert import hf_config, trunk_to_hf
+from mtp_megatron.hf.convert import heads_exportable, heads_to_hf, hf_config, trunk_to_hf
 from mtp_megatron.hf.families import family_of
 
 DEFAULT_EOD = "<|endoftext|>"
@@ -31,6 +34,14 @@ def _eos_token(recipe: dict, tokenizer_file: Path) -> tuple[str | None, int | No
     token = (recipe.get("data") or {}).get("eod_token") or DEFAULT_EOD
     token_id = tok.token_to_id(token)
     return (token, token_id) if token_id is not None else (None, None)
+
+
+def mtp_key_patterns(out: str | Path) -> list[str]:
+    """What the exported model's class must list in ``_keys_to_ignore_on_load_unexpected`` for
+    transformers' ``MtpModel`` to find the MTP layers (one regex per layer ``L + k``)."""
+    config = json.loads((Path(out) / "config.json").read_text())
+    layers, k = config["num_hidden_layers"], config.get("num_mtp_layers") or 0
+    return [rf"model\.layers\.{layers + i}\." for i in range(k)]
 
 
 def export_hf(folder: str | Path, out: str | Path, log: Callable[[str], None] = print) -> Path:
@@ -60,6 +71,9 @@ def export_hf(folder: str | Path, out: str | Path, log: Callable[[str], None] = 
     try:
         hf_config(cfg, family, eos_id, dtype).save_pretrained(tmp)
         tensors = trunk_to_hf(master, cfg, family)
+        why_not = heads_exportable(cfg)
+        if why_not is None:
+            tensors.update(heads_to_hf(master, cfg, family))
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         shutil.copyfile(folder / consolidated.TOKENIZER_FILE, tmp / "tokenizer.json")
         tok_config = {
@@ -72,7 +86,12 @@ def export_hf(folder: str | Path, out: str | Path, log: Callable[[str], None] = 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    note = "" if cfg.mtp is None else f" (its {cfg.mtp.num_predict_tokens} MTP heads: not yet)"
+    if why_not is None:
+        note = (
+            f", {cfg.mtp.num_predict_tokens} MTP layers (generate(use_mtp=True) drafts with them)"
+        )
+    else:
+        note = f"; MTP heads not exported: {why_not}"
     log(
         f"[export-hf] {folder} (step {metadata.get('step', '?')}) -> {out}: "
         f"{family.architecture}, {cfg.num_layers} layers, vocabulary {cfg.vocab_size}{note}"
