@@ -127,10 +127,15 @@ class MTPConfig:
                 )
 
 
+TRUNK_TRAINING = ("joint", "freeze_trunk", "detach_heads")
+"""``train.mtp.trunk``: what trains the trunk of a model with MTP heads."""
+
+
 @dataclass
 class MTPTrainingConfig:
-    """How a model with MTP heads trains: memory-saving schedules that leave the losses unchanged
-    (the user's guide ``MTPTrainingConfig``; recipes: the ``train.mtp`` section)."""
+    """How a model with MTP heads trains (the user's guide ``MTPTrainingConfig``; recipes: the
+    ``train.mtp`` section): what the MTP loss trains, and memory-saving schedules that leave the
+    losses and gradients unchanged."""
 
     sequential_forward: bool = False
     """Meta's schedule (arXiv:2404.19737, section 2): the trunk runs once, then each MTP step's
@@ -141,7 +146,16 @@ class MTPTrainingConfig:
     """Activation checkpointing (torch.utils.checkpoint, non-reentrant) of every trunk layer and
     every MTP step's head: only their inputs are kept, the rest is recomputed in backward."""
 
+    trunk: str = "joint"
+    """What trains the trunk: 'joint' (both losses; the default), 'freeze_trunk' (nothing: the
+    trunk, its embedding and output layer get no gradient and no optimizer state, only the heads
+    train; FastMTP's setting, megatron's --freeze-base-model-for-mtp), or 'detach_heads' (the
+    main loss alone: the heads read the trunk's state, embeddings and output layer detached, so
+    the MTP loss trains the heads only; megatron's mtp_detach_heads)."""
+
     def validate(self, path: str = "train.mtp") -> None:
+        if self.trunk not in TRUNK_TRAINING:
+            _fail(f"{path}.trunk", self.trunk, f"must be one of {TRUNK_TRAINING}")
         for name in ("sequential_forward", "gradient_checkpointing"):
             value = getattr(self, name)
             if not isinstance(value, bool):

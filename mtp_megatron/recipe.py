@@ -63,6 +63,20 @@ class Recipe:
             raise ConfigError("mtp_head_init='last_layer' needs init_from (a pretrained trunk)")
         self.parallel.validate()
         check_model_layout(self.model, self.parallel)
+        trunk = self.train.mtp.trunk
+        if trunk != "joint" and self.model.mtp is None:
+            raise ConfigError(f"train.mtp.trunk={trunk!r} needs MTP heads (model.mtp is null)")
+        if trunk != "joint" and self.model.mtp.mtp_head_type == "shared_lm_head":
+            raise ConfigError(
+                f"train.mtp.trunk={trunk!r} with the parameter-free shared_lm_head: nothing "
+                "would learn from the MTP loss; use 'joint' or a head with parameters"
+            )
+        if trunk == "freeze_trunk" and self.parallel.pipeline_parallel_size > 1:
+            raise ConfigError(
+                "train.mtp.trunk='freeze_trunk' with pipeline_parallel_size > 1 is not supported "
+                "yet (frozen parameters on DeepSpeed's pipeline engine are untested here); "
+                "freeze at PP=1"
+            )
         self.train.validate()
         self.data.validate()
         if self.seq_len > self.model.max_seq_len:

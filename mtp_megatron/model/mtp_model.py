@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mtp_megatron.config import ModelConfig, MTPConfig, MTPTrainingConfig
@@ -101,15 +102,31 @@ class MTPModel(nn.Module):
             )
         return MTPModel.decoder_class(self)
 
+    @property
+    def _heads_detached(self) -> bool:
+        """'detach_heads' while training: the MTP steps see no trunk tensor with a gradient."""
+        return self.training_config.trunk == "detach_heads" and torch.is_grad_enabled()
+
     def _steps(self, hidden, normed, input_ids, positions, checkpoint: bool):
         """(k, normalised h^k [b, s, h]) for k = 1..K from z (``hidden``) and h^0 (``normed``)."""
         trunk = self.trunk
+        embed, final_norm = trunk.embed, trunk.final_norm
+        if self._heads_detached:  # the trunk's tensors and weights, without their gradients
+            hidden, normed = hidden.detach(), normed.detach()
+            norm = trunk.final_norm
+
+            def embed(ids: torch.Tensor) -> torch.Tensor:
+                return trunk.embed(ids).detach()
+
+            def final_norm(x: torch.Tensor) -> torch.Tensor:  # parameter-free heads use it
+                return F.rms_norm(x, (x.shape[-1],), norm.weight.detach(), norm.eps)
+
         return self.mtp.iter_steps(
             hidden,
             normed,
             input_ids,
-            trunk.embed,
-            trunk.final_norm,
+            embed,
+            final_norm,
             trunk.rope,
             positions,
             checkpoint=checkpoint,
@@ -176,7 +193,9 @@ class MTPModel(nn.Module):
             # the steps first, their logits alive one at a time, then the main head; the heads
             # are checkpointed so that one step's activations are alive at a time too
             steps = self._steps(hidden, normed, input_ids, positions, checkpoint=True)
-            mtp_loss, step_losses = sequential_mtp_loss(trunk, steps, labels, self._step_weights)
+            mtp_loss, step_losses = sequential_mtp_loss(
+                trunk, steps, labels, self._step_weights, output_grad=not self._heads_detached
+            )
         logits = trunk.logits(normed)  # [b, s, V/p]
         main_loss = masked_cross_entropy(logits, labels, inplace=not return_logits)
         if not return_logits:
@@ -192,7 +211,7 @@ class MTPModel(nn.Module):
             step_losses: dict[str, torch.Tensor] = {}
             steps = self._steps(hidden, normed, input_ids, positions, checkpoint=False)
             for k, hidden_k in steps:
-                logits_k = trunk.logits(hidden_k)
+                logits_k = trunk.logits(hidden_k, detach_weight=self._heads_detached)
                 targets_k = step_targets(labels, k)
                 ce_k = masked_cross_entropy(logits_k, targets_k, inplace=not return_mtp_logits)
                 mtp_loss = mtp_loss + self._step_weights[k - 1] * ce_k

@@ -61,13 +61,14 @@ def _attach(x: torch.Tensor, value: torch.Tensor, grad: torch.Tensor) -> torch.T
 
 
 def _score(
-    trunk: DecoderTrunk, hidden: torch.Tensor, targets: torch.Tensor
+    trunk: DecoderTrunk, hidden: torch.Tensor, targets: torch.Tensor, output_grad: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(CE, dCE/dhidden [b, s, h], dCE/dW [V/p, h] or None) of one step; its logits are freed on
-    return. Under TP the hidden gradient is all-reduced by the output layer's backward."""
+    return. Under TP the hidden gradient is all-reduced by the output layer's backward.
+    ``output_grad=False``: no gradient for the output weight (detached heads)."""
     leaf = hidden.detach().requires_grad_(True)
     weight = trunk.output_weight
-    wrt = [leaf, weight] if weight.requires_grad else [leaf]
+    wrt = [leaf, weight] if weight.requires_grad and output_grad else [leaf]
     with torch.enable_grad():
         # logits [b, s, V/p] live only here; megatron's CE may overwrite them (nothing reads them)
         ce = masked_cross_entropy(trunk.logits(leaf), targets, inplace=True)
@@ -80,17 +81,19 @@ def sequential_mtp_loss(
     steps: Iterable[tuple[int, torch.Tensor]],
     labels: torch.Tensor,
     step_weights: list[float],
+    output_grad: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(sum_k alpha_k CE_k, {'mtp_step_k': CE_k}) over ``steps`` (pairs (k, normalised h^k)).
 
-    Same values as the plain loop, and the same gradients once backpropagated.
+    Same values as the plain loop, and the same gradients once backpropagated (with
+    ``output_grad=False`` none for the output weight, as the plain loop's detached heads).
     """
     mtp_loss = torch.zeros((), device=labels.device)
     step_losses: dict[str, torch.Tensor] = {}
     weight_grad: torch.Tensor | None = None  # sum_k alpha_k dCE_k/dW [V/p, h], fp32
     for k, hidden_k in steps:
         alpha = step_weights[k - 1]
-        ce, hidden_grad, w_grad = _score(trunk, hidden_k, step_targets(labels, k))
+        ce, hidden_grad, w_grad = _score(trunk, hidden_k, step_targets(labels, k), output_grad)
         mtp_loss = mtp_loss + alpha * _attach(hidden_k, ce, hidden_grad)
         step_losses[f"mtp_step_{k}"] = ce
         if w_grad is not None and weight_grad is None:

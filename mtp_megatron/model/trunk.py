@@ -86,9 +86,13 @@ class DecoderTrunk(nn.Module):
         """W [V/p, h] of the output layer: the embedding's when they are tied."""
         return self.embedding.weight if self.cfg.tie_embeddings else self.output_layer.weight
 
-    def logits(self, normed: torch.Tensor) -> torch.Tensor:
-        """Normalised states [b, s, h] -> vocab-parallel logits [b, s, V/p] (shared by heads)."""
-        weight = self.embedding.weight if self.cfg.tie_embeddings else None
+    def logits(self, normed: torch.Tensor, detach_weight: bool = False) -> torch.Tensor:
+        """Normalised states [b, s, h] -> vocab-parallel logits [b, s, V/p] (shared by heads);
+        ``detach_weight``: no gradient reaches the output weight (heads that must not train
+        the trunk)."""
+        weight = self.output_weight.detach() if detach_weight else None
+        if weight is None and self.cfg.tie_embeddings:
+            weight = self.embedding.weight
         return self.output_layer(normed, weight)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None):

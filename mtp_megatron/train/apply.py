@@ -8,7 +8,9 @@ scale is applied here, in this order, each step needing what the one before left
    wraps those layers).
 2. **Activation checkpointing** (``train.mtp.gradient_checkpointing``): the trunk layers' and
    heads' classes are swapped for checkpointed ones (``model/recompute.py``); before the
-   pipeline split, so every stage's layers carry it.
+   pipeline split, so every stage's layers carry it. A frozen trunk (``train.mtp.trunk:
+   freeze_trunk``) stops requiring gradients here too, before DeepSpeed builds the optimizer
+   from the parameters that do (so it keeps no state for the trunk).
 3. **Pipeline split** (PP > 1): this rank's stage, DeepSpeed's PipelineModule over the model.
 4. **DeepSpeed engine**: ZeRO partitions what it is given (the stage at PP > 1, the whole
    model otherwise), so it comes last; under ZeRO-3 the trunk learns that its weights are
@@ -48,6 +50,8 @@ def apply_training(
     """Make ``model`` (built from the run's seed on every rank, ETD included) trainable on this
     rank: checkpointing, pipeline split, DeepSpeed engine, in the module doc's order."""
     model.training_config = train.mtp  # 2. sequential schedule, activation checkpointing
+    if train.mtp.trunk == "freeze_trunk":
+        model.trunk.requires_grad_(False)  # its embedding and output layer included
     k = model.mtp_cfg.num_predict_tokens if model.mtp_cfg is not None else 0
     if parallel.pipeline_parallel_size > 1:  # 3. + 4.
         engine = build_pipeline_engine(model, train, parallel.pipeline_partition, device)

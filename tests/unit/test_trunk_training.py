@@ -1,0 +1,102 @@
+"""What the MTP loss trains (``train.mtp.trunk``): a frozen trunk stays bitwise unchanged and
+has no optimizer state; detached heads leave the trunk exactly the next-token gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mtp_megatron import build_model
+from mtp_megatron.config import ConfigError, MTPTrainingConfig, ParallelConfig
+from mtp_megatron.testing.variants import mtp_config, randomize_norm_weights, tiny_model_config
+from mtp_megatron.train.config import TrainConfig
+
+
+class _RandomBatches:
+    """Fixed random (input_ids, labels) per (step, micro-step)."""
+
+    def __init__(self, vocab: int, b: int = 2, s: int = 16):
+        self.vocab, self.b, self.s = vocab, b, s
+
+    def batch(self, step: int, micro: int, grad_accum: int):
+        g = torch.Generator().manual_seed(step * 100 + micro)
+        ids = torch.randint(0, self.vocab, (self.b, self.s + 1), generator=g)
+        return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+
+
+def _model(tie: bool = False, **mtp):
+    cfg = tiny_model_config(mtp_config("transformer", False, "chained", k=2), tie_embeddings=tie)
+    for name, value in mtp.items():
+        setattr(cfg.mtp, name, value)
+    torch.manual_seed(0)
+    model = build_model(cfg)  # megatron layers, as training builds them
+    randomize_norm_weights(model)
+    return model
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_a_frozen_trunk_stays_bitwise_and_has_no_optimizer_state(single_process, zero_stage):
+    from mtp_megatron.train.apply import apply_training
+
+    model = _model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tcfg = TrainConfig(
+        steps=3,
+        lr=1e-2,
+        lr_warmup_steps=0,
+        micro_batch_size=2,
+        zero_stage=zero_stage,
+        precision="fp32",
+        mtp=MTPTrainingConfig(trunk="freeze_trunk"),
+    )
+    setup = apply_training(model, tcfg, ParallelConfig(), torch.device("cpu"))
+    batches = _RandomBatches(model.cfg.vocab_size)
+    for step in range(3):
+        setup.runner.train_step(batches, step, grad_accum=1)
+    trainable = 0
+    for name, p in model.named_parameters():
+        if name.startswith("trunk."):
+            assert not p.requires_grad and torch.equal(p, before[name]), name
+        else:
+            trainable += p.numel()
+            assert p.requires_grad, name
+    assert any(not torch.equal(p, before[n]) for n, p in model.mtp.named_parameters(prefix="mtp"))
+    # the optimizer holds the heads' parameters only (ZeRO-1 keeps them flat, perhaps padded)
+    opt = setup.engine.optimizer
+    held = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert trainable <= held < trainable + 1024
+    trunk = sum(p.numel() for p in model.trunk.parameters())
+    assert trunk > 1024  # so that a trunk in the optimizer could not pass the bound above
+
+
+@pytest.mark.parametrize("sequential", [False, True], ids=["plain", "sequential"])
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_detached_heads_leave_the_trunk_its_next_token_gradient(single_process, tie, sequential):
+    detached, ntp = _model(tie), _model(tie)
+    detached.training_config = MTPTrainingConfig(
+        trunk="detach_heads", sequential_forward=sequential
+    )
+    ids, labels = _RandomBatches(detached.cfg.vocab_size).batch(0, 0, 1)
+    out = detached(ids, labels=labels, step=0, return_logits=False)
+    out.loss.backward()  # main + w * MTP
+    ntp(ids, labels=labels, step=0).main_loss.backward()  # the next-token loss alone
+    assert out.mtp_loss.item() > 0
+    for (name, p), q in zip(detached.trunk.named_parameters(), ntp.trunk.parameters()):
+        # the same graph for the trunk: equal up to summation order of shared tensors
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7, msg=name)
+    heads = [p.grad for p in detached.mtp.parameters()]
+    assert all(g is not None for g in heads) and any(g.abs().sum() > 0 for g in heads)
+
+
+def test_trunk_modes_that_would_train_nothing_are_refused():
+    from mtp_megatron.recipe import load_recipe
+    from mtp_megatron.testing.runs import DEMO_RECIPE
+
+    with pytest.raises(ConfigError, match="must be one of"):
+        load_recipe(DEMO_RECIPE, ["train.mtp.trunk=frozen"])
+    with pytest.raises(ConfigError, match="parameter-free shared_lm_head"):
+        load_recipe(
+            DEMO_RECIPE, ["train.mtp.trunk=detach_heads", "model.mtp.mtp_head_type=shared_lm_head"]
+        )
+    with pytest.raises(ConfigError, match="needs MTP heads"):
+        load_recipe(DEMO_RECIPE, ["train.mtp.trunk=freeze_trunk", "model.mtp=null"])
