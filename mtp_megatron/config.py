@@ -291,6 +291,33 @@ class ETDConfig:
 
 
 @dataclass
+class RopeScalingConfig:
+    """Llama-3's RoPE frequency scaling (``rope_type: llama3``): wavelengths longer than the
+    original context / low_freq_factor are divided by ``factor``, shorter than original /
+    high_freq_factor kept, those between interpolated."""
+
+    factor: float = 8.0
+    """How much longer the context is than ``original_max_position_embeddings``."""
+    low_freq_factor: float = 1.0
+    """original / low_freq_factor: wavelengths above it are scaled by 1 / factor."""
+    high_freq_factor: float = 4.0
+    """original / high_freq_factor: wavelengths below it are left alone."""
+    original_max_position_embeddings: int = 8192
+    """The context the model was first trained at."""
+
+    def validate(self, path: str = "model.rope_scaling") -> None:
+        for name in ("factor", "low_freq_factor", "high_freq_factor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                _fail(f"{path}.{name}", value, "must be a number > 0")
+        if self.high_freq_factor <= self.low_freq_factor:
+            _fail(f"{path}.high_freq_factor", self.high_freq_factor, "must exceed low_freq_factor")
+        n = self.original_max_position_embeddings
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            _fail(f"{path}.original_max_position_embeddings", n, "must be an integer >= 1")
+
+
+@dataclass
 class ModelConfig:
     """An OLMo-2-style decoder (RMSNorm, RoPE, SwiGLU, QK-norm, optional GQA) and its MTP heads."""
 
@@ -314,6 +341,11 @@ class ModelConfig:
     """Longest sequence (RoPE table size)."""
     rope_theta: float = 10000.0
     """RoPE base."""
+    rope_scaling: RopeScalingConfig | None = None
+    """Llama-3's frequency scaling (None: plain RoPE)."""
+    kv_channels: int | None = None
+    """d, the width of one attention head; None: hidden_size / num_attention_heads (set for
+    checkpoints whose heads are wider, e.g. Qwen3-0.6B: h 1024, 16 heads, d 128)."""
     norm_eps: float = 1e-6
     """RMSNorm epsilon."""
     qk_norm: bool = True
@@ -335,7 +367,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
 
     @property
     def ffn_size(self) -> int:
@@ -367,14 +399,19 @@ class ModelConfig:
             if not isinstance(value, int) or value < 1:
                 _fail(f"{path}.{name}", value, "must be a positive integer")
         tp = tensor_parallel_size
-        if self.hidden_size % self.num_attention_heads:
+        kv = self.kv_channels
+        if kv is not None and (isinstance(kv, bool) or not isinstance(kv, int) or kv < 1):
+            _fail(f"{path}.kv_channels", kv, "must be a positive integer or null")
+        if self.rope_scaling is not None:
+            self.rope_scaling.validate(f"{path}.rope_scaling")
+        if kv is None and self.hidden_size % self.num_attention_heads:
             _fail(
                 f"{path}.hidden_size",
                 self.hidden_size,
                 f"must be divisible by num_attention_heads ({self.num_attention_heads})",
             )
         if self.head_dim % 2:
-            _fail(f"{path}.hidden_size", self.hidden_size, "head_dim must be even for RoPE")
+            _fail(f"{path}.kv_channels", self.head_dim, "the head width must be even for RoPE")
         if self.num_attention_heads % self.kv_heads:
             _fail(
                 f"{path}.num_kv_heads",

@@ -169,6 +169,20 @@ def heads_to_hf(master: dict[str, torch.Tensor], cfg: ModelConfig, family: Famil
     return out
 
 
+def _rope_parameters(cfg: ModelConfig) -> dict:
+    scaling = cfg.rope_scaling
+    if scaling is None:
+        return {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    return {
+        "rope_type": "llama3",
+        "rope_theta": cfg.rope_theta,
+        "factor": scaling.factor,
+        "low_freq_factor": scaling.low_freq_factor,
+        "high_freq_factor": scaling.high_freq_factor,
+        "original_max_position_embeddings": scaling.original_max_position_embeddings,
+    }
+
+
 def hf_config(cfg: ModelConfig, family: Family, eos_token_id: int | None, dtype: str):
     """The transformers config of ``cfg``'s trunk in ``family``."""
     import transformers
@@ -183,7 +197,7 @@ def hf_config(cfg: ModelConfig, family: Family, eos_token_id: int | None, dtype:
         head_dim=cfg.head_dim,
         max_position_embeddings=cfg.max_seq_len,
         rms_norm_eps=cfg.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        rope_parameters=_rope_parameters(cfg),
         tie_word_embeddings=cfg.tie_embeddings,
         hidden_act="silu",
         attention_bias=False,

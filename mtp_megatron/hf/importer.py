@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from mtp_megatron.config import ConfigError, ModelConfig
+from mtp_megatron.config import ConfigError, ModelConfig, RopeScalingConfig
 from mtp_megatron.hf.convert import trunk_from_hf
 from mtp_megatron.hf.families import FAMILIES, Family
 
@@ -55,12 +55,21 @@ def architecture(folder: Path, model: ModelConfig) -> tuple[ModelConfig, Family]
         _refuse(folder, f"model_type {model_type!r} (supported: {sorted(FAMILIES)})")
     heads = config["num_attention_heads"]
     hidden = config["hidden_size"]
-    if config.get("head_dim", hidden // heads) != hidden // heads:
-        _refuse(folder, f"head_dim {config['head_dim']} != hidden_size / heads ({hidden // heads})")
-    rope = config.get("rope_parameters") or {}
-    rope_type = rope.get("rope_type", "default")
-    if rope_type != "default" or config.get("rope_scaling"):
-        _refuse(folder, f"RoPE scaling {rope_type!r} (only unscaled RoPE so far)")
+    head_dim = config.get("head_dim") or hidden // heads
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    scaling = None
+    if rope_type == "llama3":
+        scaling = RopeScalingConfig(
+            factor=float(rope["factor"]),
+            low_freq_factor=float(rope["low_freq_factor"]),
+            high_freq_factor=float(rope["high_freq_factor"]),
+            original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+        )
+    elif rope_type != "default":
+        _refuse(folder, f"RoPE scaling {rope_type!r} (plain and llama3 RoPE only)")
+    if rope.get("attention_factor") not in (None, 1.0):
+        _refuse(folder, f"RoPE attention_factor {rope['attention_factor']}")
     theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
     if config.get("hidden_act", "silu") != "silu":
         _refuse(folder, f"hidden_act {config['hidden_act']!r} (SwiGLU with silu only)")
@@ -83,6 +92,8 @@ def architecture(folder: Path, model: ModelConfig) -> tuple[ModelConfig, Family]
         num_kv_heads=config.get("num_key_value_heads") or heads,
         ffn_hidden_size=config["intermediate_size"],
         rope_theta=float(theta),
+        rope_scaling=scaling,
+        kv_channels=head_dim if head_dim != hidden // heads else None,
         norm_eps=float(config.get("rms_norm_eps", 1e-6)),
         qk_norm=family.qk_norm,
         norm_placement=family.norm_placement,

@@ -11,12 +11,14 @@ then sliced, so the same seed gives the same model at every TP size and on eithe
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 from torch import nn
 
-from mtp_megatron.config import ModelConfig
+from mtp_megatron.config import ModelConfig, RopeScalingConfig
 from mtp_megatron.model.specs import LayerContext
 
 
@@ -51,16 +53,45 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), weight, self.eps)  # one fused kernel
 
 
-class RotaryEmbedding(nn.Module):
-    """RoPE (rotate-half convention) with a precomputed cos/sin table up to ``max_seq_len``."""
+def llama3_inv_freq(inv_freq: torch.Tensor, scaling: RopeScalingConfig) -> torch.Tensor:
+    """Llama-3's frequency scaling of ``inv_freq`` [d/2] (transformers' arithmetic, fp32)."""
+    old = scaling.original_max_position_embeddings
+    low_wavelen, high_wavelen = old / scaling.low_freq_factor, old / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
 
-    def __init__(self, head_dim: int, max_seq_len: int, theta: float):
+
+class RotaryEmbedding(nn.Module):
+    """RoPE (rotate-half convention) with a precomputed cos/sin table up to ``max_seq_len``.
+
+    Computed as transformers (and vLLM) compute it, in fp32 throughout: a float64 table rounded
+    once differs from theirs by 3e-4 at 4k positions and 2e-3 at 32k, which a pretrained
+    checkpoint would notice.
+    """
+
+    def __init__(
+        self,
+        head_dim: int,
+        max_seq_len: int,
+        theta: float,
+        scaling: RopeScalingConfig | None = None,
+    ):
         super().__init__()
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)  # [S, d/2]
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+        inv_freq = 1.0 / (theta**exponents)  # [d/2], fp32
+        if scaling is not None:
+            inv_freq = llama3_inv_freq(inv_freq, scaling)
+        positions = torch.arange(max_seq_len, dtype=torch.int64).float()
+        angles = torch.outer(positions, inv_freq)  # [S, d/2]: one fp32 product each, as HF's
         angles = torch.cat([angles, angles], dim=-1)  # [S, d]
-        self.register_buffer("cos", angles.cos().float(), persistent=False)
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: [b, heads, s, d]; positions: [s] or [b, s] absolute positions."""

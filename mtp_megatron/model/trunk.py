@@ -36,7 +36,7 @@ class DecoderTrunk(nn.Module):
         self.cfg = cfg
         self.ctx = ctx
         self.embedding = ctx.embedding(cfg.padded_vocab_size, cfg.hidden_size)
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         self.layers = nn.ModuleList(TransformerLayer(ctx) for _ in range(cfg.num_layers))
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.output_layer = ctx.column_linear(

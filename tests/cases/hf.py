@@ -15,9 +15,11 @@ HF_VOCAB = 512
 padding rows, so our loss is the checkpoint's own)."""
 
 
-def hf_checkpoint(root: Path, family: str, tied: bool = False, layers: int = 2) -> Path:
-    """A saved ``{family}`` model (h 64, 4 heads, 2 kv heads, random weights and norms) with
-    the test tokenizer (end token ``</s>``) beside it."""
+def hf_checkpoint(
+    root: Path, family: str, tied: bool = False, layers: int = 2, name: str = "", **config
+) -> Path:
+    """A saved ``{family}`` model (h 64, 4 heads of 16, 2 kv heads, random weights and norms;
+    ``config`` overrides) with the test tokenizer (end token ``</s>``) beside it."""
     import transformers
 
     common = dict(
@@ -33,6 +35,7 @@ def hf_checkpoint(root: Path, family: str, tied: bool = False, layers: int = 2) 
         rope_parameters={"rope_type": "default", "rope_theta": 5e5},
         tie_word_embeddings=tied,
     )
+    common.update(config)
     full = ["full_attention"] * layers
     if family == "exaone4":
         config = transformers.Exaone4Config(**common, sliding_window=None, layer_types=full)
@@ -46,7 +49,7 @@ def hf_checkpoint(root: Path, family: str, tied: bool = False, layers: int = 2) 
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)  # a swapped norm would show
-    folder = root / f"hf-{family}-{'tied' if tied else 'untied'}"
+    folder = root / f"hf-{family}-{'tied' if tied else 'untied'}{name}"
     model.save_pretrained(folder)
     tok_root = root / f".tok-{folder.name}"
     tok_root.mkdir()

@@ -175,9 +175,8 @@ def test_a_checkpoint_the_trunk_cannot_compute_is_refused_by_name(tmp_path):
     config = json.loads((folder / "config.json").read_text())
     cases = [
         ({"model_type": "olmo2"}, "model_type 'olmo2'"),
-        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, "RoPE scaling"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5}}, "RoPE scaling 'yarn'"),
         ({"attention_bias": True}, "attention_bias"),
-        ({"head_dim": 32}, "head_dim 32"),
         ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
     ]
     for change, named in cases:
@@ -268,3 +267,53 @@ def test_heads_transformers_cannot_draft_with_are_left_out_with_the_reason(
     assert "MTP heads not exported: independent (Meta) heads" in logs[0]
     config = transformers.AutoConfig.from_pretrained(out)
     assert getattr(config, "num_mtp_layers", None) is None
+
+
+@pytest.mark.parametrize(
+    ("family", "config"),
+    [
+        ("qwen3", {"head_dim": 32}),  # wider heads than h / n, as Qwen3-0.6B's
+        (
+            "llama",  # Llama-3.1's scaling, with an original context the test's 60 tokens pass
+            {
+                "rope_parameters": {
+                    "rope_type": "llama3",
+                    "rope_theta": 5e5,
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 16,
+                }
+            },
+        ),
+    ],
+    ids=["head_dim", "llama3_rope"],
+)
+def test_head_dim_and_llama3_rope_import_and_export_exactly(
+    tmp_path, single_process, family, config
+):
+    from mtp_megatron.hf.importer import load_pretrained
+    from tests.cases.hf import HF_VOCAB, hf_checkpoint
+
+    folder = hf_checkpoint(tmp_path, family, **config)
+    recipe = _recipe(folder)
+    assert (recipe.model.kv_channels is not None) == ("head_dim" in config)
+    assert (recipe.model.rope_scaling is not None) == ("rope_parameters" in config)
+    torch.manual_seed(0)
+    model = build_model(recipe.model, backend="local").eval()
+    load_pretrained(model, recipe.init_from, "random", log=lambda _: None)
+    ids = torch.randint(0, HF_VOCAB, (1, 60), generator=torch.Generator().manual_seed(4))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        ours, theirs = model(ids).logits, hf(ids).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)  # fp32, same arithmetic
+    run = tmp_path / "run"
+    tensors = {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    consolidated.save_weights(run, tensors, {"step": "0"})
+    (run / consolidated.RECIPE_FILE).write_text(yaml.safe_dump({"model": asdict(recipe.model)}))
+    (run / consolidated.TOKENIZER_FILE).write_bytes((folder / "tokenizer.json").read_bytes())
+    again = transformers.AutoModelForCausalLM.from_pretrained(
+        export_hf(run, tmp_path / "exported", log=lambda _: None)
+    ).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, theirs, atol=1e-5, rtol=1e-5)

@@ -67,10 +67,10 @@ def _output_layer_calls(training, tie: bool) -> int:
     calls = 0
     logits = model.trunk.logits
 
-    def counted(x):
+    def counted(x, **kwargs):
         nonlocal calls
         calls += 1
-        return logits(x)
+        return logits(x, **kwargs)
 
     model.trunk.logits = counted
     out = model(torch.randint(0, cfg.vocab_size, (2, 16)))
