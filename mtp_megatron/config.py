@@ -350,6 +350,8 @@ class ModelConfig:
     """RMSNorm epsilon."""
     qk_norm: bool = True
     """RMSNorm on queries and keys (per head, which keeps it local to a TP rank)."""
+    qkv_bias: bool = False
+    """Biases on the query, key and value projections (Qwen2's attention)."""
     norm_placement: Literal["post", "pre"] = "post"
     """'post': OLMo-2's reordered norm x + norm(f(x)); 'pre': GPT/Megatron's x + f(norm(x))."""
     tie_embeddings: bool = False

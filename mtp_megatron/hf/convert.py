@@ -28,6 +28,9 @@ def _layer_names(family: Family) -> dict[str, str]:
     names = dict(_SAME)
     if not family.qk_norm:
         del names["attention.inner.q_norm.weight"], names["attention.inner.k_norm.weight"]
+    if family.qkv_bias:
+        for p in "qkv":
+            names[f"attention.inner.{p}_proj.bias"] = f"self_attn.{p}_proj.bias"
     names["attention.norm.weight"] = f"{family.attention_norm}.weight"
     names["mlp.norm.weight"] = f"{family.mlp_norm}.weight"
     return names
@@ -126,6 +129,10 @@ def _blank_layer(cfg: ModelConfig, family: Family, like: torch.Tensor) -> dict:
     if family.qk_norm:  # per head
         out["self_attn.q_norm.weight"] = like.new_ones(d)
         out["self_attn.k_norm.weight"] = like.new_ones(d)
+    if family.qkv_bias:
+        out["self_attn.q_proj.bias"] = like.new_zeros(cfg.num_attention_heads * d)
+        out["self_attn.k_proj.bias"] = like.new_zeros(cfg.kv_heads * d)
+        out["self_attn.v_proj.bias"] = like.new_zeros(cfg.kv_heads * d)
     return out
 
 
@@ -216,6 +223,9 @@ def hf_config(cfg: ModelConfig, family: Family, eos_token_id: int | None, dtype:
             mtp["mtp_layer_types"] = ["full_attention"] * k
     if family.model_type == "exaone4":
         return transformers.Exaone4Config(**common, sliding_window=None, layer_types=full, **mtp)
-    if family.model_type == "qwen3":
-        return transformers.Qwen3Config(**common, use_sliding_window=False, layer_types=full, **mtp)
+    if family.model_type in ("qwen3", "qwen2"):
+        config_class = {"qwen3": transformers.Qwen3Config, "qwen2": transformers.Qwen2Config}
+        return config_class[family.model_type](
+            **common, use_sliding_window=False, layer_types=full, **mtp
+        )
     return transformers.LlamaConfig(**common, mlp_bias=False, **mtp)

@@ -7,9 +7,10 @@ weights (checked with transformers 5.24, fp32, within RoPE rounding):
 - ``exaone4``: post-norm (OLMo-2's reordered ``x + norm(f(x))``), per-head QK-norm, with every
   layer full attention and no sliding window: the default trunk's twin;
 - ``qwen3``: pre-norm, per-head QK-norm;
-- ``llama``: pre-norm, no QK-norm.
+- ``llama``: pre-norm, no QK-norm;
+- ``qwen2``: pre-norm, no QK-norm, biases on q / k / v (``qkv_bias``).
 
-OLMo-2 (QK-norm over the whole projection) and Qwen2 (q/k/v biases) are not twins yet.
+OLMo-2 (QK-norm over the whole projection) is not a twin yet.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ class Family:
     post-norm)."""
     mlp_norm: str
     """The HF norm that is our SwiGLU block's norm."""
+    qkv_bias: bool = False
+    """Biases on q / k / v (Qwen2)."""
 
 
 FAMILIES = {
@@ -53,6 +56,15 @@ FAMILIES = {
         Family(
             "llama", "LlamaForCausalLM", "pre", False, "input_layernorm", "post_attention_layernorm"
         ),
+        Family(
+            "qwen2",
+            "Qwen2ForCausalLM",
+            "pre",
+            False,
+            "input_layernorm",
+            "post_attention_layernorm",
+            qkv_bias=True,
+        ),
     )
 }
 
@@ -64,14 +76,15 @@ def family_of(cfg: ModelConfig) -> Family:
             "model.etd: an Encode-Think-Decode trunk (iterated layers, LoRA experts) has no "
             "Hugging Face twin; export the plain trunk only"
         )
+    ours = (cfg.norm_placement, cfg.qk_norm, cfg.qkv_bias)
     for family in FAMILIES.values():
-        if (family.norm_placement, family.qk_norm) == (cfg.norm_placement, cfg.qk_norm):
+        if (family.norm_placement, family.qk_norm, family.qkv_bias) == ours:
             return family
     raise ConfigError(
-        f"model.norm_placement={cfg.norm_placement!r} with model.qk_norm={cfg.qk_norm} has no "
-        "Hugging Face twin (post-norm needs QK-norm: Exaone4); families: "
+        f"model.norm_placement={cfg.norm_placement!r} with model.qk_norm={cfg.qk_norm} and "
+        f"model.qkv_bias={cfg.qkv_bias} has no Hugging Face twin; families: "
         + ", ".join(
-            f"{f.model_type} ({f.norm_placement}-norm, qk_norm={f.qk_norm})"
+            f"{f.model_type} ({f.norm_placement}-norm, qk_norm={f.qk_norm}, qkv_bias={f.qkv_bias})"
             for f in FAMILIES.values()
         )
     )

@@ -73,9 +73,10 @@ def architecture(folder: Path, model: ModelConfig) -> tuple[ModelConfig, Family]
     theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
     if config.get("hidden_act", "silu") != "silu":
         _refuse(folder, f"hidden_act {config['hidden_act']!r} (SwiGLU with silu only)")
-    for flag in ("attention_bias", "mlp_bias"):
+    biases = ("mlp_bias",) if family.qkv_bias else ("attention_bias", "mlp_bias")
+    for flag in biases:  # (Qwen2's q/k/v biases are its family's, not a flag)
         if config.get(flag):
-            _refuse(folder, f"{flag}: true (no biases in the trunk)")
+            _refuse(folder, f"{flag}: true (the trunk's only biases are Qwen2's on q / k / v)")
     if config.get("use_sliding_window") or (
         model_type == "exaone4" and config.get("sliding_window")
     ):
@@ -96,6 +97,7 @@ def architecture(folder: Path, model: ModelConfig) -> tuple[ModelConfig, Family]
         kv_channels=head_dim if head_dim != hidden // heads else None,
         norm_eps=float(config.get("rms_norm_eps", 1e-6)),
         qk_norm=family.qk_norm,
+        qkv_bias=family.qkv_bias,
         norm_placement=family.norm_placement,
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
     )

@@ -120,7 +120,7 @@ class SelfAttention(nn.Module):
         self.head_dim = d
 
         def column(out_features: int) -> nn.Module:
-            return ctx.column_linear(cfg.hidden_size, out_features)
+            return ctx.column_linear(cfg.hidden_size, out_features, bias=cfg.qkv_bias)
 
         self.q_proj = column(cfg.num_attention_heads * d)
         self.k_proj = column(cfg.kv_heads * d)

@@ -19,7 +19,8 @@ backend:
 Both backends give every parameter the same name, shape, initial value (the same seed draws
 the same master weights: megatron initialises them on the CPU, whole, as ``local`` does) and
 partition attributes, so a state dict moves between them unchanged. Every linear layer's call
-returns one tensor (no bias; megatron's (output, bias) pair is unpacked here).
+returns one tensor (megatron's (output, bias) pair is unpacked here); a column-parallel layer
+may have a bias (zero-initialised, sharded like the output features: Qwen2's q/k/v).
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ class LocalLinear(nn.Module):
         parallel_mode: ParallelMode,
         partition_stride: int = 1,
         external_weight: bool = False,
+        bias: bool = False,
     ):
         super().__init__()
         self.input_size, self.output_size = in_features, out_features
@@ -105,14 +107,20 @@ class LocalLinear(nn.Module):
             self.weight = nn.Parameter(master.t().contiguous().t())  # [o, i], column-major
             dim = 0 if parallel_mode == "column" else 1
             set_tensor_model_parallel_attributes(self.weight, True, dim, partition_stride)
+        self.bias: nn.Parameter | None = None
+        if bias:  # [o], zero as megatron's; sharded with the output features
+            self.bias = nn.Parameter(torch.zeros(out_features))
+            set_tensor_model_parallel_attributes(self.bias, True, 0, partition_stride)
         self._external: tuple[weakref.ref, int, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         if weight is None:
-            return x @ self.weight.t()  # [..., i] @ [i, o] (row-major unless re-laid out)
-        if torch.is_grad_enabled() or x.device.type != "cpu":
-            return F.linear(x, weight)
-        return x @ self._transposed(weight)
+            y = x @ self.weight.t()  # [..., i] @ [i, o] (row-major unless re-laid out)
+        elif torch.is_grad_enabled() or x.device.type != "cpu":
+            y = F.linear(x, weight)
+        else:
+            y = x @ self._transposed(weight)
+        return y if self.bias is None else y + self.bias
 
     def _transposed(self, weight: torch.Tensor) -> torch.Tensor:
         """weight.T [i, o], contiguous, remade when the weight or its version changes."""
@@ -187,20 +195,26 @@ class LayerContext:
         )
 
     def column_linear(
-        self, in_features: int, out_features: int, stride: int = 1, external_weight: bool = False
+        self,
+        in_features: int,
+        out_features: int,
+        stride: int = 1,
+        external_weight: bool = False,
+        bias: bool = False,
     ) -> nn.Module:
-        """in -> out/p per rank, no bias, output left sharded (``stride``: fused outputs, e.g.
-        gate | up; ``external_weight``: no weight of its own, passed at call time (tied))."""
+        """in -> out/p per rank, output left sharded (``stride``: fused outputs, e.g. gate |
+        up; ``external_weight``: no weight of its own, passed at call time (tied); ``bias``:
+        a zero-initialised bias [out/p])."""
         if self.backend == "local":
             return LocalLinear(
-                in_features, out_features, self.init, "column", stride, external_weight
+                in_features, out_features, self.init, "column", stride, external_weight, bias
             )
         return MegatronColumnLinear(
             in_features,
             out_features,
             config=self.megatron,
             init_method=self.init,
-            bias=False,
+            bias=bias,
             gather_output=False,
             stride=stride,
             skip_weight_param_allocation=external_weight,

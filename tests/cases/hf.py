@@ -41,6 +41,8 @@ def hf_checkpoint(
         config = transformers.Exaone4Config(**common, sliding_window=None, layer_types=full)
     elif family == "qwen3":
         config = transformers.Qwen3Config(**common, layer_types=full)
+    elif family == "qwen2":
+        config = transformers.Qwen2Config(**common, layer_types=full)
     else:
         config = transformers.LlamaConfig(**common)
     torch.manual_seed(0)
@@ -49,6 +51,8 @@ def hf_checkpoint(
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)  # a swapped norm would show
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.5)  # so would a dropped bias
     folder = root / f"hf-{family}-{'tied' if tied else 'untied'}{name}"
     model.save_pretrained(folder)
     tok_root = root / f".tok-{folder.name}"

@@ -43,7 +43,9 @@ def _tp2_logits(rank: int, world: int, folder: str):
         return gather_last_dim(model(IDS).logits, tensor_parallel_group())  # [b, s, V]
 
 
-@pytest.mark.parametrize(("family", "tied"), [("exaone4", False), ("qwen3", True)])
+@pytest.mark.parametrize(
+    ("family", "tied"), [("exaone4", False), ("qwen3", True), ("qwen2", False)]
+)
 def test_an_imported_checkpoint_at_tp2_computes_the_checkpoints_logits(tmp_path, family, tied):
     from tests.cases.hf import hf_checkpoint
 

@@ -21,11 +21,16 @@ from tests.cases.indexed import tokenizer_dir
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 400  # the test tokenizer's; padded to 512 in our model
-FAMILY_SWITCHES = {"exaone4": ("post", True), "qwen3": ("pre", True), "llama": ("pre", False)}
+FAMILY_SWITCHES = {  # (norm_placement, qk_norm, qkv_bias)
+    "exaone4": ("post", True, False),
+    "qwen3": ("pre", True, False),
+    "llama": ("pre", False, False),
+    "qwen2": ("pre", False, True),
+}
 
 
 def _config(family: str, tied: bool) -> ModelConfig:
-    placement, qk_norm = FAMILY_SWITCHES[family]
+    placement, qk_norm, qkv_bias = FAMILY_SWITCHES[family]
     return ModelConfig(
         vocab_size=VOCAB,
         hidden_size=64,
@@ -35,6 +40,7 @@ def _config(family: str, tied: bool) -> ModelConfig:
         max_seq_len=32,
         norm_placement=placement,
         qk_norm=qk_norm,
+        qkv_bias=qkv_bias,
         tie_embeddings=tied,
         rope_theta=5e5,
         mtp=MTPConfig(num_predict_tokens=2, speculation_lookahead=2),
@@ -42,14 +48,16 @@ def _config(family: str, tied: bool) -> ModelConfig:
 
 
 def _run_folder(tmp_path: Path, cfg: ModelConfig) -> tuple[Path, torch.nn.Module]:
-    """A consolidated folder of a randomly initialised model (norm weights randomised too, so
-    a swapped norm would show)."""
+    """A consolidated folder of a randomly initialised model (norm weights and biases randomised
+    too, so a swapped norm or a dropped bias would show)."""
     torch.manual_seed(0)
     model = build_model(cfg, backend="local").eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.5)
     folder = tmp_path / "run"
     tensors = {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
     consolidated.save_weights(folder, tensors, {"step": "7"})
@@ -148,7 +156,7 @@ def test_an_imported_checkpoint_computes_what_transformers_computes(
         HF_VOCAB,
         tied,
     )
-    assert (cfg.norm_placement, cfg.qk_norm) == FAMILY_SWITCHES[family]
+    assert (cfg.norm_placement, cfg.qk_norm, cfg.qkv_bias) == FAMILY_SWITCHES[family]
     assert recipe.data.tokenizer == str(folder)
     torch.manual_seed(0)
     model = build_model(cfg, backend="local").eval()
