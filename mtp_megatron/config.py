@@ -350,6 +350,10 @@ class ModelConfig:
     """RMSNorm epsilon."""
     qk_norm: bool = True
     """RMSNorm on queries and keys (per head, which keeps it local to a TP rank)."""
+    qk_norm_scope: Literal["head", "full"] = "head"
+    """'head': one RMSNorm per head over d (Qwen3, Exaone4); 'full': one over the whole q and
+    k projections, [n d] and [g d] (OLMo-2), exact under TP (each rank's sum of squares is
+    all-reduced)."""
     qkv_bias: bool = False
     """Biases on the query, key and value projections (Qwen2's attention)."""
     norm_placement: Literal["post", "pre"] = "post"
@@ -406,6 +410,8 @@ class ModelConfig:
             _fail(f"{path}.kv_channels", kv, "must be a positive integer or null")
         if self.rope_scaling is not None:
             self.rope_scaling.validate(f"{path}.rope_scaling")
+        if self.qk_norm_scope not in ("head", "full"):
+            _fail(f"{path}.qk_norm_scope", self.qk_norm_scope, "must be 'head' or 'full'")
         if kv is None and self.hidden_size % self.num_attention_heads:
             _fail(
                 f"{path}.hidden_size",

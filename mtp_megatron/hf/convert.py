@@ -126,9 +126,10 @@ def _blank_layer(cfg: ModelConfig, family: Family, like: torch.Tensor) -> dict:
     out = {name: like.new_zeros(shape) for name, shape in zeros.items()}
     out[f"{family.attention_norm}.weight"] = like.new_ones(h)
     out[f"{family.mlp_norm}.weight"] = like.new_ones(h)
-    if family.qk_norm:  # per head
-        out["self_attn.q_norm.weight"] = like.new_ones(d)
-        out["self_attn.k_norm.weight"] = like.new_ones(d)
+    if family.qk_norm:  # per head [d], or over the whole projection [n d] / [g d] (OLMo-2)
+        full = family.qk_norm_scope == "full"
+        out["self_attn.q_norm.weight"] = like.new_ones(cfg.num_attention_heads * d if full else d)
+        out["self_attn.k_norm.weight"] = like.new_ones(cfg.kv_heads * d if full else d)
     if family.qkv_bias:
         out["self_attn.q_proj.bias"] = like.new_zeros(cfg.num_attention_heads * d)
         out["self_attn.k_proj.bias"] = like.new_zeros(cfg.kv_heads * d)
@@ -219,10 +220,12 @@ def hf_config(cfg: ModelConfig, family: Family, eos_token_id: int | None, dtype:
     if heads_exportable(cfg) is None:  # transformers' MtpModel reads these
         k = cfg.mtp.num_predict_tokens
         mtp = {"num_mtp_layers": k}
-        if family.model_type != "llama":  # a config with layer_types needs the heads' too
+        if family.model_type not in ("llama", "olmo2"):  # layer_types need the heads' too
             mtp["mtp_layer_types"] = ["full_attention"] * k
     if family.model_type == "exaone4":
         return transformers.Exaone4Config(**common, sliding_window=None, layer_types=full, **mtp)
+    if family.model_type == "olmo2":  # no layer types
+        return transformers.Olmo2Config(**common, **mtp)
     if family.model_type in ("qwen3", "qwen2"):
         config_class = {"qwen3": transformers.Qwen3Config, "qwen2": transformers.Qwen2Config}
         return config_class[family.model_type](

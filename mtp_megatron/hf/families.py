@@ -8,9 +8,9 @@ weights (checked with transformers 5.24, fp32, within RoPE rounding):
   layer full attention and no sliding window: the default trunk's twin;
 - ``qwen3``: pre-norm, per-head QK-norm;
 - ``llama``: pre-norm, no QK-norm;
-- ``qwen2``: pre-norm, no QK-norm, biases on q / k / v (``qkv_bias``).
-
-OLMo-2 (QK-norm over the whole projection) is not a twin yet.
+- ``qwen2``: pre-norm, no QK-norm, biases on q / k / v (``qkv_bias``);
+- ``olmo2``: post-norm with QK-norm over the whole q and k projections (``qk_norm_scope:
+  full``), not per head.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ class Family:
     """The HF norm that is our SwiGLU block's norm."""
     qkv_bias: bool = False
     """Biases on q / k / v (Qwen2)."""
+    qk_norm_scope: str = "head"
+    """The QK-norm's width: per head, or the whole projection (OLMo-2)."""
 
 
 FAMILIES = {
@@ -55,6 +57,15 @@ FAMILIES = {
         ),
         Family(
             "llama", "LlamaForCausalLM", "pre", False, "input_layernorm", "post_attention_layernorm"
+        ),
+        Family(
+            "olmo2",
+            "Olmo2ForCausalLM",
+            "post",
+            True,
+            "post_attention_layernorm",
+            "post_feedforward_layernorm",
+            qk_norm_scope="full",
         ),
         Family(
             "qwen2",
@@ -76,15 +87,18 @@ def family_of(cfg: ModelConfig) -> Family:
             "model.etd: an Encode-Think-Decode trunk (iterated layers, LoRA experts) has no "
             "Hugging Face twin; export the plain trunk only"
         )
-    ours = (cfg.norm_placement, cfg.qk_norm, cfg.qkv_bias)
-    for family in FAMILIES.values():
-        if (family.norm_placement, family.qk_norm, family.qkv_bias) == ours:
-            return family
+    scope = cfg.qk_norm_scope if cfg.qk_norm else "head"
+    ours = (cfg.norm_placement, cfg.qk_norm, cfg.qkv_bias, scope)
+    for f in FAMILIES.values():
+        if (f.norm_placement, f.qk_norm, f.qkv_bias, f.qk_norm_scope) == ours:
+            return f
     raise ConfigError(
         f"model.norm_placement={cfg.norm_placement!r} with model.qk_norm={cfg.qk_norm} and "
-        f"model.qkv_bias={cfg.qkv_bias} has no Hugging Face twin; families: "
+        f"model.qkv_bias={cfg.qkv_bias} (qk_norm_scope {scope!r}) has no Hugging Face twin; "
+        "families: "
         + ", ".join(
-            f"{f.model_type} ({f.norm_placement}-norm, qk_norm={f.qk_norm}, qkv_bias={f.qkv_bias})"
+            f"{f.model_type} ({f.norm_placement}-norm, qk_norm={f.qk_norm} over "
+            f"{f.qk_norm_scope}, qkv_bias={f.qkv_bias})"
             for f in FAMILIES.values()
         )
     )

@@ -98,6 +98,7 @@ def architecture(folder: Path, model: ModelConfig) -> tuple[ModelConfig, Family]
         norm_eps=float(config.get("rms_norm_eps", 1e-6)),
         qk_norm=family.qk_norm,
         qkv_bias=family.qkv_bias,
+        qk_norm_scope=family.qk_norm_scope,
         norm_placement=family.norm_placement,
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
     )

@@ -15,7 +15,11 @@ import math
 
 import torch
 import torch.nn.functional as F
-from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+from megatron.core.tensor_parallel import (
+    copy_to_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+)
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from torch import nn
 
 from mtp_megatron.config import ModelConfig, RopeScalingConfig
@@ -65,6 +69,31 @@ def llama3_inv_freq(inv_freq: torch.Tensor, scaling: RopeScalingConfig) -> torch
     smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
     medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
     return torch.where(medium, smoothed, scaled)
+
+
+class ShardedRMSNorm(nn.Module):
+    """RMSNorm over a whole projection whose features are sharded over TP (OLMo-2's QK-norm:
+    one norm over q's [n d] and k's [g d], not per head). x: [b, s, f/p] -> [b, s, f/p].
+
+    Each rank sums the squares of its features, the sums are all-reduced (in backward too: every
+    rank's output depends on every rank's features), and each rank scales by its slice of the
+    weight [f/p], sharded like the projection's rows. Computed in fp32, as transformers does.
+    """
+
+    def __init__(self, full_dim: int, eps: float, tp_group: torch.distributed.ProcessGroup):
+        super().__init__()
+        p = tp_group.size()
+        self.full_dim, self.eps, self.tp_group = full_dim, eps, tp_group
+        self.weight = nn.Parameter(torch.ones(full_dim // p))
+        set_tensor_model_parallel_attributes(self.weight, True, 0, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        squares = x.float().pow(2).sum(-1, keepdim=True)  # [b, s, 1], this rank's features
+        if self.tp_group.size() > 1:  # all-reduced forward (reduce_from) and backward (copy_to)
+            squares = copy_to_tensor_model_parallel_region(squares, group=self.tp_group)
+            squares = reduce_from_tensor_model_parallel_region(squares, group=self.tp_group)
+        normed = x.float() * torch.rsqrt(squares / self.full_dim + self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -126,13 +155,14 @@ class SelfAttention(nn.Module):
         self.k_proj = column(cfg.kv_heads * d)
         self.v_proj = column(cfg.kv_heads * d)
         self.o_proj = ctx.row_linear(cfg.num_attention_heads * d, cfg.hidden_size)
-        qk_norm = cfg.qk_norm
-        self.q_norm = (
-            RMSNorm(d, cfg.norm_eps, sharded_input_group=ctx.tp_group) if qk_norm else None
-        )
-        self.k_norm = (
-            RMSNorm(d, cfg.norm_eps, sharded_input_group=ctx.tp_group) if qk_norm else None
-        )
+        self.q_norm = self.k_norm = None
+        self.full_width_qk_norm = cfg.qk_norm and cfg.qk_norm_scope == "full"
+        if self.full_width_qk_norm:  # over the whole projection (OLMo-2)
+            self.q_norm = ShardedRMSNorm(cfg.num_attention_heads * d, cfg.norm_eps, ctx.tp_group)
+            self.k_norm = ShardedRMSNorm(cfg.kv_heads * d, cfg.norm_eps, ctx.tp_group)
+        elif cfg.qk_norm:  # per head: local to a rank
+            self.q_norm = RMSNorm(d, cfg.norm_eps, sharded_input_group=ctx.tp_group)
+            self.k_norm = RMSNorm(d, cfg.norm_eps, sharded_input_group=ctx.tp_group)
 
     def forward(
         self,
@@ -143,10 +173,12 @@ class SelfAttention(nn.Module):
     ) -> torch.Tensor:
         b, s, _ = x.shape
         n, g, d = self.local_heads, self.local_kv_heads, self.head_dim
-        q = self.q_proj(x).view(b, s, n, d)  # [b, s, n/p, d]
-        k = self.k_proj(x).view(b, s, g, d)  # [b, s, g/p, d]
+        q, k = self.q_proj(x), self.k_proj(x)  # [b, s, n d/p], [b, s, g d/p]
+        if self.full_width_qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.view(b, s, n, d), k.view(b, s, g, d)  # [b, s, n/p, d], [b, s, g/p, d]
         v = self.v_proj(x).view(b, s, g, d)
-        if self.q_norm is not None:
+        if self.q_norm is not None and not self.full_width_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q = rope(q.transpose(1, 2), positions)  # [b, n/p, s, d]
         k = rope(k.transpose(1, 2), positions)  # [b, g/p, s, d]

@@ -41,6 +41,8 @@ def hf_checkpoint(
         config = transformers.Exaone4Config(**common, sliding_window=None, layer_types=full)
     elif family == "qwen3":
         config = transformers.Qwen3Config(**common, layer_types=full)
+    elif family == "olmo2":
+        config = transformers.Olmo2Config(**common)
     elif family == "qwen2":
         config = transformers.Qwen2Config(**common, layer_types=full)
     else:

@@ -44,7 +44,7 @@ def _tp2_logits(rank: int, world: int, folder: str):
 
 
 @pytest.mark.parametrize(
-    ("family", "tied"), [("exaone4", False), ("qwen3", True), ("qwen2", False)]
+    ("family", "tied"), [("exaone4", False), ("qwen3", True), ("qwen2", False), ("olmo2", True)]
 )
 def test_an_imported_checkpoint_at_tp2_computes_the_checkpoints_logits(tmp_path, family, tied):
     from tests.cases.hf import hf_checkpoint

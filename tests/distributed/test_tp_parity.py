@@ -63,3 +63,43 @@ def test_tensor_parallel_matches_tp1(tp1, tp):
             assert got["grads"].keys() == ref["grads"].keys()
             for name, g in ref["grads"].items():
                 assert_close_to_scale(got["grads"][name], g, msg=f"{variant} rank {rank} {name}")
+
+
+def _full_width_qk_norm_grads(rank: int, world: int, tp: int):
+    """OLMo-2's QK-norm over the whole q / k projection: each rank holds a slice of it."""
+    from mtp_megatron import build_model
+    from mtp_megatron.parallel import initialize_parallel, tensor_parallel_group
+
+    initialize_parallel(tensor_parallel_size=tp)
+    cfg = tiny_model_config(mtp_config("transformer", False, "chained", k=2))
+    cfg.qk_norm_scope = "full"
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    from mtp_megatron.parallel.sharding import partition_of, shard
+
+    with torch.no_grad():  # random norm weights, the sharded q / k ones a slice of one master
+        g = torch.Generator().manual_seed(2)
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                part = partition_of(p)
+                full = p.shape[0] * (tp if part is not None else 1)
+                master = torch.empty(full).uniform_(0.5, 1.5, generator=g)
+                p.copy_(shard(master, part, rank % tp, tp))
+    ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    out = model(ids)
+    out.loss.backward()
+    group = tensor_parallel_group()
+    grads = {n: gather_full_tensor(p.grad, p, group) for n, p in model.named_parameters()}
+    return {"loss": out.loss.detach(), "grads": grads}
+
+
+def test_full_width_qk_norm_at_tp2_matches_tp1():
+    (reference,) = run_distributed(_full_width_qk_norm_grads, 1, 1)
+    for got in run_distributed(_full_width_qk_norm_grads, 2, 2):
+        # the sum of squares is all-reduced in forward and backward: rounding-level agreement
+        assert_close_to_scale(got["loss"], reference["loss"], VALUE_RTOL)
+        assert got["grads"].keys() == reference["grads"].keys()
+        for name, g in reference["grads"].items():
+            assert_close_to_scale(got["grads"][name], g, msg=name)
+        norm = "trunk.layers.0.attention.inner.q_norm.weight"
+        assert reference["grads"][norm].shape == (64,)  # [n d]: the whole projection

@@ -21,16 +21,17 @@ from tests.cases.indexed import tokenizer_dir
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 400  # the test tokenizer's; padded to 512 in our model
-FAMILY_SWITCHES = {  # (norm_placement, qk_norm, qkv_bias)
-    "exaone4": ("post", True, False),
-    "qwen3": ("pre", True, False),
-    "llama": ("pre", False, False),
-    "qwen2": ("pre", False, True),
+FAMILY_SWITCHES = {  # (norm_placement, qk_norm, qkv_bias, qk_norm_scope)
+    "exaone4": ("post", True, False, "head"),
+    "qwen3": ("pre", True, False, "head"),
+    "llama": ("pre", False, False, "head"),
+    "qwen2": ("pre", False, True, "head"),
+    "olmo2": ("post", True, False, "full"),
 }
 
 
 def _config(family: str, tied: bool) -> ModelConfig:
-    placement, qk_norm, qkv_bias = FAMILY_SWITCHES[family]
+    placement, qk_norm, qkv_bias, scope = FAMILY_SWITCHES[family]
     return ModelConfig(
         vocab_size=VOCAB,
         hidden_size=64,
@@ -41,6 +42,7 @@ def _config(family: str, tied: bool) -> ModelConfig:
         norm_placement=placement,
         qk_norm=qk_norm,
         qkv_bias=qkv_bias,
+        qk_norm_scope=scope,
         tie_embeddings=tied,
         rope_theta=5e5,
         mtp=MTPConfig(num_predict_tokens=2, speculation_lookahead=2),
@@ -156,7 +158,8 @@ def test_an_imported_checkpoint_computes_what_transformers_computes(
         HF_VOCAB,
         tied,
     )
-    assert (cfg.norm_placement, cfg.qk_norm, cfg.qkv_bias) == FAMILY_SWITCHES[family]
+    switches = (cfg.norm_placement, cfg.qk_norm, cfg.qkv_bias, cfg.qk_norm_scope)
+    assert switches == FAMILY_SWITCHES[family]
     assert recipe.data.tokenizer == str(folder)
     torch.manual_seed(0)
     model = build_model(cfg, backend="local").eval()
@@ -182,7 +185,7 @@ def test_a_checkpoint_the_trunk_cannot_compute_is_refused_by_name(tmp_path):
     folder = hf_checkpoint(tmp_path, "llama")
     config = json.loads((folder / "config.json").read_text())
     cases = [
-        ({"model_type": "olmo2"}, "model_type 'olmo2'"),
+        ({"model_type": "gemma3"}, "model_type 'gemma3'"),
         ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5}}, "RoPE scaling 'yarn'"),
         ({"attention_bias": True}, "attention_bias"),
         ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
