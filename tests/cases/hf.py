@@ -1,13 +1,18 @@
-"""Tiny random Hugging Face checkpoints of the trunk's twin families, made with transformers'
-own classes (``from_config``), for the import tests."""
+"""Tiny random models for the Hugging Face tests: checkpoints of the trunk's twin families made
+with transformers' own classes (``from_config``), and consolidated runs of ours to export."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import yaml
 
+from mtp_megatron import consolidated
+from mtp_megatron.config import ModelConfig
+from mtp_megatron.model import build_model
 from tests.cases.indexed import tokenizer_dir
 
 HF_VOCAB = 512
@@ -63,3 +68,24 @@ def hf_checkpoint(
     (folder / "tokenizer.json").write_bytes((tok / "tokenizer.json").read_bytes())
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
     return folder
+
+
+def consolidated_run(tmp_path: Path, cfg: ModelConfig) -> tuple[Path, torch.nn.Module]:
+    """A consolidated folder of a randomly initialised model (norm weights and biases randomised
+    too, so a swapped norm or a dropped bias would show)."""
+    torch.manual_seed(0)
+    model = build_model(cfg, backend="local").eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.5)
+    folder = tmp_path / "run"
+    tensors = {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    consolidated.save_weights(folder, tensors, {"step": "7"})
+    recipe = {"model": asdict(cfg), "data": {"eod_token": "</s>"}}
+    (folder / consolidated.RECIPE_FILE).write_text(yaml.safe_dump(recipe))
+    tok = tokenizer_dir(tmp_path, "</s>") / "tokenizer.json"
+    (folder / consolidated.TOKENIZER_FILE).write_bytes(tok.read_bytes())
+    return folder, model

@@ -16,7 +16,7 @@ from mtp_megatron.hf.convert import trunk_from_hf, trunk_to_hf
 from mtp_megatron.hf.export import export_hf
 from mtp_megatron.hf.families import FAMILIES, family_of
 from mtp_megatron.model import build_model
-from tests.cases.indexed import tokenizer_dir
+from tests.cases.hf import consolidated_run
 
 transformers = pytest.importorskip("transformers")
 
@@ -49,27 +49,6 @@ def _config(family: str, tied: bool) -> ModelConfig:
     )
 
 
-def _run_folder(tmp_path: Path, cfg: ModelConfig) -> tuple[Path, torch.nn.Module]:
-    """A consolidated folder of a randomly initialised model (norm weights and biases randomised
-    too, so a swapped norm or a dropped bias would show)."""
-    torch.manual_seed(0)
-    model = build_model(cfg, backend="local").eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            elif name.endswith(".bias"):
-                p.normal_(0.0, 0.5)
-    folder = tmp_path / "run"
-    tensors = {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
-    consolidated.save_weights(folder, tensors, {"step": "7"})
-    recipe = {"model": asdict(cfg), "data": {"eod_token": "</s>"}}
-    (folder / consolidated.RECIPE_FILE).write_text(yaml.safe_dump(recipe))
-    tok = tokenizer_dir(tmp_path, "</s>") / "tokenizer.json"
-    (folder / consolidated.TOKENIZER_FILE).write_bytes(tok.read_bytes())
-    return folder, model
-
-
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("family", sorted(FAMILY_SWITCHES))
 def test_an_exported_trunk_is_transformers_own_model_with_our_logits(
@@ -77,7 +56,7 @@ def test_an_exported_trunk_is_transformers_own_model_with_our_logits(
 ):
     cfg = _config(family, tied)
     assert family_of(cfg).model_type == family
-    folder, model = _run_folder(tmp_path, cfg)
+    folder, model = consolidated_run(tmp_path, cfg)
     out = export_hf(folder, tmp_path / "hf", log=lambda _: None)
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(hf).__name__ == FAMILIES[family].architecture
@@ -112,7 +91,7 @@ def test_a_trunk_without_a_twin_and_an_existing_output_are_refused(tmp_path, sin
         family_of(ModelConfig(norm_placement="post", qk_norm=False))
     with pytest.raises(ConfigError, match="Encode-Think-Decode"):
         family_of(ModelConfig(num_layers=4, etd=ETDConfig(1, 2, 1)))
-    folder, _ = _run_folder(tmp_path, _config("llama", False))
+    folder, _ = consolidated_run(tmp_path, _config("llama", False))
     (tmp_path / "taken").mkdir()
     with pytest.raises(ConfigError, match="exists"):
         export_hf(folder, tmp_path / "taken", log=lambda _: None)
@@ -230,7 +209,7 @@ def test_transformers_drafts_with_our_exported_heads(
         mtp_head_type=head,
         share_weights_across_steps=shared or head == "shared_lm_head",
     )
-    folder, _ = _run_folder(tmp_path, cfg)
+    folder, _ = consolidated_run(tmp_path, cfg)
     torch.manual_seed(0)  # the same weights, with the decoding package (model.mtp_decoder)
     model = build_with_decoding(cfg, backend="local").eval()
     model.load_state_dict(consolidated.load_weights(folder)[0], strict=False)
@@ -272,7 +251,7 @@ def test_heads_transformers_cannot_draft_with_are_left_out_with_the_reason(
         head_arrangement="independent",
         share_weights_across_steps=False,
     )
-    folder, _ = _run_folder(tmp_path, cfg)
+    folder, _ = consolidated_run(tmp_path, cfg)
     logs: list[str] = []
     out = export_hf(folder, tmp_path / "hf", log=logs.append)
     assert "MTP heads not exported: independent (Meta) heads" in logs[0]
