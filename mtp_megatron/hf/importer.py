@@ -144,16 +144,28 @@ def load_pretrained(model: torch.nn.Module, init_from: str, head_init: str, log=
     cfg = model.cfg
     _, family = architecture(folder, cfg)
     master = trunk_from_hf(hf_state_dict(folder), cfg, family)
+    # ETD wraps its think layers' linear modules (their weight becomes ``<name>.base.weight``)
+    # and adds LoRA experts and routers, which start from the recipe's initialisation
+    named: dict[str, torch.Tensor] = {}
+    added = []
+    for name, tensor in model.state_dict().items():
+        if not (torch.is_tensor(tensor) and name.startswith("trunk.")):
+            continue
+        plain = name.replace(".base.", ".")
+        if plain in master:
+            named[name] = master[plain]
+        elif ".lora_" in name or "router." in name:
+            added.append(name)
+        else:
+            raise ConfigError(f"init_from: {folder} gives no weights for {name}")
     group = tensor_parallel_group()
     tp_rank = torch.distributed.get_rank(group)
-    local = shard_state_dict(master, partitions(model), tp_rank, group.size())
-    wanted = {n for n, t in model.state_dict().items() if torch.is_tensor(t) and "trunk." in n}
-    missing = sorted(wanted - set(local))
-    if missing:
-        raise ConfigError(f"init_from: {folder} gives no weights for {missing[:5]}")
+    local = shard_state_dict(named, partitions(model), tp_rank, group.size())
     model.load_state_dict(local, strict=False)
     copied = copy_last_layer_into_heads(model) if head_init == "last_layer" else 0
     log(
         f"[init] trunk from {folder} ({family.architecture}, {cfg.num_layers} layers); MTP "
-        f"heads: {head_init}" + (f" ({copied} copied from the last layer)" if copied else "")
+        f"heads: {head_init}"
+        + (f" ({copied} copied from the last layer)" if copied else "")
+        + (f"; ETD's {len(added)} LoRA-expert and router tensors: initialised" if added else "")
     )

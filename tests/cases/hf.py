@@ -21,7 +21,7 @@ padding rows, so our loss is the checkpoint's own)."""
 
 
 def hf_checkpoint(
-    root: Path, family: str, tied: bool = False, layers: int = 2, name: str = "", **config
+    root: Path, family: str, tied: bool = False, layers: int = 2, suffix: str = "", **config
 ) -> Path:
     """A saved ``{family}`` model (h 64, 4 heads of 16, 2 kv heads, random weights and norms;
     ``config`` overrides) with the test tokenizer (end token ``</s>``) beside it."""
@@ -60,7 +60,7 @@ def hf_checkpoint(
                 p.uniform_(0.5, 1.5)  # a swapped norm would show
             elif name.endswith(".bias"):
                 p.normal_(0.0, 0.5)  # so would a dropped bias
-    folder = root / f"hf-{family}-{'tied' if tied else 'untied'}{name}"
+    folder = root / f"hf-{family}-{'tied' if tied else 'untied'}{suffix}"
     model.save_pretrained(folder)
     tok_root = root / f".tok-{folder.name}"
     tok_root.mkdir()

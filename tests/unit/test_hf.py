@@ -307,3 +307,37 @@ def test_head_dim_and_llama3_rope_import_and_export_exactly(
     ).eval()
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_an_etd_recipe_starts_from_the_checkpoint_with_fresh_experts(tmp_path, single_process):
+    from mtp_megatron import build_model as build_with_decoding
+    from mtp_megatron.hf.importer import hf_state_dict, load_pretrained
+    from mtp_megatron.recipe import load_recipe
+    from mtp_megatron.testing.runs import REPO
+    from tests.cases.hf import hf_checkpoint
+
+    folder = hf_checkpoint(tmp_path, "olmo2", layers=4)
+    recipe = load_recipe(
+        REPO / "recipes" / "ablations" / "etd_mtp.yaml",  # encoder 1 / think 2 x2 / decoder 1
+        [f"init_from=hf:{folder}", "model.max_seq_len=64", "mtp_head_init=last_layer"],
+    )
+    torch.manual_seed(0)
+    model = build_with_decoding(recipe.model).eval()
+    fresh = {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    logs: list[str] = []
+    load_pretrained(model, recipe.init_from, recipe.mtp_head_init, log=logs.append)
+    hf = hf_state_dict(folder)
+    state = model.state_dict()
+    # the think layers' wrapped linears hold the checkpoint's weights ...
+    think_q = "trunk.layers.1.attention.inner.q_proj.base.weight"
+    assert torch.equal(state[think_q], hf["model.layers.1.self_attn.q_proj.weight"])
+    assert torch.equal(
+        state["trunk.layers.3.mlp.norm.weight"],
+        hf["model.layers.3.post_feedforward_layernorm.weight"],
+    )
+    # ... while the LoRA experts and routers keep their initialisation
+    added = [k for k in fresh if ".lora_" in k or "router." in k]
+    assert added and all(torch.equal(state[k], fresh[k]) for k in added)
+    assert "LoRA-expert and router tensors: initialised" in logs[0]
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.arange(16)[None] % 512).logits).all()

@@ -20,9 +20,18 @@ RECIPES = sorted(RECIPES_DIR.rglob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
-def test_every_recipe_resolves_and_validates(path):
-    recipe = load_recipe(path)
+def test_every_recipe_resolves_and_validates(path, tmp_path):
+    overrides = []
+    if "init_from" in path.read_text() or path.parent.name == "pretrained":
+        pytest.importorskip("transformers")
+        from tests.cases.hf import hf_checkpoint
+
+        # a pretrained start: a tiny OLMo-2 as deep as OLMo-2 1B stands in for the download
+        overrides = [f"init_from=hf:{hf_checkpoint(tmp_path, 'olmo2', layers=16)}"]
+    recipe = load_recipe(path, overrides)
     assert recipe.name == path.stem
+    if overrides:
+        assert recipe.model.num_layers == 16 and recipe.model.qk_norm_scope == "full"
 
 
 def test_base_inheritance_and_overrides(tmp_path):
