@@ -206,6 +206,26 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_hf(args: argparse.Namespace) -> int:
+    """Check that a Hugging Face checkpoint directory can start a run (init_from: hf:DIR): the
+    trunk it gives, its weights loaded strictly, its tokenizer; nothing is written."""
+    from mtp_megatron.hf.importer import check_checkpoint
+
+    found = check_checkpoint(f"hf:{args.directory}")
+    cfg, tok = found["model"], found["tokenizer"]
+    print(
+        f"{found['folder']}: {found['family']}, {cfg.num_layers} layers, h {cfg.hidden_size}, "
+        f"{cfg.num_attention_heads} heads of {cfg.head_dim} ({cfg.kv_heads} kv), SwiGLU "
+        f"{cfg.ffn_size}, {cfg.norm_placement}-norm, QK-norm "
+        f"{cfg.qk_norm_scope if cfg.qk_norm else 'none'}, vocabulary {cfg.vocab_size}, "
+        f"{'tied' if cfg.tie_embeddings else 'untied'}; {found['parameters'] / 1e6:.1f}M trunk "
+        f"parameters, every tensor used; tokenizer vocabulary {tok['vocab_size']}, end of "
+        f"document {tok['eod_token']!r} = {tok['eod_id']}"
+    )
+    print(f"start a run from it with: init_from=hf:{found['folder']}")
+    return 0
+
+
 def cmd_bench_decode(args: argparse.Namespace) -> int:
     """Plain vs speculative decoding (lookahead 1..K) on held-out prompts of a trained run."""
     return decode_benchmark(
@@ -387,6 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
         "run_dir/consolidated/step_N)",
     )
     p.set_defaults(func=cmd_consolidate)
+
+    p = sub.add_parser("import-hf", help=cmd_import_hf.__doc__)
+    p.add_argument("directory", help="a local Hugging Face checkpoint (config.json, safetensors)")
+    p.set_defaults(func=cmd_import_hf)
 
     p = sub.add_parser("export-hf", help=cmd_export_hf.__doc__)
     p.add_argument("checkpoint", help="run dir, checkpoints/ or step folder, or consolidated")

@@ -5,9 +5,11 @@ OUT gets what ``AutoModelForCausalLM.from_pretrained(OUT)`` and ``AutoTokenizer`
 padding dropped), ``tokenizer.json`` and ``tokenizer_config.json`` (the run's end-of-document
 token as ``eos_token``). Chained MTP heads of the types in ``convert.EXPORTABLE_HEADS`` go into
 the same file in DeepSeek-V3's layout (``model.layers.{L+k}``) with ``num_mtp_layers`` in the
-config, which transformers' ``MtpModel`` reads for ``generate(use_mtp=True)``; other heads are
-left out with the reason logged. Everything is written into a temporary directory renamed into
-place, so OUT is complete or absent.
+config, which transformers' ``MtpModel`` reads for ``generate(use_mtp=True)``; other heads
+(independent, 'linear') go beside it, in our names, into ``mtp_heads.safetensors``, described
+by ``mtp_heads.json`` (what they compute, and why transformers cannot draft with them).
+Everything is written into a temporary directory renamed into place, so OUT is complete or
+absent.
 """
 
 from __future__ import annotations
@@ -34,6 +36,36 @@ def _eos_token(recipe: dict, tokenizer_file: Path) -> tuple[str | None, int | No
     token = (recipe.get("data") or {}).get("eod_token") or DEFAULT_EOD
     token_id = tok.token_to_id(token)
     return (token, token_id) if token_id is not None else (None, None)
+
+
+HEADS_FILE = "mtp_heads.safetensors"
+"""Heads transformers cannot run (independent, 'linear'): our tensors, described in
+``mtp_heads.json``."""
+
+
+def _save_heads_beside(out: Path, master: dict, cfg, why_not: str) -> None:
+    from safetensors.torch import save_file
+
+    heads = {k: v.contiguous() for k, v in master.items() if k.startswith("mtp.")}
+    save_file(heads, str(out / HEADS_FILE), metadata={"format": "pt"})
+    mtp = cfg.mtp
+    about = {
+        "file": HEADS_FILE,
+        "names": "mtp-megatron's (mtp.heads.<i>.*): load them with mtp_megatron",
+        "num_predict_tokens": mtp.num_predict_tokens,
+        "head_type": mtp.mtp_head_type,
+        "head_arrangement": mtp.head_arrangement,
+        "share_weights_across_steps": mtp.share_weights_across_steps,
+        "computes": (
+            "step k: logits_k = lm_head(final_norm_k(block_k(z))), z the trunk's last hidden "
+            "state before model.norm"
+            if mtp.head_arrangement == "independent"
+            else "step k: logits_k = lm_head(final_norm_k(block_k(eh_proj([enorm(e_{i+k}); "
+            "hnorm(h^{k-1})]))))"
+        ),
+        "transformers": f"cannot draft with these heads: {why_not}",
+    }
+    (out / "mtp_heads.json").write_text(json.dumps(about, indent=1) + "\n")
 
 
 def mtp_key_patterns(out: str | Path) -> list[str]:
@@ -74,6 +106,8 @@ def export_hf(folder: str | Path, out: str | Path, log: Callable[[str], None] = 
         why_not = heads_exportable(cfg)
         if why_not is None:
             tensors.update(heads_to_hf(master, cfg, family))
+        elif cfg.mtp is not None:  # beside the trunk, in our names, with what they are
+            _save_heads_beside(tmp, master, cfg, why_not)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         shutil.copyfile(folder / consolidated.TOKENIZER_FILE, tmp / "tokenizer.json")
         tok_config = {
@@ -90,8 +124,10 @@ def export_hf(folder: str | Path, out: str | Path, log: Callable[[str], None] = 
         note = (
             f", {cfg.mtp.num_predict_tokens} MTP layers (generate(use_mtp=True) drafts with them)"
         )
+    elif cfg.mtp is not None:
+        note = f"; MTP heads in {HEADS_FILE}, which transformers cannot draft with: {why_not}"
     else:
-        note = f"; MTP heads not exported: {why_not}"
+        note = ""
     log(
         f"[export-hf] {folder} (step {metadata.get('step', '?')}) -> {out}: "
         f"{family.architecture}, {cfg.num_layers} layers, vocabulary {cfg.vocab_size}{note}"

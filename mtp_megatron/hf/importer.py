@@ -115,6 +115,29 @@ def hf_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def check_checkpoint(init_from: str, model: ModelConfig | None = None) -> dict:
+    """A dry run of ``init_from``: the architecture it gives (over ``model``, default the plain
+    trunk without heads), its weights converted strictly, its tokenizer; a ConfigError names
+    what does not fit."""
+    from mtp_megatron.data.tokenizer import load_hf_tokenizer
+
+    folder = hf_directory(init_from)
+    cfg, family = architecture(folder, model or ModelConfig(mtp=None))
+    master = trunk_from_hf(hf_state_dict(folder), cfg, family)
+    tok = load_hf_tokenizer(folder)
+    return {
+        "folder": str(folder),
+        "family": family.architecture,
+        "model": cfg,
+        "parameters": sum(t.numel() for t in master.values()),
+        "tokenizer": {
+            "vocab_size": tok.vocab_size,
+            "eod_token": tok.eod_token,
+            "eod_id": tok.eod_id,
+        },
+    }
+
+
 def copy_last_layer_into_heads(model: torch.nn.Module) -> int:
     """Each MTP head's transformer block (and final norm) becomes a copy of the trunk's last
     layer (and final norm); returns how many heads got one (heads without a block keep their

@@ -3,6 +3,7 @@ and its weights convert back bitwise."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -241,9 +242,7 @@ def test_transformers_drafts_with_our_exported_heads(
     assert _until_eos(drafted, eos) == _until_eos(greedy, eos)
 
 
-def test_heads_transformers_cannot_draft_with_are_left_out_with_the_reason(
-    tmp_path, single_process
-):
+def test_heads_transformers_cannot_draft_with_go_beside_the_trunk(tmp_path, single_process):
     cfg = _config("exaone4", tied=False)
     cfg.mtp = MTPConfig(
         num_predict_tokens=2,
@@ -254,9 +253,19 @@ def test_heads_transformers_cannot_draft_with_are_left_out_with_the_reason(
     folder, _ = consolidated_run(tmp_path, cfg)
     logs: list[str] = []
     out = export_hf(folder, tmp_path / "hf", log=logs.append)
-    assert "MTP heads not exported: independent (Meta) heads" in logs[0]
+    assert "transformers cannot draft with: independent (Meta) heads" in logs[0]
     config = transformers.AutoConfig.from_pretrained(out)
     assert getattr(config, "num_mtp_layers", None) is None
+    # the heads beside the trunk, in our names, as trained, and what they are
+    from safetensors.torch import load_file
+
+    heads = load_file(str(out / "mtp_heads.safetensors"))
+    master = consolidated.load_weights(folder)[0]
+    assert heads.keys() == {k for k in master if k.startswith("mtp.")}
+    assert all(torch.equal(t, master[k]) for k, t in heads.items())
+    about = json.loads((out / "mtp_heads.json").read_text())
+    assert about["head_arrangement"] == "independent" and "cannot draft" in about["transformers"]
+    transformers.AutoModelForCausalLM.from_pretrained(out)  # the trunk loads as before
 
 
 @pytest.mark.parametrize(
@@ -341,3 +350,17 @@ def test_an_etd_recipe_starts_from_the_checkpoint_with_fresh_experts(tmp_path, s
     assert "LoRA-expert and router tensors: initialised" in logs[0]
     with torch.no_grad():
         assert torch.isfinite(model(torch.arange(16)[None] % 512).logits).all()
+
+
+def test_the_import_hf_command_checks_a_checkpoint(tmp_path, capsys):
+    from mtp_megatron.__main__ import main
+    from tests.cases.hf import hf_checkpoint
+
+    folder = hf_checkpoint(tmp_path, "qwen3", tied=True)
+    assert main(["import-hf", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "Qwen3ForCausalLM, 2 layers, h 64, 4 heads of 16 (2 kv)" in out and "tied" in out
+    assert "every tensor used" in out and "'</s>' = " in out and f"init_from=hf:{folder}" in out
+    (folder / "model.safetensors").rename(folder / "weights.bin")
+    assert main(["import-hf", str(folder)]) == 2
+    assert "no *.safetensors" in capsys.readouterr().err

@@ -23,7 +23,7 @@ FORBIDDEN = {
     "decoding": {"train", "recipe", "bench", "report", "sweep", "hf"},
     "train": {"decoding", "bench", "report", "sweep"},
     "report": {"model", "train", "decoding", "data", "bench", "hf"},
-    "hf": {"train", "decoding", "data", "recipe", "bench", "report", "sweep"},
+    "hf": {"train", "decoding", "recipe", "bench", "report", "sweep"},
 }
 """unit -> units it must not import ('*': any of ours other than the config modules)."""
 
