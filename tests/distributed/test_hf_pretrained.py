@@ -27,7 +27,7 @@ def _recipe_overrides(folder: Path) -> list[str]:
     ]
 
 
-def _tp2_logits(rank: int, world: int, folder: str):
+def _tp2_logits(rank: int, world: int, folders: list[str]):
     from mtp_megatron.hf.importer import load_pretrained
     from mtp_megatron.model import build_model
     from mtp_megatron.parallel import gather_last_dim, initialize_parallel, tensor_parallel_group
@@ -35,26 +35,32 @@ def _tp2_logits(rank: int, world: int, folder: str):
     from mtp_megatron.testing.runs import DEMO_RECIPE
 
     initialize_parallel(tensor_parallel_size=2)
-    recipe = load_recipe(DEMO_RECIPE, _recipe_overrides(Path(folder)))
-    torch.manual_seed(0)
-    model = build_model(recipe.model).eval()  # megatron's TP layers
-    load_pretrained(model, recipe.init_from, "random", log=lambda _: None)
-    with torch.no_grad():
-        return gather_last_dim(model(IDS).logits, tensor_parallel_group())  # [b, s, V]
+    logits = {}
+    for folder in folders:
+        recipe = load_recipe(DEMO_RECIPE, _recipe_overrides(Path(folder)))
+        torch.manual_seed(0)
+        model = build_model(recipe.model).eval()  # megatron's TP layers
+        load_pretrained(model, recipe.init_from, "random", log=lambda _: None)
+        with torch.no_grad():
+            logits[folder] = gather_last_dim(model(IDS).logits, tensor_parallel_group())
+    return logits  # [b, s, V] each
 
 
-@pytest.mark.parametrize(
-    ("family", "tied"), [("exaone4", False), ("qwen3", True), ("qwen2", False), ("olmo2", True)]
-)
-def test_an_imported_checkpoint_at_tp2_computes_the_checkpoints_logits(tmp_path, family, tied):
+def test_every_family_imported_at_tp2_computes_the_checkpoints_logits(tmp_path):
     from tests.cases.hf import hf_checkpoint
 
-    folder = hf_checkpoint(tmp_path, family, tied)
-    with torch.no_grad():
-        theirs = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()(IDS).logits
-    for ours in run_distributed(_tp2_logits, 2, str(folder)):
-        # fp32; each rank's heads and vocabulary slice, RoPE rounded unlike HF's: <= 1e-6 here
-        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    expected = {}
+    for family in ("exaone4", "qwen3", "llama", "qwen2", "olmo2"):
+        for tied in (False, True):
+            folder = hf_checkpoint(tmp_path, family, tied)
+            with torch.no_grad():
+                model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+                expected[str(folder)] = model(IDS).logits
+    for ranks_logits in run_distributed(_tp2_logits, 2, list(expected)):
+        for folder, ours in ranks_logits.items():
+            # fp32; each rank's heads and vocabulary slice (Qwen2's biases, OLMo-2's QK-norm
+            # sharded too), reductions in another order: <= 1e-6 here
+            torch.testing.assert_close(ours, expected[folder], atol=1e-5, rtol=1e-5, msg=folder)
 
 
 def test_a_pp2_run_from_a_checkpoint_trains_resumes_exports_and_decodes(tmp_path, single_process):
