@@ -11,9 +11,18 @@ import torch
 import yaml
 
 from mtp_megatron import consolidated
-from mtp_megatron.config import ModelConfig
+from mtp_megatron.config import ModelConfig, MTPConfig
 from mtp_megatron.model import build_model
 from tests.cases.indexed import tokenizer_dir
+
+FAMILY_SWITCHES = {  # (norm_placement, qk_norm, qkv_bias, qk_norm_scope)
+    "exaone4": ("post", True, False, "head"),
+    "qwen3": ("pre", True, False, "head"),
+    "llama": ("pre", False, False, "head"),
+    "qwen2": ("pre", False, True, "head"),
+    "olmo2": ("post", True, False, "full"),
+}
+"""The trunk settings that make each Hugging Face family's twin."""
 
 HF_VOCAB = 512
 """The checkpoints' vocabulary: holds the 400-token test tokenizer, a multiple of 128 (no
@@ -68,6 +77,26 @@ def hf_checkpoint(
     (folder / "tokenizer.json").write_bytes((tok / "tokenizer.json").read_bytes())
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
     return folder
+
+
+def twin_config(family: str, tied: bool = False, mtp: MTPConfig | None = None) -> ModelConfig:
+    """A tiny trunk (vocabulary 400, the test tokenizer's) that is ``family``'s twin."""
+    placement, qk_norm, qkv_bias, scope = FAMILY_SWITCHES[family]
+    return ModelConfig(
+        vocab_size=400,
+        hidden_size=64,
+        num_layers=2,
+        num_attention_heads=4,
+        num_kv_heads=2,
+        max_seq_len=32,
+        norm_placement=placement,
+        qk_norm=qk_norm,
+        qkv_bias=qkv_bias,
+        qk_norm_scope=scope,
+        tie_embeddings=tied,
+        rope_theta=5e5,
+        mtp=mtp,
+    )
 
 
 def consolidated_run(tmp_path: Path, cfg: ModelConfig) -> tuple[Path, torch.nn.Module]:

@@ -17,37 +17,11 @@ from mtp_megatron.hf.convert import trunk_from_hf, trunk_to_hf
 from mtp_megatron.hf.export import export_hf
 from mtp_megatron.hf.families import FAMILIES, family_of
 from mtp_megatron.model import build_model
-from tests.cases.hf import consolidated_run
+from tests.cases.hf import FAMILY_SWITCHES, consolidated_run, twin_config
 
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 400  # the test tokenizer's; padded to 512 in our model
-FAMILY_SWITCHES = {  # (norm_placement, qk_norm, qkv_bias, qk_norm_scope)
-    "exaone4": ("post", True, False, "head"),
-    "qwen3": ("pre", True, False, "head"),
-    "llama": ("pre", False, False, "head"),
-    "qwen2": ("pre", False, True, "head"),
-    "olmo2": ("post", True, False, "full"),
-}
-
-
-def _config(family: str, tied: bool) -> ModelConfig:
-    placement, qk_norm, qkv_bias, scope = FAMILY_SWITCHES[family]
-    return ModelConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        num_layers=2,
-        num_attention_heads=4,
-        num_kv_heads=2,
-        max_seq_len=32,
-        norm_placement=placement,
-        qk_norm=qk_norm,
-        qkv_bias=qkv_bias,
-        qk_norm_scope=scope,
-        tie_embeddings=tied,
-        rope_theta=5e5,
-        mtp=MTPConfig(num_predict_tokens=2, speculation_lookahead=2),
-    )
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
@@ -55,7 +29,7 @@ def _config(family: str, tied: bool) -> ModelConfig:
 def test_an_exported_trunk_is_transformers_own_model_with_our_logits(
     tmp_path, single_process, family, tied
 ):
-    cfg = _config(family, tied)
+    cfg = twin_config(family, tied, MTPConfig(num_predict_tokens=2, speculation_lookahead=2))
     assert family_of(cfg).model_type == family
     folder, model = consolidated_run(tmp_path, cfg)
     out = export_hf(folder, tmp_path / "hf", log=lambda _: None)
@@ -92,13 +66,13 @@ def test_a_trunk_without_a_twin_and_an_existing_output_are_refused(tmp_path, sin
         family_of(ModelConfig(norm_placement="post", qk_norm=False))
     with pytest.raises(ConfigError, match="Encode-Think-Decode"):
         family_of(ModelConfig(num_layers=4, etd=ETDConfig(1, 2, 1)))
-    folder, _ = consolidated_run(tmp_path, _config("llama", False))
+    folder, _ = consolidated_run(tmp_path, twin_config("llama", False))
     (tmp_path / "taken").mkdir()
     with pytest.raises(ConfigError, match="exists"):
         export_hf(folder, tmp_path / "taken", log=lambda _: None)
     partial = {"model.embed_tokens.weight": torch.zeros(VOCAB, 64)}
     with pytest.raises(ConfigError, match="lacks model.norm.weight"):
-        trunk_from_hf(partial, _config("llama", False), FAMILIES["llama"])
+        trunk_from_hf(partial, twin_config("llama", False), FAMILIES["llama"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +177,7 @@ def test_transformers_drafts_with_our_exported_heads(
     from mtp_megatron import build_model as build_with_decoding
     from mtp_megatron.hf.export import mtp_key_patterns
 
-    cfg = _config("exaone4", tied=False)
+    cfg = twin_config("exaone4", tied=False)
     cfg.mtp = MTPConfig(
         num_predict_tokens=2,
         speculation_lookahead=2,
@@ -243,7 +217,7 @@ def test_transformers_drafts_with_our_exported_heads(
 
 
 def test_heads_transformers_cannot_draft_with_go_beside_the_trunk(tmp_path, single_process):
-    cfg = _config("exaone4", tied=False)
+    cfg = twin_config("exaone4", tied=False)
     cfg.mtp = MTPConfig(
         num_predict_tokens=2,
         speculation_lookahead=2,

@@ -4,6 +4,7 @@ download)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -11,9 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtp_megatron.config import ModelConfig
 from mtp_megatron.hf.export import export_hf
-from tests.cases.hf import consolidated_run
+from tests.cases.hf import consolidated_run, twin_config
 
 lm_eval = pytest.importorskip("lm_eval")
 transformers = pytest.importorskip("transformers")
@@ -61,15 +61,7 @@ def _loglikelihood(model, context: list[int], continuation: list[int]) -> float:
 def test_lm_eval_scores_the_export_as_our_model_does(tmp_path, single_process):
     from lm_eval.tasks import TaskManager
 
-    cfg = ModelConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        num_layers=2,
-        num_attention_heads=4,
-        num_kv_heads=2,
-        max_seq_len=64,
-        mtp=None,
-    )
+    cfg = dataclasses.replace(twin_config("exaone4"), max_seq_len=64)  # one window per document
     folder, model = consolidated_run(tmp_path, cfg)
     out = export_hf(folder, tmp_path / "hf", log=lambda _: None)
     results = lm_eval.simple_evaluate(
