@@ -198,8 +198,9 @@ def cmd_consolidate(args: argparse.Namespace) -> int:
 
 
 def cmd_export_hf(args: argparse.Namespace) -> int:
-    """Write a run's trunk as a Hugging Face checkpoint (transformers' twin class: Exaone4,
-    Qwen3 or Llama) that AutoModelForCausalLM loads with the same logits."""
+    """Write a run as a Hugging Face checkpoint (transformers' twin class: Exaone4, Qwen3,
+    Llama, Qwen2 or OLMo-2, with its chained MTP heads) that AutoModelForCausalLM loads with the
+    same logits."""
     from mtp_megatron.hf.export import export_hf
 
     export_hf(_consolidated(args.checkpoint), args.out)

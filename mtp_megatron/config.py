@@ -349,7 +349,7 @@ class ModelConfig:
     norm_eps: float = 1e-6
     """RMSNorm epsilon."""
     qk_norm: bool = True
-    """RMSNorm on queries and keys (per head, which keeps it local to a TP rank)."""
+    """RMSNorm on queries and keys (its width: ``qk_norm_scope``)."""
     qk_norm_scope: Literal["head", "full"] = "head"
     """'head': one RMSNorm per head over d (Qwen3, Exaone4); 'full': one over the whole q and
     k projections, [n d] and [g d] (OLMo-2), exact under TP (each rank's sum of squares is
@@ -419,7 +419,12 @@ class ModelConfig:
                 f"must be divisible by num_attention_heads ({self.num_attention_heads})",
             )
         if self.head_dim % 2:
-            _fail(f"{path}.kv_channels", self.head_dim, "the head width must be even for RoPE")
+            name = "kv_channels" if kv is not None else "hidden_size"
+            _fail(
+                f"{path}.{name}",
+                getattr(self, name),
+                f"the head width {self.head_dim} must be even for RoPE",
+            )
         if self.num_attention_heads % self.kv_heads:
             _fail(
                 f"{path}.num_kv_heads",

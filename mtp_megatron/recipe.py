@@ -36,13 +36,48 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     """Corpus, split, tokenizer cache."""
     init_from: str | None = None
-    """'hf:DIR': start from a pretrained Hugging Face checkpoint (Llama, Qwen3, Exaone4). Its
-    config.json sets the trunk's architecture (the model section keeps the MTP heads, ETD,
-    max_seq_len and padding), its weights the trunk's, its tokenizer the data's (unless
-    data.tokenizer is set). None: train from scratch."""
+    """'hf:DIR': start from a pretrained Hugging Face checkpoint (Llama, Qwen2, Qwen3, OLMo-2,
+    Exaone4). Its config.json sets the trunk's architecture (the model section keeps the MTP
+    heads, ETD, max_seq_len and padding), its weights the trunk's, its tokenizer the data's
+    (unless data.tokenizer or a data.train blend is set). None: train from scratch."""
     mtp_head_init: str = "random"
     """With init_from: the MTP heads' blocks 'random', or 'last_layer' (copies of the trunk's
-    last layer and final norm, the usual start of MTP fine-tuning)."""
+    last layer and final norm, the usual start of MTP fine-tuning; transformer heads)."""
+
+    def _check_trunk_training(self) -> None:
+        """``train.mtp.trunk`` against the model and layout (after each section validated)."""
+        trunk, pp = self.train.mtp.trunk, self.parallel.pipeline_parallel_size
+        if trunk == "joint":
+            return
+        if self.model.mtp is None:
+            raise ConfigError(f"train.mtp.trunk={trunk!r} needs MTP heads (model.mtp is null)")
+        if self.model.mtp.mtp_head_type == "shared_lm_head":
+            raise ConfigError(
+                f"train.mtp.trunk={trunk!r} with the parameter-free shared_lm_head: nothing "
+                "would learn from the MTP loss; use 'joint' or a head with parameters"
+            )
+        if pp > 1:
+            why = (
+                "the last stage reads the tied embedding detached, so only the first stage "
+                "would enter DeepSpeed's all-reduce of its gradient"
+                if trunk == "detach_heads"
+                else "frozen parameters on DeepSpeed's pipeline engine are untested here"
+            )
+            raise ConfigError(
+                f"train.mtp.trunk={trunk!r} with pipeline_parallel_size={pp} is not supported "
+                f"yet ({why}); use pipeline_parallel_size=1"
+            )
+        if trunk == "detach_heads" and self.train.zero_stage == 3:
+            raise ConfigError(
+                "train.mtp.trunk='detach_heads' with train.zero_stage=3 is not supported: the "
+                "heads read the output weight outside ZeRO-3's gather; use zero_stage 1 or 2"
+            )
+        if trunk == "freeze_trunk" and self.model.etd is not None:
+            raise ConfigError(
+                "train.mtp.trunk='freeze_trunk' with model.etd: ETD's LoRA experts and routers "
+                "are part of the trunk and would not train (and the routing bias still moves); "
+                "use 'joint' or 'detach_heads'"
+            )
 
     def dims(self, world: int) -> ParallelDims:
         """This recipe's layout over ``world`` processes (ConfigError if they do not split)."""
@@ -61,24 +96,19 @@ class Recipe:
             )
         if self.mtp_head_init != "random" and self.init_from is None:
             raise ConfigError("mtp_head_init='last_layer' needs init_from (a pretrained trunk)")
+        mtp = self.model.mtp
+        if self.mtp_head_init == "last_layer" and (
+            mtp is None or mtp.mtp_head_type != "transformer"
+        ):
+            raise ConfigError(
+                "mtp_head_init='last_layer' copies the trunk's last layer into each head's "
+                "decoder layer: it needs model.mtp.mtp_head_type='transformer'"
+            )
         self.parallel.validate()
         check_model_layout(self.model, self.parallel)
-        trunk = self.train.mtp.trunk
-        if trunk != "joint" and self.model.mtp is None:
-            raise ConfigError(f"train.mtp.trunk={trunk!r} needs MTP heads (model.mtp is null)")
-        if trunk != "joint" and self.model.mtp.mtp_head_type == "shared_lm_head":
-            raise ConfigError(
-                f"train.mtp.trunk={trunk!r} with the parameter-free shared_lm_head: nothing "
-                "would learn from the MTP loss; use 'joint' or a head with parameters"
-            )
-        if trunk == "freeze_trunk" and self.parallel.pipeline_parallel_size > 1:
-            raise ConfigError(
-                "train.mtp.trunk='freeze_trunk' with pipeline_parallel_size > 1 is not supported "
-                "yet (frozen parameters on DeepSpeed's pipeline engine are untested here); "
-                "freeze at PP=1"
-            )
         self.train.validate()
         self.data.validate()
+        self._check_trunk_training()
         if self.seq_len > self.model.max_seq_len:
             raise ConfigError(
                 f"train.seq_len={self.seq_len} is invalid: longer than model.max_seq_len "

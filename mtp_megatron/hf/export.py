@@ -5,7 +5,9 @@ OUT gets what ``AutoModelForCausalLM.from_pretrained(OUT)`` and ``AutoTokenizer`
 padding dropped), ``tokenizer.json`` and ``tokenizer_config.json`` (the run's end-of-document
 token as ``eos_token``). Chained MTP heads of the types in ``convert.EXPORTABLE_HEADS`` go into
 the same file in DeepSeek-V3's layout (``model.layers.{L+k}``) with ``num_mtp_layers`` in the
-config, which transformers' ``MtpModel`` reads for ``generate(use_mtp=True)``; other heads
+config, which transformers' ``MtpModel`` reads for ``generate(use_mtp=True)`` once the class
+lists those keys as MTP layers (``mtp_key_patterns``: transformers' Exaone4 / Qwen3 / Llama /
+Qwen2 / OLMo-2 classes register none); other heads
 (independent, 'linear') go beside it, in our names, into ``mtp_heads.safetensors``, described
 by ``mtp_heads.json`` (what they compute, and why transformers cannot draft with them).
 Everything is written into a temporary directory renamed into place, so OUT is complete or
@@ -29,11 +31,23 @@ DEFAULT_EOD = "<|endoftext|>"
 
 
 def _eos_token(recipe: dict, tokenizer_file: Path) -> tuple[str | None, int | None]:
-    """The run's end-of-document token and its id (None, None when the tokenizer has none)."""
+    """The run's end-of-document token and its id, found as the data pipeline finds it (the
+    recipe's eod_token, else the tokenizer directory's eos_token when that directory is still
+    here, else <|endoftext|>); (None, None) when the tokenizer has none of them."""
     from tokenizers import Tokenizer
 
+    from mtp_megatron.data.tokenizer import load_hf_tokenizer
+
+    data = recipe.get("data") or {}
+    source = data.get("tokenizer")
+    if source and Path(source).is_dir():
+        try:
+            tok = load_hf_tokenizer(source, data.get("eod_token"))
+            return tok.eod_token, tok.eod_id
+        except ConfigError:
+            pass  # fall back to the run's own copy
     tok = Tokenizer.from_file(str(tokenizer_file))
-    token = (recipe.get("data") or {}).get("eod_token") or DEFAULT_EOD
+    token = data.get("eod_token") or DEFAULT_EOD
     token_id = tok.token_to_id(token)
     return (token, token_id) if token_id is not None else (None, None)
 

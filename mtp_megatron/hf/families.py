@@ -1,8 +1,8 @@
 """The Hugging Face model families whose decoders are twins of our trunk, and how to tell which.
 
-Our trunk is one architecture with two switches that matter here: ``norm_placement`` and
-``qk_norm`` (per head). Three transformers classes compute exactly the same function on the same
-weights (checked with transformers 5.24, fp32, within RoPE rounding):
+Our trunk is one architecture with four switches that matter here: ``norm_placement``,
+``qk_norm``, its width ``qk_norm_scope`` and ``qkv_bias``. Five transformers classes compute
+exactly the same function on the same weights (tested against transformers 5.24, fp32):
 
 - ``exaone4``: post-norm (OLMo-2's reordered ``x + norm(f(x))``), per-head QK-norm, with every
   layer full attention and no sliding window: the default trunk's twin;
@@ -39,6 +39,8 @@ class Family:
     """Biases on q / k / v (Qwen2)."""
     qk_norm_scope: str = "head"
     """The QK-norm's width: per head, or the whole projection (OLMo-2)."""
+    default_eps: float = 1e-6
+    """transformers' ``rms_norm_eps`` when a config.json leaves it out."""
 
 
 FAMILIES = {
@@ -51,6 +53,7 @@ FAMILIES = {
             True,
             "post_attention_layernorm",
             "post_feedforward_layernorm",
+            default_eps=1e-5,
         ),
         Family(
             "qwen3", "Qwen3ForCausalLM", "pre", True, "input_layernorm", "post_attention_layernorm"
@@ -66,6 +69,7 @@ FAMILIES = {
             "post_attention_layernorm",
             "post_feedforward_layernorm",
             qk_norm_scope="full",
+            default_eps=1e-5,
         ),
         Family(
             "qwen2",

@@ -46,9 +46,26 @@ def _refuse(folder: Path, what: str) -> None:
     raise ConfigError(f"init_from: {folder} cannot be represented by the trunk: {what}")
 
 
+_ARCHITECTURE_FIELDS = (
+    *("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_kv_heads"),
+    *("ffn_hidden_size", "rope_theta", "rope_scaling", "kv_channels", "norm_eps", "qk_norm"),
+    *("qkv_bias", "qk_norm_scope", "norm_placement", "tie_embeddings"),
+)
+"""The ModelConfig fields :func:`architecture` takes from a checkpoint."""
+
+
 def architecture(folder: Path, model: ModelConfig) -> tuple[ModelConfig, Family]:
     """``model`` with the trunk settings of ``folder``'s config.json, and its family."""
-    config = json.loads((folder / "config.json").read_text())
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        return _architecture(folder, config, model)
+    except KeyError as e:
+        raise ConfigError(f"init_from: {folder}/config.json lacks {e.args[0]!r}") from None
+    except ValueError as e:  # bad JSON, a non-number where a number belongs
+        raise ConfigError(f"init_from: {folder}/config.json cannot be read: {e}") from None
+
+
+def _architecture(folder: Path, config: dict, model: ModelConfig) -> tuple[ModelConfig, Family]:
     model_type = config.get("model_type")
     family = FAMILIES.get(model_type)
     if family is None:
@@ -70,6 +87,9 @@ def architecture(folder: Path, model: ModelConfig) -> tuple[ModelConfig, Family]
         _refuse(folder, f"RoPE scaling {rope_type!r} (plain and llama3 RoPE only)")
     if rope.get("attention_factor") not in (None, 1.0):
         _refuse(folder, f"RoPE attention_factor {rope['attention_factor']}")
+    partial = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        _refuse(folder, f"partial_rotary_factor {partial} (RoPE over the whole head only)")
     theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
     if config.get("hidden_act", "silu") != "silu":
         _refuse(folder, f"hidden_act {config['hidden_act']!r} (SwiGLU with silu only)")
@@ -95,7 +115,7 @@ def architecture(folder: Path, model: ModelConfig) -> tuple[ModelConfig, Family]
         rope_theta=float(theta),
         rope_scaling=scaling,
         kv_channels=head_dim if head_dim != hidden // heads else None,
-        norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        norm_eps=float(config.get("rms_norm_eps", family.default_eps)),
         qk_norm=family.qk_norm,
         qkv_bias=family.qkv_bias,
         qk_norm_scope=family.qk_norm_scope,
@@ -165,7 +185,13 @@ def load_pretrained(model: torch.nn.Module, init_from: str, head_init: str, log=
 
     folder = hf_directory(init_from)
     cfg = model.cfg
-    _, family = architecture(folder, cfg)
+    expected, family = architecture(folder, cfg)
+    differs = [f for f in _ARCHITECTURE_FIELDS if getattr(expected, f) != getattr(cfg, f)]
+    if differs:  # the recipe resolves init_from; a model built otherwise must agree with it
+        raise ConfigError(
+            f"init_from: the model was not built for {folder}: "
+            + ", ".join(f"{f} {getattr(cfg, f)!r} != {getattr(expected, f)!r}" for f in differs)
+        )
     master = trunk_from_hf(hf_state_dict(folder), cfg, family)
     # ETD wraps its think layers' linear modules (their weight becomes ``<name>.base.weight``)
     # and adds LoRA experts and routers, which start from the recipe's initialisation

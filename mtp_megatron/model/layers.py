@@ -93,7 +93,7 @@ class ShardedRMSNorm(nn.Module):
             squares = copy_to_tensor_model_parallel_region(squares, group=self.tp_group)
             squares = reduce_from_tensor_model_parallel_region(squares, group=self.tp_group)
         normed = x.float() * torch.rsqrt(squares / self.full_dim + self.eps)
-        return self.weight * normed.to(x.dtype)
+        return (self.weight * normed).to(x.dtype)  # weight x fp32, then cast: Olmo2RMSNorm's
 
 
 class RotaryEmbedding(nn.Module):

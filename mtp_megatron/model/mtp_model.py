@@ -118,7 +118,9 @@ class MTPModel(nn.Module):
             def embed(ids: torch.Tensor) -> torch.Tensor:
                 return trunk.embed(ids).detach()
 
-            def final_norm(x: torch.Tensor) -> torch.Tensor:  # parameter-free heads use it
+            def final_norm(x: torch.Tensor) -> torch.Tensor:
+                # what parameter-free heads normalise with (recipes refuse them with
+                # detach_heads, a library caller may not): the trunk's norm, detached too
                 return F.rms_norm(x, (x.shape[-1],), norm.weight.detach(), norm.eps)
 
         return self.mtp.iter_steps(

@@ -71,7 +71,9 @@ def _score(
     wrt = [leaf, weight] if weight.requires_grad and output_grad else [leaf]
     with torch.enable_grad():
         # logits [b, s, V/p] live only here; megatron's CE may overwrite them (nothing reads them)
-        ce = masked_cross_entropy(trunk.logits(leaf), targets, inplace=True)
+        ce = masked_cross_entropy(
+            trunk.logits(leaf, detach_weight=not output_grad), targets, inplace=True
+        )
     grads = torch.autograd.grad(ce, wrt)
     return ce.detach(), grads[0], grads[1] if len(grads) > 1 else None
 

@@ -151,6 +151,14 @@ def test_a_checkpoint_the_trunk_cannot_compute_is_refused_by_name(tmp_path):
         assert named in str(err.value)
     with pytest.raises(ConfigError, match="no config.json"):
         _recipe(tmp_path)
+    (folder / "config.json").write_text(
+        json.dumps({k: v for k, v in config.items() if k != "hidden_size"})
+    )
+    with pytest.raises(ConfigError, match="lacks 'hidden_size'"):
+        _recipe(folder)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="needs model.mtp.mtp_head_type='transformer'"):
+        _recipe(folder, "mtp_head_init=last_layer", "model.mtp.mtp_head_type=mlp")
     with pytest.raises(ConfigError, match="needs init_from"):
         from mtp_megatron.recipe import load_recipe
         from mtp_megatron.testing.runs import DEMO_RECIPE
@@ -338,3 +346,20 @@ def test_the_import_hf_command_checks_a_checkpoint(tmp_path, capsys):
     (folder / "model.safetensors").rename(folder / "weights.bin")
     assert main(["import-hf", str(folder)]) == 2
     assert "no *.safetensors" in capsys.readouterr().err
+
+
+def test_the_export_finds_the_end_token_as_the_data_did(tmp_path, single_process):
+    import yaml as _yaml
+
+    from tests.cases.indexed import tokenizer_dir
+
+    folder, _ = consolidated_run(tmp_path, twin_config("llama"))
+    (tmp_path / "t").mkdir()
+    tok_dir = tokenizer_dir(tmp_path / "t", "</s>")  # its tokenizer_config.json names </s>
+    recipe = _yaml.safe_load((folder / consolidated.RECIPE_FILE).read_text())
+    recipe["data"] = {"tokenizer": str(tok_dir)}  # no eod_token: the directory's eos_token
+    (folder / consolidated.RECIPE_FILE).write_text(_yaml.safe_dump(recipe))
+    out = export_hf(folder, tmp_path / "hf", log=lambda _: None)
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert tok.eos_token == "</s>"
+    assert transformers.AutoConfig.from_pretrained(out).eos_token_id == tok.eos_token_id

@@ -100,3 +100,13 @@ def test_trunk_modes_that_would_train_nothing_are_refused():
         )
     with pytest.raises(ConfigError, match="needs MTP heads"):
         load_recipe(DEMO_RECIPE, ["train.mtp.trunk=freeze_trunk", "model.mtp=null"])
+    pp2 = ["parallel.pipeline_parallel_size=2"]
+    with pytest.raises(ConfigError, match="only the first stage"):
+        load_recipe(DEMO_RECIPE, ["train.mtp.trunk=detach_heads", *pp2])
+    with pytest.raises(ConfigError, match="untested"):
+        load_recipe(DEMO_RECIPE, ["train.mtp.trunk=freeze_trunk", *pp2])
+    with pytest.raises(ConfigError, match="outside ZeRO-3's gather"):
+        load_recipe(DEMO_RECIPE, ["train.mtp.trunk=detach_heads", "train.zero_stage=3"])
+    etd = "{n_encoder_layers: 4, n_think_layers: 4, n_decoder_layers: 4}"
+    with pytest.raises(ConfigError, match="LoRA experts and routers"):
+        load_recipe(DEMO_RECIPE, ["train.mtp.trunk=freeze_trunk", f"model.etd={etd}"])
