@@ -46,26 +46,24 @@ def _refuse(folder: Path, what: str) -> None:
     raise ConfigError(f"init_from: {folder} cannot be represented by the trunk: {what}")
 
 
-_ARCHITECTURE_FIELDS = (
-    *("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_kv_heads"),
-    *("ffn_hidden_size", "rope_theta", "rope_scaling", "kv_channels", "norm_eps", "qk_norm"),
-    *("qkv_bias", "qk_norm_scope", "norm_placement", "tie_embeddings"),
-)
-"""The ModelConfig fields :func:`architecture` takes from a checkpoint."""
-
-
 def architecture(folder: Path, model: ModelConfig) -> tuple[ModelConfig, Family]:
     """``model`` with the trunk settings of ``folder``'s config.json, and its family."""
+    settings, family = trunk_settings(folder)
+    return dataclasses.replace(model, **settings), family
+
+
+def trunk_settings(folder: Path) -> tuple[dict, Family]:
+    """The ModelConfig fields ``folder``'s config.json sets, and its family."""
     try:
         config = json.loads((folder / "config.json").read_text())
-        return _architecture(folder, config, model)
+        return _trunk_settings(folder, config)
     except KeyError as e:
         raise ConfigError(f"init_from: {folder}/config.json lacks {e.args[0]!r}") from None
     except ValueError as e:  # bad JSON, a non-number where a number belongs
         raise ConfigError(f"init_from: {folder}/config.json cannot be read: {e}") from None
 
 
-def _architecture(folder: Path, config: dict, model: ModelConfig) -> tuple[ModelConfig, Family]:
+def _trunk_settings(folder: Path, config: dict) -> tuple[dict, Family]:
     model_type = config.get("model_type")
     family = FAMILIES.get(model_type)
     if family is None:
@@ -104,8 +102,7 @@ def _architecture(folder: Path, config: dict, model: ModelConfig) -> tuple[Model
     layer_types = set(config.get("layer_types") or ["full_attention"])
     if layer_types != {"full_attention"}:
         _refuse(folder, f"layer types {sorted(layer_types)} (full attention only)")
-    resolved = dataclasses.replace(
-        model,
+    settings = dict(
         vocab_size=config["vocab_size"],
         hidden_size=hidden,
         num_layers=config["num_hidden_layers"],
@@ -122,7 +119,7 @@ def _architecture(folder: Path, config: dict, model: ModelConfig) -> tuple[Model
         norm_placement=family.norm_placement,
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
     )
-    return resolved, family
+    return settings, family
 
 
 def hf_state_dict(folder: Path) -> dict[str, torch.Tensor]:
@@ -185,12 +182,12 @@ def load_pretrained(model: torch.nn.Module, init_from: str, head_init: str, log=
 
     folder = hf_directory(init_from)
     cfg = model.cfg
-    expected, family = architecture(folder, cfg)
-    differs = [f for f in _ARCHITECTURE_FIELDS if getattr(expected, f) != getattr(cfg, f)]
+    settings, family = trunk_settings(folder)
+    differs = {f: v for f, v in settings.items() if getattr(cfg, f) != v}
     if differs:  # the recipe resolves init_from; a model built otherwise must agree with it
         raise ConfigError(
             f"init_from: the model was not built for {folder}: "
-            + ", ".join(f"{f} {getattr(cfg, f)!r} != {getattr(expected, f)!r}" for f in differs)
+            + ", ".join(f"{f} {getattr(cfg, f)!r} != {v!r}" for f, v in differs.items())
         )
     master = trunk_from_hf(hf_state_dict(folder), cfg, family)
     # ETD wraps its think layers' linear modules (their weight becomes ``<name>.base.weight``)
