@@ -149,36 +149,79 @@ def decode_benchmark(
     threads: int = 1,
     draft_vocab_size: int = 0,
     dtype: str = "fp32",
+    batch_sizes: tuple[int, ...] = (1, 4, 8),
+    peers: bool = True,
+    prompts_from: str | None = None,
 ) -> int:
     import torch
 
     from mtp_megatron.decoding.benchmark import (
         benchmark_inputs,
         best_speedup,
+        cost_table,
+        directory_prompts,
+        peer_speedups,
         run_decode_benchmark,
         save_results,
         table,
     )
     from mtp_megatron.decoding.load import load_run
 
+    if not batch_sizes or min(batch_sizes) < 1 or max(batch_sizes) > prompts:
+        raise ConfigError(
+            f"--batch-sizes {','.join(map(str, batch_sizes))} is invalid: each between 1 and "
+            f"--prompts ({prompts})"
+        )
     # batch-1 decoding is a chain of tiny matmuls: extra intra-op threads only add sync cost
     torch.set_num_threads(threads)
     run = load_run(_consolidated(run_dir), dtype=dtype)
     device = next(run.model.parameters()).device
     where = "GPU" if device.type == "cuda" else f"{threads} CPU thread(s)"
     held_out, vocab = benchmark_inputs(run, prompts, prompt_len, draft_vocab_size)
+    source = "held-out validation prompts"
+    if prompts_from:
+        held_out = directory_prompts(prompts_from, run.tokenizer_path, prompts, prompt_len)
+        source = f"prompts from {prompts_from}"
+    peer = None
+    if peers:
+        peer = _transformers_peer(run, dtype)
     k = run.model.mtp.num_steps
-    rows = run_decode_benchmark(run, held_out, max_new_tokens, list(range(1, k + 1)), vocab)
-    print(table(rows))
-    speedup, lookahead = best_speedup(rows)
-    print(
-        f"\nself-speculative decoding: {speedup:.2f}x wall-clock speed-up over plain KV-cached "
-        f"decoding at lookahead {lookahead} ({len(held_out)} held-out prompts of {prompt_len} "
-        f"tokens, {max_new_tokens} new tokens each, greedy, batch 1, {dtype}, {where}, "
-        f"drafts from {'all tokens' if vocab is None else f'the {len(vocab)} most frequent'})"
+    rows = run_decode_benchmark(
+        run, held_out, max_new_tokens, list(range(1, k + 1)), vocab, batch_sizes, peer
     )
+    print(table(rows))
+    print("\nCost of a speculative round, in our one-token trunk steps (CPU wall time):")
+    print(cost_table(rows))
+    speedup, lookahead = best_speedup(rows)
+    drafts = "all tokens" if vocab is None else f"the {len(vocab)} most frequent"
+    print(
+        f"\nself-speculative decoding: {speedup:.2f}x wall-clock speed-up over our plain "
+        f"KV-cached decoding at lookahead {lookahead} ({len(held_out)} {source} of {prompt_len} "
+        f"tokens, {max_new_tokens} new tokens each, greedy, batch 1, {dtype}, {where}, "
+        f"drafts from {drafts})"
+    )
+    for b, (s, la) in peer_speedups(rows).items():
+        print(
+            f"  batch {b}: {s:.2f}x over transformers' plain generate ({peer.family}, the same "
+            f"weights) at lookahead {la}"
+        )
     print(f"results: {save_results(run, rows)}")
     return 0
+
+
+def _transformers_peer(run, dtype: str):
+    """transformers' model on the run's weights, or None (said why) when it cannot be built."""
+    import torch
+
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        print("transformers is not installed: no peer rows (pip install -e '.[dev]')")
+        return None
+    from mtp_megatron.decoding.peers import TransformersPeer
+
+    precision = torch.bfloat16 if dtype == "bf16" else torch.float32
+    return TransformersPeer(run.folder, precision, next(run.model.parameters()).device)
 
 
 def _consolidated(path) -> Path:
@@ -237,6 +280,9 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
         args.threads,
         args.draft_vocab,
         args.dtype,
+        tuple(args.batch_sizes),
+        not args.no_transformers,
+        args.prompts_from,
     )
 
 
@@ -430,6 +476,22 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="heads draft only the N most frequent training tokens (0: all; same output)",
+    )
+    p.add_argument(
+        "--batch-sizes",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[1, 4, 8],
+        help="comma-separated batch sizes (consecutive prompts decoded together)",
+    )
+    p.add_argument(
+        "--prompts-from",
+        default=None,
+        help="take the prompts from this text or code directory instead of the validation split",
+    )
+    p.add_argument(
+        "--no-transformers",
+        action="store_true",
+        help="leave out the rows of transformers' generate on the same weights",
     )
     p.set_defaults(func=cmd_bench_decode)
 

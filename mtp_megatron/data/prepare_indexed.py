@@ -135,7 +135,7 @@ class Shard:
         return f"shard_{self.index:05d}"
 
 
-def _walk(root: Path, suffixes: tuple[str, ...], exclude: tuple[str, ...]) -> list[Path]:
+def walk_inputs(root: Path, suffixes: tuple[str, ...], exclude: tuple[str, ...]) -> list[Path]:
     """The files under ``root`` with one of ``suffixes``, sorted; hidden entries and the
     ``exclude`` directories are pruned, not filtered (a .git or .venv can hold far more files
     than the corpus itself)."""
@@ -161,7 +161,7 @@ def list_shards(
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            for file in _walk(path, suffixes, exclude_dirs):
+            for file in walk_inputs(path, suffixes, exclude_dirs):
                 rel = file.relative_to(path)
                 found.append((str(file.resolve()), f"{path.name}/{rel.as_posix()}"))
         elif path.is_file():

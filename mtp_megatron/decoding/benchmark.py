@@ -9,6 +9,7 @@ the prompts.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,27 +18,38 @@ import torch
 from mtp_megatron.config import ConfigError, from_dict
 from mtp_megatron.decoding.draft_vocab import frequent_token_ids
 from mtp_megatron.decoding.load import LoadedRun
+from mtp_megatron.decoding.peers import TransformersPeer
 from mtp_megatron.decoding.speculative import generate_plain
 
 
 @dataclass
 class DecodeRow:
-    """One method's totals over all prompts."""
+    """One method's totals over all prompts at one batch size."""
 
     method: str
-    """'plain' or 'speculative L=k'."""
+    """'plain', 'speculative L=k' or one of transformers' (``peers.py``)."""
     lookahead: int
-    """Drafts per round (0 for plain)."""
+    """Drafts per round (0 for plain decoding and transformers' rows)."""
+    batch: int = 1
+    """Prompts decoded together."""
+    peer: bool = False
+    """transformers' ``generate`` on the same weights (not our decoding)."""
     wall_s: float = 0.0
     """Summed wall time."""
     new_tokens: int = 0
     """Tokens generated."""
     forward_calls: int = 0
     """Trunk forwards (prefill included)."""
+    rounds: int = 0
+    """Speculative rounds (draft, then verify)."""
+    draft_s: float = 0.0
+    """Wall time spent drafting (speculative rows, CPU)."""
+    verify_s: float = 0.0
+    """Wall time of the verification forwards (speculative rows, CPU)."""
     accepted_per_position: list[float] = field(default_factory=list)
     """Acceptance rate of draft position 1..L (mean over prompts)."""
     identical: bool = True
-    """Greedy output equal to plain decoding's on every prompt."""
+    """Greedy output equal to our plain decoding's at the same batch size on every prompt."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -45,7 +57,17 @@ class DecodeRow:
 
     @property
     def tokens_per_forward(self) -> float:
-        return self.new_tokens / max(self.forward_calls, 1)
+        """Per row: a batch's forward advances every row."""
+        return self.new_tokens / max(self.forward_calls * self.batch, 1)
+
+    @property
+    def theory_tokens_per_forward(self) -> float | None:
+        """(1 - a^(L+1)) / (1 - a), a the first draft's acceptance: the tokens per round if
+        every draft were accepted independently with that rate (Leviathan et al.)."""
+        if not self.accepted_per_position:
+            return None
+        a, L = self.accepted_per_position[0], self.lookahead
+        return L + 1.0 if a >= 1.0 else (1 - a ** (L + 1)) / (1 - a)
 
 
 FREQUENCY_TOKENS = 50_000_000
@@ -77,37 +99,109 @@ def benchmark_inputs(
     return prompts, vocab
 
 
+def directory_prompts(
+    directory: str | Path, tokenizer_file: Path, n: int, prompt_len: int
+) -> list[torch.Tensor]:
+    """n prompts of prompt_len tokens evenly spaced over the documents of any text or code
+    directory (the suffixes ``prepare`` reads), tokenised with the run's tokenizer."""
+    from collections import Counter
+
+    from mtp_megatron.data.documents import iter_documents
+    from mtp_megatron.data.prepare_indexed import SUFFIXES, walk_inputs
+    from mtp_megatron.data.tokenizer import load_tokenizer
+
+    root = Path(directory)
+    if not root.is_dir():
+        raise ConfigError(f"--prompts-from {root}: not a directory")
+    files = walk_inputs(root, SUFFIXES, ())
+    tok = load_tokenizer(tokenizer_file)
+    stream: list[int] = []
+    skipped: Counter = Counter()
+    for f in files:
+        for _, text in iter_documents(f, str(f), "text", skipped):
+            stream.extend(tok.encode(text).ids)
+    span = len(stream) - prompt_len
+    if span <= 0:
+        raise ConfigError(
+            f"--prompts-from {root}: {len(files)} readable files hold {len(stream)} tokens, too "
+            f"few for {prompt_len}-token prompts (suffixes read: {', '.join(SUFFIXES)})"
+        )
+    starts = [int(i * span / max(n, 1)) for i in range(n)]
+    return [torch.tensor(stream[s : s + prompt_len])[None] for s in starts]
+
+
+@dataclass
+class _Method:
+    row: DecodeRow
+    generate: Callable[[torch.Tensor, int], tuple[torch.Tensor, dict]]
+    """(prompts [b, T], max_new_tokens) -> (tokens [b, T + max_new_tokens], stats)."""
+
+
+def _methods(
+    run: LoadedRun,
+    batch: int,
+    lookaheads: list[int],
+    draft_vocab: torch.Tensor | None,
+    peer: TransformersPeer | None,
+) -> list[_Method]:
+    """Every row at one batch size, ours first (our plain decoding is the first)."""
+    model = run.model
+    methods = [_Method(DecodeRow("plain", 0, batch), lambda x, n: generate_plain(model, x, n))]
+    for k in lookaheads:
+        methods.append(
+            _Method(
+                DecodeRow(f"speculative L={k}", k, batch),
+                lambda x, n, k=k: model.mtp_decoder.generate(
+                    x, max_new_tokens=n, lookahead=k, draft_vocab=draft_vocab
+                ),
+            )
+        )
+    for m in peer.methods if peer is not None else []:
+        if batch == 1 or not m.batch_one_only:
+            row = DecodeRow(m.name, 0, batch, peer=True)
+            methods.append(_Method(row, lambda x, n, m=m: peer.generate(m, x, n)))
+    return methods
+
+
 def run_decode_benchmark(
     run: LoadedRun,
     prompts: list[torch.Tensor],
     max_new_tokens: int,
     lookaheads: list[int],
     draft_vocab: torch.Tensor | None = None,
+    batch_sizes: tuple[int, ...] = (1,),
+    peer: TransformersPeer | None = None,
+    log=print,
 ) -> list[DecodeRow]:
-    model = run.model
-    device = next(model.parameters()).device
-    rows = [DecodeRow("plain", 0)] + [DecodeRow(f"speculative L={k}", k) for k in lookaheads]
-    acc_sums = {k: torch.zeros(k) for k in lookaheads}
-    warm = prompts[0].to(device)  # first calls pay one-time costs (allocator, kernels): untimed
-    generate_plain(model, warm, 8)
-    for k in lookaheads:
-        model.mtp_decoder.generate(warm, max_new_tokens=8, lookahead=k, draft_vocab=draft_vocab)
-    for prompt in prompts:
-        prompt = prompt.to(device)
-        plain, stats = generate_plain(model, prompt, max_new_tokens)
-        _add(rows[0], stats)
-        for row in rows[1:]:
-            out, stats = model.mtp_decoder.generate(
-                prompt,
-                max_new_tokens=max_new_tokens,
-                lookahead=row.lookahead,
-                draft_vocab=draft_vocab,
-            )
-            _add(row, stats)
-            row.identical &= bool(torch.equal(out, plain))
-            acc_sums[row.lookahead] += torch.tensor(stats["acceptance_rate_per_position"])
-    for row in rows[1:]:
-        row.accepted_per_position = (acc_sums[row.lookahead] / len(prompts)).tolist()
+    """Every method on every prompt, at each batch size (consecutive prompts of equal length
+    form a batch; a last incomplete one is left out), the methods interleaved per batch."""
+    device = next(run.model.parameters()).device
+    rows: list[DecodeRow] = []
+    for b in batch_sizes:
+        groups = [torch.cat(prompts[i : i + b]) for i in range(0, len(prompts) - b + 1, b)]
+        if not groups:
+            log(f"batch {b}: skipped, only {len(prompts)} prompts")
+            continue
+        methods = _methods(run, b, lookaheads, draft_vocab, peer)
+        warm = groups[0].to(device)  # first calls pay one-time costs (allocator, kernels)
+        for m in methods:
+            m.generate(warm, 8)
+        acc_sums = {id(m): torch.zeros(m.row.lookahead) for m in methods}
+        for group in groups:
+            group = group.to(device)
+            reference = None
+            for m in methods:
+                out, stats = m.generate(group, max_new_tokens)
+                _add(m.row, stats)
+                if reference is None:
+                    reference = out
+                m.row.identical &= bool(torch.equal(out.to(reference.device), reference))
+                if m.row.lookahead:
+                    acc_sums[id(m)] += torch.tensor(stats["acceptance_rate_per_position"])
+        for m in methods:
+            if m.row.lookahead:
+                m.row.accepted_per_position = (acc_sums[id(m)] / len(groups)).tolist()
+            rows.append(m.row)
     return rows
 
 
@@ -115,39 +209,93 @@ def _add(row: DecodeRow, stats: dict) -> None:
     row.wall_s += stats["wall_time_s"]
     row.new_tokens += stats["new_tokens"]
     row.forward_calls += stats["forward_calls"]
+    row.rounds += stats.get("rounds", 0)
+    row.draft_s += stats.get("draft_time_s", 0.0)
+    row.verify_s += stats.get("verify_time_s", 0.0)
+
+
+def _baseline(rows: list[DecodeRow], row: DecodeRow, peer: bool) -> DecodeRow | None:
+    """Our plain row (peer False) or transformers' plain generate (True) at row's batch."""
+    for r in rows:
+        if r.batch == row.batch and r.peer == peer and r.lookahead == 0:
+            return r
+    return None
+
+
+def _ratio(base: DecodeRow | None, row: DecodeRow) -> str:
+    return f"{base.wall_s / row.wall_s:.2f}x" if base is not None and row.wall_s else "-"
 
 
 def table(rows: list[DecodeRow]) -> str:
-    plain = rows[0]
+    """Markdown: speed, acceptance and speed-up over our plain decoding and over transformers'
+    plain ``generate`` at the same batch size."""
     lines = [
-        "| method | tokens/s | acceptance per draft position | tokens per forward | "
-        "wall-clock speed-up | greedy identical |",
-        "|---|---|---|---|---|---|",
+        "| method | batch | tokens/s | acceptance per draft position | tokens per forward "
+        "(theory) | vs our plain | vs transformers generate | greedy identical |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         acc = " / ".join(f"{a:.2f}" for a in r.accepted_per_position) or "-"
+        theory = r.theory_tokens_per_forward
+        tpf = f"{r.tokens_per_forward:.2f}" + (f" ({theory:.2f})" if theory else "")
         lines.append(
-            f"| {r.method} | {r.tokens_per_s:.1f} | {acc} | {r.tokens_per_forward:.2f} | "
-            f"{plain.wall_s / r.wall_s:.2f}x | {'yes' if r.identical else 'NO'} |"
+            f"| {r.method} | {r.batch} | {r.tokens_per_s:.1f} | {acc} | {tpf} | "
+            f"{_ratio(_baseline(rows, r, False), r)} | {_ratio(_baseline(rows, r, True), r)} | "
+            f"{'yes' if r.identical else 'NO'} |"
         )
     return "\n".join(lines)
 
 
-def best_speedup(rows: list[DecodeRow]) -> tuple[float, int]:
-    """(wall-clock speed-up, lookahead) of the fastest speculative setting."""
-    best = min(rows[1:], key=lambda r: r.wall_s)
-    return rows[0].wall_s / best.wall_s, best.lookahead
+def cost_table(rows: list[DecodeRow]) -> str:
+    """Markdown: what a speculative round costs, in units of our plain one-token trunk step
+    (the CPU's figures: on a GPU the phases overlap and are not timed apart)."""
+    lines = [
+        "| method | batch | draft step / trunk step | verify of L+1 tokens / trunk step |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        plain = _baseline(rows, r, False)
+        if not r.lookahead or not r.rounds or plain is None or not plain.forward_calls:
+            continue
+        step = plain.wall_s / plain.forward_calls
+        draft = r.draft_s / (r.rounds * r.lookahead) / step
+        lines.append(
+            f"| {r.method} | {r.batch} | {draft:.2f} | {r.verify_s / r.rounds / step:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def best_speedup(rows: list[DecodeRow], peer: bool = False, batch: int = 1) -> tuple[float, int]:
+    """(wall-clock speed-up, lookahead) of the fastest speculative setting at ``batch`` over
+    our plain decoding (``peer``: over transformers' plain ``generate``)."""
+    spec = [r for r in rows if r.batch == batch and r.lookahead]
+    best = min(spec, key=lambda r: r.wall_s)
+    base = _baseline(rows, best, peer)
+    return base.wall_s / best.wall_s, best.lookahead
+
+
+def peer_speedups(rows: list[DecodeRow]) -> dict[int, tuple[float, int]]:
+    """Per batch size with a transformers row: (best speed-up over its plain generate, L)."""
+    batches = sorted({r.batch for r in rows if r.peer and r.lookahead == 0})
+    return {b: best_speedup(rows, peer=True, batch=b) for b in batches}
 
 
 def save_results(run: LoadedRun, rows: list[DecodeRow]) -> Path:
     """decode_benchmark.json in the run's (consolidated) folder, and decode/* scalars in its
     TensorBoard folder."""
     speedup, lookahead = best_speedup(rows)
+    peers = peer_speedups(rows)
     path = run.folder / "decode_benchmark.json"
     payload = {
-        "rows": [asdict(r) | {"tokens_per_s": r.tokens_per_s} for r in rows],
+        "rows": [
+            asdict(r) | {"tokens_per_s": r.tokens_per_s, "tokens_per_forward": r.tokens_per_forward}
+            for r in rows
+        ],
         "best_speedup": speedup,
         "best_lookahead": lookahead,
+        "speedup_vs_transformers": {
+            str(b): {"speedup": s, "lookahead": k} for b, (s, k) in peers.items()
+        },
     }
     path.write_text(json.dumps(payload, indent=2))
     tb_dir, step = run.metadata.get("tb_dir"), int(run.metadata.get("step") or 0)
@@ -157,7 +305,9 @@ def save_results(run: LoadedRun, rows: list[DecodeRow]) -> Path:
         with SummaryWriter(tb_dir) as writer:
             writer.add_scalar("decode/speedup", speedup, step)
             writer.add_scalar("decode/best_lookahead", lookahead, step)
-            best = next(r for r in rows[1:] if r.lookahead == lookahead)
+            for b, (s, _) in peers.items():
+                writer.add_scalar(f"decode/speedup_vs_transformers_batch{b}", s, step)
+            best = next(r for r in rows if r.batch == 1 and r.lookahead == lookahead)
             for k, a in enumerate(best.accepted_per_position, start=1):
                 writer.add_scalar(f"decode/acceptance_pos_{k}", a, step)
     return path

@@ -293,6 +293,7 @@ class SpeculativeDecoder:
         _require_finite(fwd.logits[:, -1])
         seq[rows, p + 1] = _pick(fwd.logits[:, -1], sampling, gen)
         calls, rounds = 1, 0
+        draft_s = verify_s = 0.0  # host time of each phase (a GPU's, when it syncs)
         active_rounds = torch.zeros((), dtype=torch.long, device=dev)  # row-rounds that drafted
         accepted_at = torch.zeros(L, dtype=torch.long, device=dev)  # per draft position
         draft_slots = torch.arange(L, device=dev)
@@ -312,6 +313,7 @@ class SpeculativeDecoder:
             if min(p_host) + 2 - T >= max_new:  # tokens committed beyond the prompt
                 break
             p_before = p
+            t_draft = time.perf_counter()
             drafts, q = self._draft(
                 p,
                 p_host,
@@ -326,6 +328,8 @@ class SpeculativeDecoder:
                 gen,
                 vocab,
             )
+            t_verify = time.perf_counter()
+            draft_s += t_verify - t_draft
             seq[rows[:, None], (p + 2)[:, None] + draft_slots] = drafts  # x_{p+2}..x_{p+1+L}
             block = torch.cat([seq[rows, p + 1][:, None], drafts], dim=1)  # [b, L+1]
             trunk_cache.set_lengths(p + 1, max_length=max(p_host) + 1)
@@ -337,6 +341,7 @@ class SpeculativeDecoder:
             if hist_z is not None:
                 hist_z[rows[:, None], pos] = fwd.z
             m, nxt = self._verify(fwd.logits, drafts, q, sampling, gen)
+            verify_s += time.perf_counter() - t_verify
             active = (p + 2 - T) < max_new  # finished rows ride along without advancing
             m = torch.where(active, m, torch.zeros_like(m))
             nxt = torch.where(active, nxt, seq[rows, p + 1])
@@ -368,6 +373,8 @@ class SpeculativeDecoder:
             "tokens_per_forward": new / (calls * b),
             "wall_time_s": wall,
             "tokens_per_s": new / wall,
+            "draft_time_s": draft_s,
+            "verify_time_s": verify_s,
         }
         stats["speedup"] = stats["tokens_per_forward"]
         if record_drafts:

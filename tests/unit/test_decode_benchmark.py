@@ -1,0 +1,78 @@
+"""bench-decode's rows: ours and transformers' generate on the same exported weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mtp_megatron.config import ConfigError, MTPConfig
+from mtp_megatron.decoding.benchmark import (
+    cost_table,
+    directory_prompts,
+    peer_speedups,
+    run_decode_benchmark,
+    table,
+)
+from mtp_megatron.decoding.load import load_run
+from tests.cases.hf import consolidated_run, twin_config
+
+
+@pytest.fixture
+def trained(tmp_path, single_process):
+    """A consolidated random Exaone4-twin run with two chained transformer heads."""
+    cfg = twin_config(
+        "exaone4", tied=True, mtp=MTPConfig(num_predict_tokens=2, speculation_lookahead=2)
+    )
+    cfg.max_seq_len = 64
+    folder, _ = consolidated_run(tmp_path, cfg)
+    return load_run(folder)
+
+
+def test_peer_rows_are_greedy_identical_and_report_both_speedups(trained):
+    from mtp_megatron.decoding.peers import TransformersPeer
+
+    peer = TransformersPeer(trained.folder)
+    assert peer.family == "Exaone4ForCausalLM" and peer.mtp_exported
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 400, (1, 8), generator=gen) for _ in range(4)]
+    rows = run_decode_benchmark(trained, prompts, 10, [1, 2], batch_sizes=(1, 2), peer=peer)
+    names = [(r.method, r.batch) for r in rows]
+    assert names == [
+        ("plain", 1),
+        ("speculative L=1", 1),
+        ("speculative L=2", 1),
+        ("transformers generate", 1),
+        ("transformers use_mtp (our heads)", 1),
+        ("transformers prompt lookup (3)", 1),
+        ("plain", 2),
+        ("speculative L=1", 2),
+        ("speculative L=2", 2),
+        ("transformers generate", 2),  # assisted generation is batch 1 only
+    ]
+    # every row generated every token, greedy, identical to our plain decoding
+    assert all(r.identical for r in rows), [r.method for r in rows if not r.identical]
+    assert all(r.new_tokens == 40 for r in rows)
+    by = {(r.method, r.batch): r for r in rows}
+    assert by[("transformers generate", 1)].forward_calls == 4 * 10  # hook counts forwards
+    assert by[("transformers generate", 2)].tokens_per_forward == pytest.approx(1.0)
+    spec = by[("speculative L=2", 1)]
+    assert spec.rounds > 0 and spec.draft_s > 0 and spec.verify_s > 0
+    assert 1.0 <= spec.theory_tokens_per_forward <= 3.0
+    md = table(rows)
+    assert "| vs our plain | vs transformers generate |" in md
+    assert md.count("| 1.00x |") >= 2  # each baseline against itself
+    assert "| speculative L=2 | 2 |" in cost_table(rows)
+    assert set(peer_speedups(rows)) == {1, 2}
+
+
+def test_prompts_from_a_directory(trained, tmp_path):
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "a.py").write_text("def f(x):\n    return x + 1\n" * 20)
+    (code / "notes.bin").write_bytes(b"\x00\x01")  # not a text suffix: not read
+    prompts = directory_prompts(code, trained.tokenizer_path, 3, 6)
+    assert [tuple(p.shape) for p in prompts] == [(1, 6)] * 3
+    with pytest.raises(ConfigError, match="too few for 10000-token prompts"):
+        directory_prompts(code, trained.tokenizer_path, 3, 10_000)
+    with pytest.raises(ConfigError, match="not a directory"):
+        directory_prompts(tmp_path / "missing", trained.tokenizer_path, 3, 6)
