@@ -32,6 +32,10 @@ class KVCacheSet:
         self.capacity = capacity
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.max_length = 0  # max(lengths) on the host: appending needs no device read
+        # every row's length is max_length (plain decoding, any batch-1 step): a forward
+        # writes its keys with one slice copy per layer, and a one-token step needs no mask
+        self.uniform = True
+        self._plan: tuple | None = None  # (key, plan): what every layer of a forward shares
         shape = (batch, kv_heads, capacity, head_dim)
         self.layers = [
             _LayerCache(
@@ -55,6 +59,28 @@ class KVCacheSet:
         caller knows it on the host (else it is read from the device)."""
         self.lengths.copy_(lengths)
         self.max_length = int(host_read(lengths.max())) if max_length is None else max_length
+        self.uniform = lengths.numel() == 1  # one row: its length is the maximum
+
+    def plan(self, s: int, device: torch.device):
+        """(first slot or None, scatter index [b, s] or None, mask [b, 1, s, E] or None) of a
+        forward of s tokens: computed by its first layer, reused by the others."""
+        key = (s, self.max_length, self.lengths._version, self.uniform)
+        if self._plan is not None and self._plan[0] == key:
+            return self._plan[1]
+        end = self.max_length + s
+        if self.uniform:
+            start = self.max_length
+            mask = None  # one query sees every slot
+            if s > 1:  # causal over the new block: query i sees slots 0 .. start + i
+                slots = start + torch.arange(s, device=device)
+                mask = (torch.arange(end, device=device)[None, :] <= slots[:, None])[None, None]
+            plan = (start, None, mask)
+        else:
+            slots = self.lengths[:, None] + torch.arange(s, device=device)  # [b, s]
+            visible = torch.arange(end, device=device)[None, None, :] <= slots[:, :, None]
+            plan = (None, slots, visible[:, None])  # mask [b, 1, s, E]
+        self._plan = (key, plan)
+        return plan
 
 
 class _LayerCache(KVCacheLayer):
@@ -62,19 +88,20 @@ class _LayerCache(KVCacheLayer):
         self.owner, self.k, self.v = owner, k, v
 
     def append(self, k: torch.Tensor, v: torch.Tensor):
-        """k, v: [b, g/p, s, d] -> all keys/values [b, g/p, E, d] and mask [b, 1, s, E]."""
+        """k, v: [b, g/p, s, d] -> all keys/values [b, g/p, E, d] and mask [b, 1, s, E] (None:
+        every query sees every key)."""
         b, _, s, _ = k.shape
-        lengths = self.owner.lengths
         end = self.owner.max_length + s
         if end > self.owner.capacity:
             raise RuntimeError(
                 f"KV cache overflow: {end} slots needed, capacity {self.owner.capacity}"
             )
-        slots = lengths[:, None] + torch.arange(s, device=k.device)  # [b, s]
-        index = slots[:, None, :, None].expand(b, k.shape[1], s, k.shape[3])
-        self.k.scatter_(2, index, k)
-        self.v.scatter_(2, index, v)
-        visible = (
-            torch.arange(end, device=k.device)[None, None, :] <= slots[:, :, None]
-        )  # [b, s, E]
-        return self.k[:, :, :end], self.v[:, :, :end], visible[:, None]
+        start, slots, mask = self.owner.plan(s, k.device)
+        if start is not None:  # every row writes at the same slots
+            self.k[:, :, start:end] = k
+            self.v[:, :, start:end] = v
+        else:
+            index = slots[:, None, :, None].expand(b, k.shape[1], s, k.shape[3])
+            self.k.scatter_(2, index, k)
+            self.v.scatter_(2, index, v)
+        return self.k[:, :, :end], self.v[:, :, :end], mask

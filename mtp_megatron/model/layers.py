@@ -120,16 +120,34 @@ class RotaryEmbedding(nn.Module):
         angles = torch.outer(positions, inv_freq)  # [S, d/2]: one fp32 product each, as HF's
         angles = torch.cat([angles, angles], dim=-1)  # [S, d]
         self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        # rotate_half(x) * sin == roll(x, d/2) * [-sin_1, sin_2] exactly (negation is exact):
+        # one roll instead of a split, a negation and a concatenation per call
+        half = head_dim // 2
+        signed = torch.cat([-angles[:, :half].sin(), angles[:, half:].sin()], dim=-1)
+        self.register_buffer("signed_sin", signed, persistent=False)
+        self._memo: tuple | None = None
+
+    def angles(self, positions: torch.Tensor, dtype: torch.dtype):
+        """(cos, signed sin) [s, d] or [b, 1, s, d] at ``positions`` ([s] or [b, s]).
+
+        Every layer of a forward gets the same position tensor, so the table is gathered
+        once per forward, not twice per layer (at batch-1 decoding these small gathers cost
+        as much as a layer's matmuls); keyed on the tensor itself and its in-place version.
+        """
+        memo = self._memo
+        if memo is not None and memo[0] is positions and memo[1:3] == (positions._version, dtype):
+            return memo[3]
+        cos = self.cos[positions].to(dtype)  # [s, d] or [b, s, d]
+        sin = self.signed_sin[positions].to(dtype)
+        if cos.dim() == 3:
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [b, 1, s, d]
+        self._memo = (positions, positions._version, dtype, (cos, sin))
+        return cos, sin
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: [b, heads, s, d]; positions: [s] or [b, s] absolute positions."""
-        cos = self.cos[positions].to(x.dtype)  # [s, d] or [b, s, d]
-        sin = self.sin[positions].to(x.dtype)
-        if cos.dim() == 3:
-            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [b, 1, s, d]
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+        cos, sin = self.angles(positions, x.dtype)
+        return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 class SelfAttention(nn.Module):
