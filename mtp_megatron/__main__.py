@@ -177,7 +177,7 @@ def decode_benchmark(
     run = load_run(_consolidated(run_dir), dtype=dtype)
     device = next(run.model.parameters()).device
     where = "GPU" if device.type == "cuda" else f"{threads} CPU thread(s)"
-    held_out, vocab = benchmark_inputs(run, prompts, prompt_len, draft_vocab_size)
+    held_out, calibration, vocab = benchmark_inputs(run, prompts, prompt_len, draft_vocab_size)
     source = "held-out validation prompts"
     if prompts_from:
         held_out = directory_prompts(prompts_from, run.tokenizer_path, prompts, prompt_len)
@@ -187,9 +187,16 @@ def decode_benchmark(
         peer = _transformers_peer(run, dtype)
     k = run.model.mtp.num_steps
     rows = run_decode_benchmark(
-        run, held_out, max_new_tokens, list(range(1, k + 1)), vocab, batch_sizes, peer
+        run, held_out, max_new_tokens, list(range(1, k + 1)), vocab, batch_sizes, peer, calibration
     )
     print(table(rows))
+    for r in rows:
+        if r.auto:
+            print(
+                f"batch {r.batch}: lookahead='auto' chose L={r.lookahead} (0: plain) after "
+                f"{r.calibration_s:.1f} s calibrating on {len(calibration)} other validation "
+                "prompts (one-time, not in the row's time)"
+            )
     print("\nCost of a speculative round, in our one-token trunk steps (CPU wall time):")
     print(cost_table(rows))
     speedup, lookahead = best_speedup(rows)

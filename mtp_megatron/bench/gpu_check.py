@@ -15,8 +15,8 @@ Stages (each under what is left of the budget; one failing does not stop the oth
 - ``throughput``: tokens/s and MFU of NTP, MTP K=3, sequential and sequential + checkpointing
   at a ~1.2B shape (h 2048, 16 layers, vocabulary 32k, seq 2048; ``--quick``: a tiny one).
 - ``memory``: ``bench-memory`` on this device.
-- ``transformers``: decoding against transformers' ``generate`` on the same weights (needs the
-  Hugging Face exporter; reported as skipped until it exists).
+- ``transformers``: bench-decode's peer table: ours against transformers' ``generate`` (plain,
+  ``use_mtp`` with our heads, prompt lookup) on the same weights, batch 1 and 4.
 
 It prints one summary and writes every figure to ``<out>/summary.json``. ``--device cpu``
 (with ``--quick``) runs the stages that can run on a CPU, to check the commands themselves.
@@ -178,7 +178,7 @@ def stage_decode(ctx: Context) -> dict:
     result: dict = {"status": "ok", "tables": {}}
     for dtype in ("fp32", "bf16") if ctx.bf16 else ("fp32",):
         run = load_run(run_dir, device=ctx.device, dtype=dtype)
-        prompts, vocab = benchmark_inputs(run, 4 if ctx.quick else 8, 16 if ctx.quick else 32)
+        prompts, _, vocab = benchmark_inputs(run, 4 if ctx.quick else 8, 16 if ctx.quick else 32)
         new = 16 if ctx.quick else 64
         before = HostReads.count
         k = run.model.mtp.num_steps
@@ -288,7 +288,40 @@ def stage_memory(ctx: Context) -> dict:
 
 
 def stage_transformers(ctx: Context) -> dict:
-    return {"status": "skipped", "why": "needs the Hugging Face exporter (not built yet)"}
+    """bench-decode's peer table on this device: ours and transformers' generate (plain,
+    use_mtp, prompt lookup) on the same weights, batch 1 and 4, with lookahead="auto"."""
+    from mtp_megatron.decoding.benchmark import (
+        benchmark_inputs,
+        peer_speedups,
+        run_decode_benchmark,
+        table,
+    )
+    from mtp_megatron.decoding.load import load_run
+    from mtp_megatron.decoding.peers import TransformersPeer
+
+    run_dir = ctx.out / "train"
+    if not (run_dir / "checkpoints").is_dir():
+        return {"status": "skipped", "why": "no trained run (the train stage did not finish)"}
+    run = load_run(run_dir, device=ctx.device)
+    peer = TransformersPeer(run.folder, device=ctx.device)
+    prompts, calibration, _ = benchmark_inputs(run, 4 if ctx.quick else 8, 32)
+    k = run.model.mtp.num_steps
+    rows = run_decode_benchmark(
+        run,
+        prompts,
+        16 if ctx.quick else 64,
+        list(range(1, k + 1)),
+        None,
+        (1, 4),
+        peer,
+        calibration,
+    )
+    print(f"decoding against transformers ({peer.family}):\n{table(rows)}")
+    return {
+        "status": "ok" if all(r.identical for r in rows) else "failed",
+        "rows": [r.__dict__ for r in rows],
+        "speedup_vs_transformers": {b: s for b, (s, _) in peer_speedups(rows).items()},
+    }
 
 
 RUNNERS: dict[str, Callable[[Context], dict]] = {

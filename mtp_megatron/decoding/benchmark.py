@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from mtp_megatron.config import ConfigError, from_dict
+from mtp_megatron.decoding.calibrate import calibrate
 from mtp_megatron.decoding.draft_vocab import frequent_token_ids
 from mtp_megatron.decoding.load import LoadedRun
 from mtp_megatron.decoding.peers import TransformersPeer
@@ -34,6 +35,10 @@ class DecodeRow:
     """Prompts decoded together."""
     peer: bool = False
     """transformers' ``generate`` on the same weights (not our decoding)."""
+    auto: bool = False
+    """Our ``lookahead="auto"``: ``lookahead`` is what calibrating chose (0: plain)."""
+    calibration_s: float = 0.0
+    """Wall time of the calibration (``auto`` rows; not in ``wall_s``)."""
     wall_s: float = 0.0
     """Summed wall time."""
     new_tokens: int = 0
@@ -73,13 +78,17 @@ class DecodeRow:
 FREQUENCY_TOKENS = 50_000_000
 """Training tokens counted for the draft vocabulary (bounded: a pretraining corpus is large)."""
 
+CALIBRATION_PROMPTS = 2
+"""Prompts lookahead="auto" calibrates on (per batch size: whole batches of them, cycled)."""
+
 
 def benchmark_inputs(
     run: LoadedRun, n: int, prompt_len: int, draft_vocab_size: int = 0
-) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]:
     """n prompts of prompt_len tokens, evenly spaced over the run's validation documents (back
-    to back), and the draft_vocab_size most frequent tokens of the first
-    ``FREQUENCY_TOKENS`` training tokens (None when 0: drafts use every token)."""
+    to back); ``CALIBRATION_PROMPTS`` others between them; and the draft_vocab_size most
+    frequent tokens of the first ``FREQUENCY_TOKENS`` training tokens (None when 0: drafts
+    use every token)."""
     from mtp_megatron.data.config import DataConfig
     from mtp_megatron.data.loader import prefix_tokens, resolve_data
 
@@ -92,11 +101,14 @@ def benchmark_inputs(
         raise ConfigError(f"validation split too short for {prompt_len}-token prompts")
     starts = [int(i * span / max(n, 1)) for i in range(n)]
     prompts = [stream[s : s + prompt_len][None] for s in starts]
+    # calibration prompts (lookahead="auto"): between the benchmark's, half a spacing on
+    between = [int((i + 0.5) * span / max(n, 1)) for i in range(min(n, CALIBRATION_PROMPTS))]
+    calibration = [stream[s : s + prompt_len][None] for s in between]
     vocab = None
     if draft_vocab_size:
         train = prefix_tokens(blends.train, limit=FREQUENCY_TOKENS)
         vocab = frequent_token_ids(train, draft_vocab_size, vocab_size)
-    return prompts, vocab
+    return prompts, calibration, vocab
 
 
 def directory_prompts(
@@ -143,14 +155,24 @@ def _methods(
     lookaheads: list[int],
     draft_vocab: torch.Tensor | None,
     peer: TransformersPeer | None,
+    calibration: list[torch.Tensor] | None,
 ) -> list[_Method]:
     """Every row at one batch size, ours first (our plain decoding is the first)."""
     model = run.model
     methods = [_Method(DecodeRow("plain", 0, batch), lambda x, n: generate_plain(model, x, n))]
-    for k in lookaheads:
+    chosen: list[int | str] = list(lookaheads)
+    if calibration:  # whole batches of the calibration prompts, cycled
+        need = batch * -(-len(calibration) // batch)
+        cycled = [calibration[i % len(calibration)] for i in range(need)]
+        groups = [torch.cat(cycled[i : i + batch]) for i in range(0, need, batch)]
+        found = calibrate(model.mtp_decoder, groups)
+        auto = DecodeRow(f"speculative auto (L={found.lookahead})", found.lookahead, batch)
+        auto.auto, auto.calibration_s = True, found.seconds
+        chosen.append("auto")
+    for k in chosen:
         methods.append(
             _Method(
-                DecodeRow(f"speculative L={k}", k, batch),
+                auto if k == "auto" else DecodeRow(f"speculative L={k}", k, batch),
                 lambda x, n, k=k: model.mtp_decoder.generate(
                     x, max_new_tokens=n, lookahead=k, draft_vocab=draft_vocab
                 ),
@@ -171,10 +193,13 @@ def run_decode_benchmark(
     draft_vocab: torch.Tensor | None = None,
     batch_sizes: tuple[int, ...] = (1,),
     peer: TransformersPeer | None = None,
+    calibration: list[torch.Tensor] | None = None,
     log=print,
 ) -> list[DecodeRow]:
     """Every method on every prompt, at each batch size (consecutive prompts of equal length
-    form a batch; a last incomplete one is left out), the methods interleaved per batch."""
+    form a batch; a last incomplete one is left out), the methods interleaved per batch.
+    ``calibration``: other prompts, on which ``lookahead="auto"`` picks its L per batch size
+    (a row of its own)."""
     device = next(run.model.parameters()).device
     rows: list[DecodeRow] = []
     for b in batch_sizes:
@@ -182,7 +207,7 @@ def run_decode_benchmark(
         if not groups:
             log(f"batch {b}: skipped, only {len(prompts)} prompts")
             continue
-        methods = _methods(run, b, lookaheads, draft_vocab, peer)
+        methods = _methods(run, b, lookaheads, draft_vocab, peer, calibration)
         warm = groups[0].to(device)  # first calls pay one-time costs (allocator, kernels)
         for m in methods:
             m.generate(warm, 8)
@@ -217,7 +242,7 @@ def _add(row: DecodeRow, stats: dict) -> None:
 def _baseline(rows: list[DecodeRow], row: DecodeRow, peer: bool) -> DecodeRow | None:
     """Our plain row (peer False) or transformers' plain generate (True) at row's batch."""
     for r in rows:
-        if r.batch == row.batch and r.peer == peer and r.lookahead == 0:
+        if r.batch == row.batch and r.peer == peer and r.lookahead == 0 and not r.auto:
             return r
     return None
 
@@ -268,7 +293,7 @@ def cost_table(rows: list[DecodeRow]) -> str:
 def best_speedup(rows: list[DecodeRow], peer: bool = False, batch: int = 1) -> tuple[float, int]:
     """(wall-clock speed-up, lookahead) of the fastest speculative setting at ``batch`` over
     our plain decoding (``peer``: over transformers' plain ``generate``)."""
-    spec = [r for r in rows if r.batch == batch and r.lookahead]
+    spec = [r for r in rows if r.batch == batch and (r.lookahead or r.auto)]
     best = min(spec, key=lambda r: r.wall_s)
     base = _baseline(rows, best, peer)
     return base.wall_s / best.wall_s, best.lookahead

@@ -209,6 +209,7 @@ class SpeculativeDecoder:
         self.model = model
         self.runner = _Runner(model)
         self.mtp = model.mtp
+        self.calibrations: dict = {}  # batch size -> calibrate.Calibration (lookahead="auto")
 
     @torch.no_grad()
     def generate(
@@ -218,7 +219,7 @@ class SpeculativeDecoder:
         temperature: float = 0.0,
         top_p: float = 1.0,
         top_k: int | None = None,
-        lookahead: int | None = None,
+        lookahead: int | str | None = None,
         eos_token_id: int | None = None,
         speculation_temperature: float = 0.0,
         acceptance_threshold: float = 1.0,
@@ -236,15 +237,38 @@ class SpeculativeDecoder:
 
         ``draft_vocab``: token ids the heads may propose (e.g. ``frequent_token_ids`` of the
         training data); cheaper draft steps, same output (see ``draft_vocab.py``). None: all.
+
+        ``lookahead="auto"``: the fastest L measured by ``calibrate.calibrate`` at this batch
+        size (calibrated on this request's prompt first when it has not been); L = 0 (plain
+        decoding won the calibration) decodes without drafts.
         """
         K = self.mtp.num_steps
         L = self.mtp.cfg.speculation_lookahead if lookahead is None else lookahead
-        if not isinstance(L, int) or not 1 <= L <= K:
-            raise ConfigError(f"lookahead={L!r} is invalid: must be between 1 and {K} (MTP steps)")
+        if L != "auto" and (not isinstance(L, int) or not 1 <= L <= K):
+            raise ConfigError(
+                f"lookahead={L!r} is invalid: must be between 1 and {K} (MTP steps) or 'auto'"
+            )
         sampling = SamplingConfig(
             temperature, top_p, top_k, speculation_temperature, acceptance_threshold
         )
         sampling.validate()
+        if L == "auto":
+            from mtp_megatron.decoding.calibrate import calibrate
+
+            b = input_ids.shape[0]
+            found = self.calibrations.get(b) or calibrate(self, [input_ids])
+            L = found.lookahead
+            if L == 0:
+                out, stats = generate_plain(
+                    self.model,
+                    input_ids,
+                    max_new_tokens,
+                    SamplingConfig(temperature, top_p, top_k),
+                    eos_token_id,
+                    generator,
+                )
+                stats |= {"lookahead": 0, "rounds": 0, "acceptance_rate_per_position": []}
+                return out, stats | {"speedup": 1.0, "avg_acceptance_rate": 0.0}
         input_ids, generator = _on_model_device(self.model, input_ids, generator)
         capacity = _validate_request(self.model, input_ids, max_new_tokens, 2 * L + 2)
         capacity = max(capacity, input_ids.shape[1] + max_new_tokens + 2 * L + 2)

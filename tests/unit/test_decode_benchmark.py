@@ -35,7 +35,13 @@ def test_peer_rows_are_greedy_identical_and_report_both_speedups(trained):
     assert peer.family == "Exaone4ForCausalLM" and peer.mtp_exported
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 400, (1, 8), generator=gen) for _ in range(4)]
-    rows = run_decode_benchmark(trained, prompts, 10, [1, 2], batch_sizes=(1, 2), peer=peer)
+    calibration = [torch.randint(0, 400, (1, 8), generator=gen)]
+    rows = run_decode_benchmark(
+        trained, prompts, 10, [1, 2], batch_sizes=(1, 2), peer=peer, calibration=calibration
+    )
+    auto = [r for r in rows if r.auto]
+    assert [r.batch for r in auto] == [1, 2] and all(r.calibration_s > 0 for r in auto)
+    rows = [r for r in rows if not r.auto]
     names = [(r.method, r.batch) for r in rows]
     assert names == [
         ("plain", 1),
@@ -50,7 +56,7 @@ def test_peer_rows_are_greedy_identical_and_report_both_speedups(trained):
         ("transformers generate", 2),  # assisted generation is batch 1 only
     ]
     # every row generated every token, greedy, identical to our plain decoding
-    assert all(r.identical for r in rows), [r.method for r in rows if not r.identical]
+    assert all(r.identical for r in rows + auto), [r.method for r in rows if not r.identical]
     assert all(r.new_tokens == 40 for r in rows)
     by = {(r.method, r.batch): r for r in rows}
     assert by[("transformers generate", 1)].forward_calls == 4 * 10  # hook counts forwards
@@ -76,3 +82,29 @@ def test_prompts_from_a_directory(trained, tmp_path):
         directory_prompts(code, trained.tokenizer_path, 3, 10_000)
     with pytest.raises(ConfigError, match="not a directory"):
         directory_prompts(tmp_path / "missing", trained.tokenizer_path, 3, 6)
+
+
+def test_lookahead_auto_calibrates_per_batch_size_and_keeps_greedy_output(trained):
+    from mtp_megatron.decoding import generate_plain
+    from mtp_megatron.decoding.calibrate import Calibration, calibrate
+
+    decoder = trained.model.mtp_decoder
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, 400, (1, 8), generator=gen)
+    plain, _ = generate_plain(trained.model, prompt, 12)
+    found = calibrate(decoder, [prompt], max_new_tokens=8)
+    assert set(found.tokens_per_s) == {0, 1, 2} and found.seconds > 0
+    assert found.lookahead == max(found.tokens_per_s, key=found.tokens_per_s.get)
+    out, stats = decoder.generate(prompt, 12, lookahead="auto")
+    assert torch.equal(out, plain) and stats["lookahead"] == found.lookahead
+    for chosen in (0, 2):  # plain decoding won, or the deepest lookahead did
+        decoder.calibrations[1] = Calibration(1, chosen)
+        out, stats = decoder.generate(prompt, 12, lookahead="auto")
+        assert torch.equal(out, plain) and stats["lookahead"] == chosen
+    batch = torch.randint(0, 400, (2, 8), generator=gen)  # a new batch size calibrates anew
+    out, _ = decoder.generate(batch, 6, lookahead="auto")
+    assert 2 in decoder.calibrations and torch.equal(
+        out, generate_plain(trained.model, batch, 6)[0]
+    )
+    with pytest.raises(ConfigError, match="or 'auto'"):
+        decoder.generate(prompt, 4, lookahead="fast")

@@ -1,0 +1,62 @@
+"""``lookahead="auto"``: the lookahead that decodes fastest for this model, batch size and machine.
+
+The best L is a trade of measured costs, not a property of the heads alone: each extra draft
+costs a head step (a fraction of a trunk step) and widens the verification forward (on a CPU,
+L+1 tokens cost 1.2-1.7 one-token steps; on a GPU about one), while it is accepted only with
+the heads' (falling) acceptance rate. So it is measured: every L in 0..K (0: plain decoding)
+decodes the calibration prompts, interleaved and twice, and the fastest total wall time wins.
+Calibrating costs about 2 (K + 1) times one request of the calibration length.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+CALIBRATION_TOKENS = 32
+"""New tokens per calibration prompt: long enough to reach the steady state of a round."""
+
+
+@dataclass
+class Calibration:
+    """What calibrating measured at one batch size."""
+
+    batch: int
+    """Rows decoded together (the choice is per batch size: verify cost grows with it)."""
+    lookahead: int
+    """The fastest L (0: plain decoding is fastest: speculation does not pay here)."""
+    tokens_per_s: dict[int, float] = field(default_factory=dict)
+    """L -> measured tokens per second (greedy, calibration prompts)."""
+    seconds: float = 0.0
+    """Wall time calibrating took."""
+
+
+@torch.no_grad()
+def calibrate(decoder, prompts: list[torch.Tensor], max_new_tokens: int = CALIBRATION_TOKENS):
+    """Measure L = 0..K on ``prompts`` (each [b, T], one batch size) and return a Calibration;
+    ``decoder.generate(lookahead="auto")`` uses it for that batch size from then on."""
+    from mtp_megatron.decoding.speculative import generate_plain
+
+    batches = {p.shape[0] for p in prompts}
+    if not prompts or len(batches) != 1:
+        raise ValueError(f"calibration prompts must share one batch size, got {sorted(batches)}")
+    t0 = time.perf_counter()
+    K = decoder.mtp.num_steps
+    wall = dict.fromkeys(range(K + 1), 0.0)
+    tokens = dict.fromkeys(range(K + 1), 0)
+    for _ in range(2):  # the first pass also warms every path up; both are counted
+        for prompt in prompts:
+            for L in range(K + 1):
+                if L == 0:
+                    _, stats = generate_plain(decoder.model, prompt, max_new_tokens)
+                else:
+                    _, stats = decoder.generate(prompt, max_new_tokens, lookahead=L)
+                wall[L] += stats["wall_time_s"]
+                tokens[L] += stats["new_tokens"]
+    rates = {L: tokens[L] / wall[L] for L in wall}
+    best = max(rates, key=rates.get)
+    result = Calibration(batches.pop(), best, rates, time.perf_counter() - t0)
+    decoder.calibrations[result.batch] = result
+    return result
