@@ -362,6 +362,10 @@ class ModelConfig:
     """Share the input embedding with the output layer."""
     init_std: float = 0.02
     """Std of the normal init; output projections are scaled by 1/sqrt(2 num_layers)."""
+    embedding_init_std: float | None = None
+    """Std of the input embedding's init (None: init_std). With pre-norm, 1.0 keeps the token's
+    own embedding above the sum of the randomly initialised layers' outputs in the residual
+    stream, so a deep trunk learns from the first steps what a one-layer head sees at once."""
     mtp: MTPConfig | None = field(default_factory=MTPConfig)
     """MTP heads; None trains a plain next-token (NTP) model."""
     etd: ETDConfig | None = None
@@ -393,6 +397,9 @@ class ModelConfig:
             not isinstance(self.vocab_size, int) or self.vocab_size < 1
         ):
             _fail(f"{path}.vocab_size", self.vocab_size, "must be a positive integer or null")
+        std = self.embedding_init_std
+        if std is not None and (not isinstance(std, (int, float)) or std <= 0):
+            _fail(f"{path}.embedding_init_std", std, "must be a positive number or null")
         positive = (
             "vocab_pad_multiple",
             "hidden_size",

@@ -184,12 +184,14 @@ class LayerContext:
 
     def embedding(self, num_embeddings: int, embedding_dim: int) -> nn.Module:
         """[b, s] ids -> [b, s, h]; W [V/p, h] split over the vocabulary."""
+        std = self.cfg.embedding_init_std
+        init = self.init if std is None else init_method_normal(std)
         if self.backend == "local":
-            return LocalEmbedding(num_embeddings, embedding_dim, self.init)
+            return LocalEmbedding(num_embeddings, embedding_dim, init)
         return VocabParallelEmbedding(
             num_embeddings,
             embedding_dim,
-            init_method=self.init,
+            init_method=init,
             config=self.megatron,
             tp_group=self.tp_group,
         )
