@@ -94,13 +94,17 @@ class MTPModel(nn.Module):
 
     @property
     def mtp_decoder(self):
-        """Self-speculative decoder drafting with this model's MTP heads (the guide's API)."""
+        """Self-speculative decoder drafting with this model's MTP heads (the guide's API);
+        one per model, so that what it measured (``lookahead="auto"``) stays with it."""
         if MTPModel.decoder_class is None:
             raise RuntimeError(
                 "model.mtp_decoder needs the decoding package: `import mtp_megatron.decoding` "
                 "(or build the model with mtp_megatron.build_model, which does)"
             )
-        return MTPModel.decoder_class(self)
+        decoder = self.__dict__.get("_mtp_decoder")
+        if decoder is None:
+            decoder = self._mtp_decoder = MTPModel.decoder_class(self)
+        return decoder
 
     @property
     def _heads_detached(self) -> bool:

@@ -89,6 +89,7 @@ def test_lookahead_auto_calibrates_per_batch_size_and_keeps_greedy_output(traine
     from mtp_megatron.decoding.calibrate import Calibration, calibrate
 
     decoder = trained.model.mtp_decoder
+    assert trained.model.mtp_decoder is decoder  # one per model: its calibrations stay
     gen = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, 400, (1, 8), generator=gen)
     plain, _ = generate_plain(trained.model, prompt, 12)
