@@ -210,6 +210,7 @@ class SpeculativeDecoder:
         self.runner = _Runner(model)
         self.mtp = model.mtp
         self.calibrations: dict = {}  # batch size -> calibrate.Calibration (lookahead="auto")
+        self._vocab_cache: tuple | None = None  # (ids asked for, weight version, DraftVocab)
 
     @torch.no_grad()
     def generate(
@@ -294,8 +295,8 @@ class SpeculativeDecoder:
         hidden = trunk.cfg.hidden_size
         rows = torch.arange(b, device=dev)
         t0 = time.perf_counter()
-        if vocab is not None:  # token ids -> DraftVocab (inside the timed part: it copies rows)
-            vocab = DraftVocab.build(vocab, trunk.output_weight, runner.vocab, trunk.ctx.tp_size)
+        if vocab is not None:  # token ids -> DraftVocab (inside the timed part)
+            vocab = self._draft_vocab(vocab)
 
         seq = torch.zeros(b, capacity, dtype=torch.long, device=dev)  # committed + scratch
         seq[:, :T] = input_ids
@@ -404,6 +405,21 @@ class SpeculativeDecoder:
         if record_drafts:
             stats["drafts"] = draft_log  # (position p [b], drafts [b, L], accepted [b]) per round
         return out, stats
+
+    def _draft_vocab(self, ids) -> DraftVocab:
+        """The DraftVocab of ``ids``, built once: its [h, D] copy of the output rows cost a
+        few ms per request (more than a draft step), so it is kept while the ids and the
+        output weight stay the same."""
+        trunk = self.runner.trunk
+        weight = trunk.output_weight
+        ids = torch.as_tensor(ids, dtype=torch.long, device=weight.device)
+        version = (weight.data_ptr(), weight._version)
+        cached = self._vocab_cache
+        if cached is not None and cached[1] == version and torch.equal(cached[0], ids):
+            return cached[2]
+        vocab = DraftVocab.build(ids, weight, self.runner.vocab, trunk.ctx.tp_size)
+        self._vocab_cache = (ids, version, vocab)
+        return vocab
 
     def _draft(
         self, p, p_host, seq, hist, hist_z, head_caches, valid, valid_host, L, sampling, gen, vocab

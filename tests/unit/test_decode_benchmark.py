@@ -109,3 +109,21 @@ def test_lookahead_auto_calibrates_per_batch_size_and_keeps_greedy_output(traine
     )
     with pytest.raises(ConfigError, match="or 'auto'"):
         decoder.generate(prompt, 4, lookahead="fast")
+
+
+def test_draft_vocabulary_is_built_once_per_ids_and_weights(trained):
+    decoder = trained.model.mtp_decoder
+    prompt = torch.arange(8)[None]
+    ids = list(range(0, 400, 3))
+    plain, _ = decoder.generate(prompt, 6, lookahead=2)
+    out, _ = decoder.generate(prompt, 6, lookahead=2, draft_vocab=ids)
+    first = decoder._vocab_cache[2]
+    decoder.generate(prompt, 6, lookahead=2, draft_vocab=torch.tensor(ids))
+    assert decoder._vocab_cache[2] is first and torch.equal(out, plain)
+    decoder.generate(prompt, 6, lookahead=2, draft_vocab=ids[:-1])  # other ids: rebuilt
+    assert decoder._vocab_cache[2] is not first
+    with torch.no_grad():
+        trained.model.trunk.output_weight.mul_(1.0)  # the weights changed in place: rebuilt
+    rebuilt = decoder._vocab_cache[2]
+    decoder.generate(prompt, 6, lookahead=2, draft_vocab=ids[:-1])
+    assert decoder._vocab_cache[2] is not rebuilt
