@@ -152,10 +152,26 @@ class MTPTrainingConfig:
     train; FastMTP's setting, megatron's --freeze-base-model-for-mtp), or 'detach_heads' (the
     main loss alone: the heads read the trunk's state, embeddings and output layer detached, so
     the MTP loss trains the heads only; megatron's mtp_detach_heads)."""
+    distill_weight: float = 0.0
+    """beta: step k's training loss is (1 - beta) CE(data) + beta CE(the main head's own
+    distribution for the same token, without gradient), so the heads learn to agree with the
+    verifier they draft for (FastMTP's self-distilled targets; 0: the data only). The logged and
+    evaluated step losses stay the data CE. Keeps the main logits alive through the MTP steps;
+    not with sequential_forward."""
 
     def validate(self, path: str = "train.mtp") -> None:
         if self.trunk not in TRUNK_TRAINING:
             _fail(f"{path}.trunk", self.trunk, f"must be one of {TRUNK_TRAINING}")
+        beta = self.distill_weight
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta <= 1:
+            _fail(f"{path}.distill_weight", beta, "must be a number in [0, 1]")
+        if beta and self.sequential_forward:
+            _fail(
+                f"{path}.distill_weight",
+                beta,
+                "is not supported with sequential_forward (which scores one step's logits at a "
+                "time without the main head's); set one of them off",
+            )
         for name in ("sequential_forward", "gradient_checkpointing"):
             value = getattr(self, name)
             if not isinstance(value, bool):

@@ -7,7 +7,11 @@ Notation: b batch, s sequence, V padded vocabulary, p tensor-parallel size.
 from __future__ import annotations
 
 import torch
-from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+import torch.distributed as dist
+from megatron.core.tensor_parallel import (
+    reduce_from_tensor_model_parallel_region,
+    vocab_parallel_cross_entropy,
+)
 
 IGNORE_INDEX = -100
 
@@ -51,4 +55,39 @@ def masked_cross_entropy(
     if work is logits and not inplace:
         work = logits.clone()
     per_token = vocab_parallel_cross_entropy(work, safe)  # [b, s]
+    return (per_token * mask).sum() / mask.sum().clamp_min(1)
+
+
+def _all_reduce_max(t: torch.Tensor, group) -> torch.Tensor:
+    if group is not None and group.size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t
+
+
+def soft_cross_entropy(
+    logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, tp_group=None
+) -> torch.Tensor:
+    """Mean over ``mask`` of -sum_v p_v log q_v: q = softmax(logits), p = softmax(teacher) (no
+    gradient reaches the teacher). Both [b, s, V/p] vocab shards of this TP rank; mask [b, s].
+
+    Vocab-parallel like megatron's hard-target CE: the maxima are all-reduced (no gradient),
+    the sum of exponentials and the teacher-weighted sum are all-reduced forward and passed
+    through unchanged backward (every rank then holds the whole, replicated loss).
+    """
+    with torch.no_grad():
+        t = teacher_logits.float()
+        t = t - _all_reduce_max(t.amax(-1, keepdim=True), tp_group)
+        p = t.exp_()
+        z = p.sum(-1, keepdim=True)
+        if tp_group is not None and tp_group.size() > 1:
+            dist.all_reduce(z, group=tp_group)
+        p = p / z  # [b, s, V/p]: the teacher's distribution, this rank's shard
+    x = logits.float()
+    x = x - _all_reduce_max(x.detach().amax(-1, keepdim=True), tp_group)
+    sum_exp = x.exp().sum(-1)  # [b, s]
+    weighted = (p * x).sum(-1)
+    if tp_group is not None and tp_group.size() > 1:
+        sum_exp = reduce_from_tensor_model_parallel_region(sum_exp, group=tp_group)
+        weighted = reduce_from_tensor_model_parallel_region(weighted, group=tp_group)
+    per_token = sum_exp.log() - weighted  # log sum exp x - sum_v p_v x_v  (sum_v p_v = 1)
     return (per_token * mask).sum() / mask.sum().clamp_min(1)

@@ -21,7 +21,13 @@ from torch import nn
 
 from mtp_megatron.config import ModelConfig, MTPConfig, MTPTrainingConfig
 from mtp_megatron.model.etd import wrap_transformer_with_etd
-from mtp_megatron.model.loss import labels_from_input_ids, masked_cross_entropy, step_targets
+from mtp_megatron.model.loss import (
+    IGNORE_INDEX,
+    labels_from_input_ids,
+    masked_cross_entropy,
+    soft_cross_entropy,
+    step_targets,
+)
 from mtp_megatron.model.mtp import MTPBlock
 from mtp_megatron.model.recompute import set_activation_checkpointing
 from mtp_megatron.model.sequential import sequential_mtp_loss
@@ -203,7 +209,10 @@ class MTPModel(nn.Module):
                 trunk, steps, labels, self._step_weights, output_grad=not self._heads_detached
             )
         logits = trunk.logits(normed)  # [b, s, V/p]
-        main_loss = masked_cross_entropy(logits, labels, inplace=not return_logits)
+        # self-distillation reads the main logits after the main CE: that one may not reuse them
+        distill = tcfg.distill_weight if self.mtp is not None and torch.is_grad_enabled() else 0.0
+        main_loss = masked_cross_entropy(logits, labels, inplace=not (return_logits or distill))
+        teacher = logits.detach() if distill else None
         if not return_logits:
             logits = None
         aux = depth_cost
@@ -219,8 +228,17 @@ class MTPModel(nn.Module):
             for k, hidden_k in steps:
                 logits_k = trunk.logits(hidden_k, detach_weight=self._heads_detached)
                 targets_k = step_targets(labels, k)
+                if teacher is not None:  # before the CE, which may overwrite logits_k
+                    # head k at i and the main head at i + k predict the same token t_{i+k+1}
+                    soft_k = soft_cross_entropy(
+                        logits_k[:, :-k],
+                        teacher[:, k:],
+                        (targets_k[:, :-k] != IGNORE_INDEX).float(),
+                        trunk.ctx.tp_group,
+                    )
                 ce_k = masked_cross_entropy(logits_k, targets_k, inplace=not return_mtp_logits)
-                mtp_loss = mtp_loss + self._step_weights[k - 1] * ce_k
+                train_k = ce_k if teacher is None else (1 - distill) * ce_k + distill * soft_k
+                mtp_loss = mtp_loss + self._step_weights[k - 1] * train_k
                 step_losses[f"mtp_step_{k}"] = ce_k.detach()
                 if return_mtp_logits:
                     step_logits.append(logits_k)

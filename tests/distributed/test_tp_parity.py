@@ -103,3 +103,33 @@ def test_full_width_qk_norm_at_tp2_matches_tp1():
             assert_close_to_scale(got["grads"][name], g, msg=name)
         norm = "trunk.layers.0.attention.inner.q_norm.weight"
         assert reference["grads"][norm].shape == (64,)  # [n d]: the whole projection
+
+
+def _distilled_grads(rank: int, world: int, tp: int):
+    """Heads trained towards the main head (train.mtp.distill_weight): the soft CE's softmax
+    over a vocabulary split across the TP ranks."""
+    from mtp_megatron import build_model
+    from mtp_megatron.config import MTPTrainingConfig
+    from mtp_megatron.parallel import initialize_parallel, tensor_parallel_group
+
+    initialize_parallel(tensor_parallel_size=tp)
+    cfg = tiny_model_config(mtp_config("transformer", False, "chained", k=2))
+    torch.manual_seed(0)
+    model = build_model(cfg, MTPTrainingConfig(distill_weight=0.5))
+    randomize_norm_weights(model)
+    ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    out = model(ids, return_logits=False)
+    out.loss.backward()
+    group = tensor_parallel_group()
+    grads = {n: gather_full_tensor(p.grad, p, group) for n, p in model.named_parameters()}
+    return {"loss": out.loss.detach(), "mtp": out.mtp_loss.detach(), "grads": grads}
+
+
+def test_self_distillation_at_tp2_matches_tp1():
+    (reference,) = run_distributed(_distilled_grads, 1, 1)
+    for got in run_distributed(_distilled_grads, 2, 2):
+        # all-reduced maxima and sums: rounding-level agreement, as for the hard CE
+        assert_close_to_scale(got["loss"], reference["loss"], VALUE_RTOL)
+        assert_close_to_scale(got["mtp"], reference["mtp"], VALUE_RTOL)
+        for name, g in reference["grads"].items():
+            assert_close_to_scale(got["grads"][name], g, msg=name)

@@ -110,3 +110,59 @@ def test_trunk_modes_that_would_train_nothing_are_refused():
     etd = "{n_encoder_layers: 4, n_think_layers: 4, n_decoder_layers: 4}"
     with pytest.raises(ConfigError, match="LoRA experts and routers"):
         load_recipe(DEMO_RECIPE, ["train.mtp.trunk=freeze_trunk", f"model.etd={etd}"])
+
+
+# ---------------------------------------------------------------------------------------------
+# train.mtp.distill_weight: heads trained towards the main head's own distribution
+
+
+def test_soft_cross_entropy_is_torch_cross_entropy_with_probability_targets():
+    import torch.nn.functional as F
+
+    from mtp_megatron.model.loss import soft_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 5, 11, generator=g, requires_grad=True)
+    teacher = torch.randn(2, 5, 11, generator=g, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]]).float()
+    ours = soft_cross_entropy(student * 3, teacher * 3, mask)
+    p = (teacher.detach() * 3).softmax(-1)
+    each = F.cross_entropy((student * 3).transpose(1, 2), p.transpose(1, 2), reduction="none")
+    reference = (each * mask).sum() / mask.sum()
+    torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
+    (grad,) = torch.autograd.grad(ours, student, retain_graph=True)
+    torch.testing.assert_close(grad, torch.autograd.grad(reference, student)[0])
+    ours.backward()
+    assert teacher.grad is None  # the teacher is a target, not trained
+
+
+def test_distillation_pulls_the_heads_towards_the_main_head(single_process):
+    """beta = 1: each head's training loss is its CE against the main head's distribution for
+    the same token; the logged step losses stay the data CE, and the trunk gets no gradient
+    through the teacher."""
+    from mtp_megatron.model.loss import IGNORE_INDEX, soft_cross_entropy, step_targets
+
+    plain, distilled = _model(), _model()
+    distilled.training_config = MTPTrainingConfig(distill_weight=1.0)
+    ids, labels = _RandomBatches(plain.cfg.vocab_size).batch(0, 0, 1)
+    ref = plain(ids, labels=labels, step=0, return_mtp_logits=True)
+    out = distilled(ids, labels=labels, step=0, return_logits=False)
+    assert out.mtp_step_losses.keys() == ref.mtp_step_losses.keys()
+    for name, value in out.mtp_step_losses.items():
+        torch.testing.assert_close(value, ref.mtp_step_losses[name])  # the data CE, logged
+    expected = torch.zeros(())
+    for k, logits_k in enumerate(ref.mtp_logits, start=1):
+        mask = (step_targets(labels, k)[:, :-k] != IGNORE_INDEX).float()
+        soft = soft_cross_entropy(logits_k[:, :-k], ref.logits[:, k:], mask)
+        expected = expected + distilled._step_weights[k - 1] * soft
+    torch.testing.assert_close(out.mtp_loss, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out.mtp_loss, ref.mtp_loss)
+    out.loss.backward()
+    assert all(p.grad is not None for p in distilled.mtp.parameters())
+
+
+def test_distillation_with_the_sequential_schedule_is_refused():
+    with pytest.raises(ConfigError, match="not supported with sequential_forward"):
+        MTPTrainingConfig(distill_weight=0.5, sequential_forward=True).validate()
+    with pytest.raises(ConfigError, match=r"must be a number in \[0, 1\]"):
+        MTPTrainingConfig(distill_weight=1.5).validate()
