@@ -155,7 +155,7 @@ def decode_benchmark(
 ) -> int:
     import torch
 
-    from mtp_megatron.decoding.benchmark import (
+    from mtp_megatron.bench.decode import (
         benchmark_inputs,
         best_speedup,
         cost_table,
@@ -225,7 +225,7 @@ def _transformers_peer(run, dtype: str):
     except ImportError:
         print("transformers is not installed: no peer rows (pip install -e '.[dev]')")
         return None
-    from mtp_megatron.decoding.peers import TransformersPeer
+    from mtp_megatron.bench.decode_peers import TransformersPeer
 
     precision = torch.bfloat16 if dtype == "bf16" else torch.float32
     return TransformersPeer(run.folder, precision, next(run.model.parameters()).device)

@@ -168,7 +168,7 @@ def stage_sdpa(ctx: Context) -> dict:
 
 
 def stage_decode(ctx: Context) -> dict:
-    from mtp_megatron.decoding.benchmark import benchmark_inputs, run_decode_benchmark, table
+    from mtp_megatron.bench.decode import benchmark_inputs, run_decode_benchmark, table
     from mtp_megatron.decoding.host import HostReads
     from mtp_megatron.decoding.load import load_run
 
@@ -290,14 +290,14 @@ def stage_memory(ctx: Context) -> dict:
 def stage_transformers(ctx: Context) -> dict:
     """bench-decode's peer table on this device: ours and transformers' generate (plain,
     use_mtp, prompt lookup) on the same weights, batch 1 and 4, with lookahead="auto"."""
-    from mtp_megatron.decoding.benchmark import (
+    from mtp_megatron.bench.decode import (
         benchmark_inputs,
         peer_speedups,
         run_decode_benchmark,
         table,
     )
+    from mtp_megatron.bench.decode_peers import TransformersPeer
     from mtp_megatron.decoding.load import load_run
-    from mtp_megatron.decoding.peers import TransformersPeer
 
     run_dir = ctx.out / "train"
     if not (run_dir / "checkpoints").is_dir():

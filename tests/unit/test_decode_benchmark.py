@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mtp_megatron.config import ConfigError, MTPConfig
-from mtp_megatron.decoding.benchmark import (
+from mtp_megatron.bench.decode import (
     cost_table,
     directory_prompts,
     peer_speedups,
     run_decode_benchmark,
     table,
 )
+from mtp_megatron.config import ConfigError, MTPConfig
 from mtp_megatron.decoding.load import load_run
 from tests.cases.hf import consolidated_run, twin_config
 
@@ -29,7 +29,7 @@ def trained(tmp_path, single_process):
 
 
 def test_peer_rows_are_greedy_identical_and_report_both_speedups(trained):
-    from mtp_megatron.decoding.peers import TransformersPeer
+    from mtp_megatron.bench.decode_peers import TransformersPeer
 
     peer = TransformersPeer(trained.folder)
     assert peer.family == "Exaone4ForCausalLM" and peer.mtp_exported

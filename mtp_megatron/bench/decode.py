@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
+from mtp_megatron.bench.decode_peers import TransformersPeer
 from mtp_megatron.config import ConfigError, from_dict
 from mtp_megatron.decoding.calibrate import calibrate
 from mtp_megatron.decoding.draft_vocab import frequent_token_ids
 from mtp_megatron.decoding.load import LoadedRun
-from mtp_megatron.decoding.peers import TransformersPeer
 from mtp_megatron.decoding.speculative import generate_plain
 
 
@@ -28,7 +28,7 @@ class DecodeRow:
     """One method's totals over all prompts at one batch size."""
 
     method: str
-    """'plain', 'speculative L=k' or one of transformers' (``peers.py``)."""
+    """'plain', 'speculative L=k' or one of transformers' (``decode_peers.py``)."""
     lookahead: int
     """Drafts per round (0 for plain decoding and transformers' rows)."""
     batch: int = 1
