@@ -24,10 +24,12 @@ def tiny_run_overrides(run_dir: Path, cache: Path, **extra) -> list[str]:
         "model.num_layers": 2,
         "model.num_attention_heads": 4,
         "model.max_seq_len": 64,
-        # the base recipe's trunk (the suite's training tests were written against it), not
-        # the demo's pre-norm + std-1 embedding, which make demo exercises
+        # the base recipe's trunk and loss (the suite's training tests were written against
+        # them), not the demo's pre-norm, std-1 embedding and self-distillation (make demo
+        # exercises those; test_trunk_training / test_tp_parity test distillation)
         "model.norm_placement": "post",
         "model.embedding_init_std": "null",
+        "train.mtp.distill_weight": 0.0,
         "model.mtp.num_predict_tokens": 2,
         "model.mtp.speculation_lookahead": 2,
         "train.steps": 30,
