@@ -304,7 +304,7 @@ def stage_transformers(ctx: Context) -> dict:
         return {"status": "skipped", "why": "no trained run (the train stage did not finish)"}
     run = load_run(run_dir, device=ctx.device)
     peer = TransformersPeer(run.folder, device=ctx.device)
-    prompts, calibration, _ = benchmark_inputs(run, 4 if ctx.quick else 8, 32)
+    prompts, calibration, _ = benchmark_inputs(run, 4 if ctx.quick else 8, 16 if ctx.quick else 32)
     k = run.model.mtp.num_steps
     rows = run_decode_benchmark(
         run,

@@ -44,6 +44,9 @@ def calibrate(decoder, prompts: list[torch.Tensor], max_new_tokens: int = CALIBR
         raise ValueError(f"calibration prompts must share one batch size, got {sorted(batches)}")
     t0 = time.perf_counter()
     K = decoder.mtp.num_steps
+    # what fits beside the longest prompt (the decoder's slack: 2 L + 2 slots at L = K)
+    room = decoder.model.cfg.max_seq_len - max(p.shape[1] for p in prompts) - (2 * K + 2)
+    max_new_tokens = max(1, min(max_new_tokens, room))
     wall = dict.fromkeys(range(K + 1), 0.0)
     tokens = dict.fromkeys(range(K + 1), 0)
     for _ in range(2):  # the first pass also warms every path up; both are counted

@@ -127,3 +127,12 @@ def test_draft_vocabulary_is_built_once_per_ids_and_weights(trained):
     rebuilt = decoder._vocab_cache[2]
     decoder.generate(prompt, 6, lookahead=2, draft_vocab=ids[:-1])
     assert decoder._vocab_cache[2] is not rebuilt
+
+
+def test_calibration_fits_beside_a_long_prompt(trained):
+    """A prompt near max_seq_len (64 here) still calibrates: fewer new tokens per trial."""
+    from mtp_megatron.decoding.calibrate import calibrate
+
+    prompt = torch.arange(50)[None] % 400
+    found = calibrate(trained.model.mtp_decoder, [prompt])  # 32 would not fit
+    assert set(found.tokens_per_s) == {0, 1, 2}
