@@ -149,7 +149,7 @@ def decode_benchmark(
     threads: int = 1,
     draft_vocab_size: int = 0,
     dtype: str = "fp32",
-    batch_sizes: tuple[int, ...] = (1, 4, 8),
+    batch_sizes: tuple[int, ...] | None = None,
     peers: bool = True,
     prompts_from: str | None = None,
 ) -> int:
@@ -167,6 +167,8 @@ def decode_benchmark(
     )
     from mtp_megatron.decoding.load import load_run
 
+    if batch_sizes is None:  # the default: 1, 4 and 8, as far as the prompts allow
+        batch_sizes = tuple(b for b in (1, 4, 8) if b <= max(prompts, 1))
     if not batch_sizes or min(batch_sizes) < 1 or max(batch_sizes) > prompts:
         raise ConfigError(
             f"--batch-sizes {','.join(map(str, batch_sizes))} is invalid: each between 1 and "
@@ -204,7 +206,8 @@ def decode_benchmark(
     print(
         f"\nself-speculative decoding: {speedup:.2f}x wall-clock speed-up over our plain "
         f"KV-cached decoding at lookahead {lookahead} ({len(held_out)} {source} of {prompt_len} "
-        f"tokens, {max_new_tokens} new tokens each, greedy, batch 1, {dtype}, {where}, "
+        f"tokens, {max_new_tokens} new tokens each, greedy, batch {min(batch_sizes)}, {dtype}, "
+        f"{where}, "
         f"drafts from {drafts})"
     )
     for b, (s, la) in peer_speedups(rows).items():
@@ -228,7 +231,11 @@ def _transformers_peer(run, dtype: str):
     from mtp_megatron.bench.decode_peers import TransformersPeer
 
     precision = torch.bfloat16 if dtype == "bf16" else torch.float32
-    return TransformersPeer(run.folder, precision, next(run.model.parameters()).device)
+    try:
+        return TransformersPeer(run.folder, precision, next(run.model.parameters()).device)
+    except ConfigError as e:  # e.g. a trunk with no Hugging Face twin (ETD)
+        print(f"no transformers rows: this run cannot be exported ({e})")
+        return None
 
 
 def _consolidated(path) -> Path:
@@ -287,7 +294,7 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
         args.threads,
         args.draft_vocab,
         args.dtype,
-        tuple(args.batch_sizes),
+        tuple(args.batch_sizes) if args.batch_sizes else None,
         not args.no_transformers,
         args.prompts_from,
     )
@@ -487,8 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch-sizes",
         type=lambda v: [int(x) for x in v.split(",")],
-        default=[1, 4, 8],
-        help="comma-separated batch sizes (consecutive prompts decoded together)",
+        default=None,
+        help="comma-separated batch sizes (consecutive prompts decoded together; default "
+        "1,4,8 as far as --prompts allows)",
     )
     p.add_argument(
         "--prompts-from",

@@ -156,8 +156,9 @@ class MTPTrainingConfig:
     """beta: step k's training loss is (1 - beta) CE(data) + beta CE(the main head's own
     distribution for the same token, without gradient), so the heads learn to agree with the
     verifier they draft for (FastMTP's self-distilled targets; 0: the data only). The logged and
-    evaluated step losses stay the data CE. Keeps the main logits alive through the MTP steps;
-    not with sequential_forward."""
+    evaluated step losses stay the data CE. Memory: the main logits stay alive through the MTP
+    steps, and each step keeps two more fp32 [b, s, V/p] tensors (its softmax terms) until
+    backward; training was 20% slower on the demo. Not with sequential_forward."""
 
     def validate(self, path: str = "train.mtp") -> None:
         if self.trunk not in TRUNK_TRAINING:
@@ -381,7 +382,8 @@ class ModelConfig:
     embedding_init_std: float | None = None
     """Std of the input embedding's init (None: init_std). With pre-norm, 1.0 keeps the token's
     own embedding above the sum of the randomly initialised layers' outputs in the residual
-    stream, so a deep trunk learns from the first steps what a one-layer head sees at once."""
+    stream, so a deep trunk learns from the first steps what a one-layer head sees at once.
+    With tie_embeddings it is the output layer's init too (large initial logits)."""
     mtp: MTPConfig | None = field(default_factory=MTPConfig)
     """MTP heads; None trains a plain next-token (NTP) model."""
     etd: ETDConfig | None = None

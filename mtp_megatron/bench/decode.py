@@ -165,7 +165,7 @@ def _methods(
         need = batch * -(-len(calibration) // batch)
         cycled = [calibration[i % len(calibration)] for i in range(need)]
         groups = [torch.cat(cycled[i : i + batch]) for i in range(0, need, batch)]
-        found = calibrate(model.mtp_decoder, groups)
+        found = calibrate(model.mtp_decoder, groups, draft_vocab=draft_vocab)
         auto = DecodeRow(f"speculative auto (L={found.lookahead})", found.lookahead, batch)
         auto.auto, auto.calibration_s = True, found.seconds
         chosen.append("auto")
@@ -290,9 +290,13 @@ def cost_table(rows: list[DecodeRow]) -> str:
     return "\n".join(lines)
 
 
-def best_speedup(rows: list[DecodeRow], peer: bool = False, batch: int = 1) -> tuple[float, int]:
-    """(wall-clock speed-up, lookahead) of the fastest speculative setting at ``batch`` over
-    our plain decoding (``peer``: over transformers' plain ``generate``)."""
+def best_speedup(
+    rows: list[DecodeRow], peer: bool = False, batch: int | None = None
+) -> tuple[float, int]:
+    """(wall-clock speed-up, lookahead) of the fastest speculative setting at ``batch`` (default:
+    the smallest measured) over our plain decoding (``peer``: over transformers' plain
+    ``generate``)."""
+    batch = min(r.batch for r in rows) if batch is None else batch
     spec = [r for r in rows if r.batch == batch and (r.lookahead or r.auto)]
     best = min(spec, key=lambda r: r.wall_s)
     base = _baseline(rows, best, peer)
@@ -332,7 +336,8 @@ def save_results(run: LoadedRun, rows: list[DecodeRow]) -> Path:
             writer.add_scalar("decode/best_lookahead", lookahead, step)
             for b, (s, _) in peers.items():
                 writer.add_scalar(f"decode/speedup_vs_transformers_batch{b}", s, step)
-            best = next(r for r in rows if r.batch == 1 and r.lookahead == lookahead)
+            first = min(r.batch for r in rows)
+            best = next(r for r in rows if r.batch == first and r.lookahead == lookahead)
             for k, a in enumerate(best.accepted_per_position, start=1):
                 writer.add_scalar(f"decode/acceptance_pos_{k}", a, step)
     return path

@@ -34,9 +34,15 @@ class Calibration:
 
 
 @torch.no_grad()
-def calibrate(decoder, prompts: list[torch.Tensor], max_new_tokens: int = CALIBRATION_TOKENS):
-    """Measure L = 0..K on ``prompts`` (each [b, T], one batch size) and return a Calibration;
-    ``decoder.generate(lookahead="auto")`` uses it for that batch size from then on."""
+def calibrate(
+    decoder,
+    prompts: list[torch.Tensor],
+    max_new_tokens: int = CALIBRATION_TOKENS,
+    draft_vocab: torch.Tensor | list[int] | None = None,
+):
+    """Measure L = 0..K on ``prompts`` (each [b, T], one batch size; ``draft_vocab`` as the
+    requests will use it) and return a Calibration; ``decoder.generate(lookahead="auto")``
+    uses it for that batch size from then on. Under TP, rank 0's choice is every rank's."""
     from mtp_megatron.decoding.speculative import generate_plain
 
     batches = {p.shape[0] for p in prompts}
@@ -55,11 +61,18 @@ def calibrate(decoder, prompts: list[torch.Tensor], max_new_tokens: int = CALIBR
                 if L == 0:
                     _, stats = generate_plain(decoder.model, prompt, max_new_tokens)
                 else:
-                    _, stats = decoder.generate(prompt, max_new_tokens, lookahead=L)
+                    _, stats = decoder.generate(
+                        prompt, max_new_tokens, lookahead=L, draft_vocab=draft_vocab
+                    )
                 wall[L] += stats["wall_time_s"]
                 tokens[L] += stats["new_tokens"]
     rates = {L: tokens[L] / wall[L] for L in wall}
     best = max(rates, key=rates.get)
+    group = decoder.runner.tp_group
+    if group.size() > 1:  # each rank timed its own runs: they must not decode differently
+        choice = torch.tensor([best], device=prompts[0].device)
+        torch.distributed.broadcast(choice, torch.distributed.get_global_rank(group, 0), group)
+        best = int(choice.item())
     result = Calibration(batches.pop(), best, rates, time.perf_counter() - t0)
     decoder.calibrations[result.batch] = result
     return result

@@ -36,6 +36,7 @@ class KVCacheSet:
         # writes its keys with one slice copy per layer, and a one-token step needs no mask
         self.uniform = True
         self._plan: tuple | None = None  # (key, plan): what every layer of a forward shares
+        self._moves = 0  # bumped whenever lengths change (inference tensors have no _version)
         shape = (batch, kv_heads, capacity, head_dim)
         self.layers = [
             _LayerCache(
@@ -53,6 +54,7 @@ class KVCacheSet:
     def advance(self, s: int) -> None:
         self.lengths += s
         self.max_length += s
+        self._moves += 1
 
     def set_lengths(self, lengths: torch.Tensor, max_length: int | None = None) -> None:
         """Roll rows back (or forward) to ``lengths`` [b]; ``max_length`` is its maximum when the
@@ -60,11 +62,12 @@ class KVCacheSet:
         self.lengths.copy_(lengths)
         self.max_length = int(host_read(lengths.max())) if max_length is None else max_length
         self.uniform = lengths.numel() == 1  # one row: its length is the maximum
+        self._moves += 1
 
     def plan(self, s: int, device: torch.device):
         """(first slot or None, scatter index [b, s] or None, mask [b, 1, s, E] or None) of a
         forward of s tokens: computed by its first layer, reused by the others."""
-        key = (s, self.max_length, self.lengths._version, self.uniform)
+        key = (s, self.max_length, self._moves, self.uniform)
         if self._plan is not None and self._plan[0] == key:
             return self._plan[1]
         end = self.max_length + s

@@ -257,7 +257,9 @@ class SpeculativeDecoder:
             from mtp_megatron.decoding.calibrate import calibrate
 
             b = input_ids.shape[0]
-            found = self.calibrations.get(b) or calibrate(self, [input_ids])
+            found = self.calibrations.get(b) or calibrate(
+                self, [input_ids], draft_vocab=draft_vocab
+            )
             L = found.lookahead
             if L == 0:
                 out, stats = generate_plain(

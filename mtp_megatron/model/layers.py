@@ -135,13 +135,16 @@ class RotaryEmbedding(nn.Module):
         as much as a layer's matmuls); keyed on the tensor itself and its in-place version.
         """
         memo = self._memo
-        if memo is not None and memo[0] is positions and memo[1:3] == (positions._version, dtype):
+        if positions.is_inference():  # no version counter to key on: no memo
+            memo = None
+        elif memo is not None and memo[0] is positions and memo[1:3] == (positions._version, dtype):
             return memo[3]
         cos = self.cos[positions].to(dtype)  # [s, d] or [b, s, d]
         sin = self.signed_sin[positions].to(dtype)
         if cos.dim() == 3:
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [b, 1, s, d]
-        self._memo = (positions, positions._version, dtype, (cos, sin))
+        if not positions.is_inference():
+            self._memo = (positions, positions._version, dtype, (cos, sin))
         return cos, sin
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -136,3 +136,19 @@ def test_calibration_fits_beside_a_long_prompt(trained):
     prompt = torch.arange(50)[None] % 400
     found = calibrate(trained.model.mtp_decoder, [prompt])  # 32 would not fit
     assert set(found.tokens_per_s) == {0, 1, 2}
+
+
+def test_decoding_under_inference_mode_and_a_summary_without_batch_one(trained):
+    """Inference tensors have no version counter: the RoPE memo and the KV plan do without."""
+    from mtp_megatron.bench.decode import DecodeRow, best_speedup
+    from mtp_megatron.decoding import generate_plain
+
+    prompt = torch.arange(8)[None]
+    plain, _ = generate_plain(trained.model, prompt, 8)
+    with torch.inference_mode():
+        again, _ = generate_plain(trained.model, prompt, 8)
+        spec, _ = trained.model.mtp_decoder.generate(prompt, 8, lookahead=2)
+        trained.model(prompt)
+    assert torch.equal(again, plain) and torch.equal(spec, plain)
+    rows = [DecodeRow("plain", 0, 4, wall_s=2.0), DecodeRow("speculative L=1", 1, 4, wall_s=1.0)]
+    assert best_speedup(rows) == (2.0, 1)  # the smallest batch measured, not batch 1
