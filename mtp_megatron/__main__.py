@@ -152,6 +152,7 @@ def decode_benchmark(
     batch_sizes: tuple[int, ...] | None = None,
     peers: bool = True,
     prompts_from: str | None = None,
+    lookaheads: tuple[int, ...] | None = None,
 ) -> int:
     import torch
 
@@ -188,8 +189,16 @@ def decode_benchmark(
     if peers:
         peer = _transformers_peer(run, dtype)
     k = run.model.mtp.num_steps
+    if lookaheads is None:
+        lookaheads = tuple(range(1, k + 1))
+    recursive = run.model.mtp.cfg.recursive_drafts
+    if not lookaheads or min(lookaheads) < 1 or (max(lookaheads) > k and not recursive):
+        raise ConfigError(
+            f"--lookaheads {','.join(map(str, lookaheads))} is invalid: each between 1 and K={k}"
+            " (only one chained head shared by every step, or K=1, drafts further)"
+        )
     rows = run_decode_benchmark(
-        run, held_out, max_new_tokens, list(range(1, k + 1)), vocab, batch_sizes, peer, calibration
+        run, held_out, max_new_tokens, list(lookaheads), vocab, batch_sizes, peer, calibration
     )
     print(table(rows))
     for r in rows:
@@ -297,6 +306,7 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
         tuple(args.batch_sizes) if args.batch_sizes else None,
         not args.no_transformers,
         args.prompts_from,
+        tuple(args.lookaheads) if args.lookaheads else None,
     )
 
 
@@ -404,6 +414,11 @@ PASSTHROUGH = {
         "main_report",
         "Side-by-side table (markdown, CSV) and plots of the runs of a sweep.",
     ),
+    "research": (
+        "mtp_megatron.research",
+        "main_research",
+        "Reproduce a paper's MTP finding at CPU scale into docs/research/NAME/.",
+    ),
 }
 
 
@@ -502,6 +517,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompts-from",
         default=None,
         help="take the prompts from this text or code directory instead of the validation split",
+    )
+    p.add_argument(
+        "--lookaheads",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=None,
+        help="comma-separated lookaheads to measure (default 1..K; past K only for one shared "
+        "chained head, drafting by recursion)",
     )
     p.add_argument(
         "--no-transformers",

@@ -11,7 +11,7 @@ import dataclasses
 import math
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 HEAD_TYPES: dict[str, str] = {
@@ -27,6 +27,11 @@ PARAMETER_FREE_HEAD_TYPES = ("shared_lm_head",)
 """Head types without parameters of their own (they cannot be independent, see validate)."""
 HeadTypeName = Literal[tuple(HEAD_TYPES)]  # type: ignore[valid-type]
 HEAD_ARRANGEMENTS = ("chained", "independent")
+WEIGHT_SCHEDULES = ("constant", "step", "linear_decay")
+"""``model.mtp.weight_schedule``: how the MTP weight w moves over training."""
+WeightScheduleName = Literal[WEIGHT_SCHEDULES]  # type: ignore[valid-type]
+CURRICULA = ("none", "forward", "reverse")
+"""``train.mtp.curriculum``: how many MTP steps train at each point of training."""
 NORM_PLACEMENTS = ("post", "pre")
 PIPELINE_PARTITIONS = ("uniform", "parameters")
 
@@ -63,7 +68,22 @@ class MTPConfig:
     """'chained' (DeepSeek-V3: step k reads step k-1's hidden state and the embedding of t_{i+k})
     or 'independent' (Meta: every head reads the trunk output only)."""
     warmup_steps: int = 0
-    """Linear warm-up of w from 0 over this many optimizer steps (0: full weight from step 0)."""
+    """Linear warm-up of w from 0 over this many optimizer steps (0: the schedule's weight from
+    step 0), before any schedule."""
+    weight_schedule: WeightScheduleName = "constant"
+    """w over training (logged as ``train/mtp_weight``): 'constant' (``mtp_loss_weight``; with
+    ``warmup_steps``, the linear warm-up), 'step' (DeepSeek-V3: ``mtp_loss_weight`` until the
+    switch, ``final_loss_weight`` after; their 0.3 -> 0.1 after 10T of 14.8T tokens) or
+    'linear_decay' (``mtp_loss_weight`` at the end of the warm-up, falling linearly to
+    ``final_loss_weight`` at the switch and staying there)."""
+    final_loss_weight: float | None = None
+    """w after the switch ('step') or at the end of the decay ('linear_decay')."""
+    weight_switch_step: int | None = None
+    """The optimizer step of the switch ('step': the first step at the final weight;
+    'linear_decay': the step the decay reaches it). Or give ``weight_switch_tokens``."""
+    weight_switch_tokens: int | None = None
+    """The switch in training tokens instead of steps: the trainer turns it into the first step
+    at or past that many tokens (tokens per step = global batch x seq_len)."""
 
     def step_weights(self) -> list[float]:
         """alpha_1..alpha_K, normalised to sum to one."""
@@ -71,11 +91,84 @@ class MTPConfig:
         total = sum(raw)
         return [r / total for r in raw]
 
+    def step_weights_of(self, active: int) -> list[float]:
+        """alpha_1..alpha_active, normalised over the ``active`` first steps (a curriculum's)."""
+        raw = [self.loss_weight_decay ** (k - 1) for k in range(1, active + 1)]
+        total = sum(raw)
+        return [r / total for r in raw]
+
+    def with_tokens_per_step(self, tokens_per_step: int) -> MTPConfig:
+        """This config with ``weight_switch_tokens`` turned into ``weight_switch_step``."""
+        if self.weight_switch_tokens is None:
+            return self
+        step = math.ceil(self.weight_switch_tokens / tokens_per_step)
+        return replace(self, weight_switch_step=step, weight_switch_tokens=None)
+
     def mtp_weight(self, step: int | None) -> float:
-        """w at an optimizer step: the guide's ``get_mtp_weight`` (``None``: no warm-up)."""
-        if step is None or self.warmup_steps <= 0 or step >= self.warmup_steps:
-            return self.mtp_loss_weight
-        return self.mtp_loss_weight * max(step, 0) / self.warmup_steps
+        """w at an optimizer step: the guide's ``get_mtp_weight`` (``None``: the full
+        ``mtp_loss_weight``, no schedule), warm-up then ``weight_schedule``."""
+        w0 = self.mtp_loss_weight
+        if step is None:
+            return w0
+        step = max(step, 0)
+        if self.weight_schedule != "constant":
+            switch, w1 = self.weight_switch_step, self.final_loss_weight
+            if switch is None:
+                raise ConfigError(
+                    "mtp.weight_switch_tokens is not turned into steps yet: call "
+                    "MTPConfig.with_tokens_per_step (the trainer does) or give weight_switch_step"
+                )
+            if self.weight_schedule == "step":
+                w0 = w0 if step < switch else w1
+            else:  # linear_decay, from the end of the warm-up to the switch
+                start = min(self.warmup_steps, switch)
+                frac = 1.0 if switch <= start else min(max(step - start, 0) / (switch - start), 1)
+                w0 = w0 + (w1 - w0) * frac
+        if self.warmup_steps > 0 and step < self.warmup_steps:
+            return w0 * step / self.warmup_steps
+        return w0
+
+    @property
+    def recursive_drafts(self) -> bool:
+        """Whether drafting may go past K: one chained head module for every step (shared, or
+        K=1) reads its own previous state, so applying it again drafts one more token (vLLM's
+        and FastMTP's recursion)."""
+        one_module = self.share_weights_across_steps or self.num_predict_tokens == 1
+        return self.head_arrangement == "chained" and one_module
+
+    def _validate_weight_schedule(self, path: str) -> None:
+        schedule = self.weight_schedule
+        if schedule not in WEIGHT_SCHEDULES:
+            _fail(f"{path}.weight_schedule", schedule, f"must be one of {WEIGHT_SCHEDULES}")
+        extras = ("final_loss_weight", "weight_switch_step", "weight_switch_tokens")
+        if schedule == "constant":
+            for name in extras:
+                if getattr(self, name) is not None:
+                    _fail(
+                        f"{path}.{name}",
+                        getattr(self, name),
+                        "is only read by weight_schedule 'step' or 'linear_decay' (this one is "
+                        "'constant'); remove it or choose a schedule",
+                    )
+            return
+        w1 = self.final_loss_weight
+        if isinstance(w1, bool) or not isinstance(w1, (int, float)) or w1 < 0:
+            _fail(
+                f"{path}.final_loss_weight",
+                w1,
+                f"weight_schedule {schedule!r} needs the final weight: a number >= 0",
+            )
+        step, tokens = self.weight_switch_step, self.weight_switch_tokens
+        if (step is None) == (tokens is None):
+            _fail(
+                f"{path}.weight_switch_step",
+                step,
+                f"weight_schedule {schedule!r} needs its switch: set exactly one of "
+                "weight_switch_step (optimizer steps) and weight_switch_tokens",
+            )
+        for name, value in (("weight_switch_step", step), ("weight_switch_tokens", tokens)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                _fail(f"{path}.{name}", value, "must be an integer >= 1")
 
     def validate(self, path: str = "mtp") -> None:
         k = self.num_predict_tokens
@@ -99,12 +192,15 @@ class MTPConfig:
             _fail(f"{path}.mtp_loss_weight", self.mtp_loss_weight, "must be >= 0")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             _fail(f"{path}.warmup_steps", self.warmup_steps, "must be an integer >= 0")
+        self._validate_weight_schedule(path)
         la = self.speculation_lookahead
-        if not isinstance(la, int) or not 1 <= la <= k:
+        if not isinstance(la, int) or la < 1 or (la > k and not self.recursive_drafts):
             _fail(
                 f"{path}.speculation_lookahead",
                 la,
-                f"must be between 1 and num_predict_tokens ({k}): each draft token needs a head",
+                f"must be between 1 and num_predict_tokens ({k}): each draft token needs a head "
+                "(only one chained head shared by every step, or K=1, drafts further by "
+                "applying itself again)",
             )
         if self.head_arrangement == "independent":
             # An independent head sees only the trunk output h_i. Without parameters of its own, or
@@ -159,10 +255,45 @@ class MTPTrainingConfig:
     evaluated step losses stay the data CE. Memory: the main logits stay alive through the MTP
     steps, and each step keeps two more fp32 [b, s, V/p] tensors (its softmax terms) until
     backward; training was 20% slower on the demo. Not with sequential_forward."""
+    curriculum: str = "none"
+    """Which MTP steps train when (Aynetdinov & Akbik, arXiv:2505.22757): 'none' (all K
+    throughout), 'forward' (start as next-token prediction and add one step per stage: K + 1
+    equal stages over ``curriculum_steps``, the last with all K) or 'reverse' (start with all K
+    and drop the furthest step per stage, ending as next-token prediction). Steps that do not
+    train are not computed; the step weights are renormalised over those that do. Logged as
+    ``train/mtp_active_steps``; evaluation scores every head."""
+    curriculum_steps: int | None = None
+    """Optimizer steps the curriculum's K + 1 stages span (None: the run's train.steps)."""
+
+    def with_total_steps(self, total_steps: int) -> MTPTrainingConfig:
+        """This config with the curriculum's span set (``total_steps`` when it is None)."""
+        if self.curriculum == "none" or self.curriculum_steps is not None:
+            return self
+        return replace(self, curriculum_steps=total_steps)
+
+    def active_steps(self, step: int | None, num_steps: int, total_steps: int | None) -> int:
+        """MTP steps that train at optimizer step ``step`` (``None``: all, e.g. evaluation).
+
+        ``total_steps``: the span when ``curriculum_steps`` is None."""
+        if self.curriculum == "none" or step is None:
+            return num_steps
+        span = self.curriculum_steps or total_steps
+        if span is None:
+            raise ConfigError(
+                f"train.mtp.curriculum={self.curriculum!r} needs its span: set "
+                "train.mtp.curriculum_steps (the trainer uses train.steps)"
+            )
+        stage = min(num_steps, max(step, 0) * (num_steps + 1) // span)  # 0..K
+        return stage if self.curriculum == "forward" else num_steps - stage
 
     def validate(self, path: str = "train.mtp") -> None:
         if self.trunk not in TRUNK_TRAINING:
             _fail(f"{path}.trunk", self.trunk, f"must be one of {TRUNK_TRAINING}")
+        if self.curriculum not in CURRICULA:
+            _fail(f"{path}.curriculum", self.curriculum, f"must be one of {CURRICULA}")
+        span = self.curriculum_steps
+        if span is not None and (isinstance(span, bool) or not isinstance(span, int) or span < 1):
+            _fail(f"{path}.curriculum_steps", span, "must be an integer >= 1 (or null)")
         beta = self.distill_weight
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta <= 1:
             _fail(f"{path}.distill_weight", beta, "must be a number in [0, 1]")

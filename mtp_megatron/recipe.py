@@ -45,7 +45,13 @@ class Recipe:
     last layer and final norm, the usual start of MTP fine-tuning; transformer heads)."""
 
     def _check_trunk_training(self) -> None:
-        """``train.mtp.trunk`` against the model and layout (after each section validated)."""
+        """``train.mtp`` against the model and layout (after each section validated)."""
+        curriculum = self.train.mtp.curriculum
+        if curriculum != "none" and self.model.mtp is None:
+            raise ConfigError(
+                f"train.mtp.curriculum={curriculum!r} needs MTP heads (model.mtp is null); "
+                "set it to 'none' or add model.mtp"
+            )
         trunk, pp = self.train.mtp.trunk, self.parallel.pipeline_parallel_size
         if trunk == "joint":
             return

@@ -239,16 +239,29 @@ class SpeculativeDecoder:
         ``draft_vocab``: token ids the heads may propose (e.g. ``frequent_token_ids`` of the
         training data); cheaper draft steps, same output (see ``draft_vocab.py``). None: all.
 
+        ``lookahead`` > K (one chained head module shared by every step, or K = 1): draft
+        k > K applies that head again to its own state at k - 1 (FastMTP's "vanilla"
+        recursion, vLLM's for one-layer MTP models).
+
         ``lookahead="auto"``: the fastest L measured by ``calibrate.calibrate`` at this batch
         size (calibrated on this request's prompt first when it has not been); L = 0 (plain
         decoding won the calibration) decodes without drafts.
         """
         K = self.mtp.num_steps
         L = self.mtp.cfg.speculation_lookahead if lookahead is None else lookahead
-        if L != "auto" and (not isinstance(L, int) or not 1 <= L <= K):
-            raise ConfigError(
-                f"lookahead={L!r} is invalid: must be between 1 and {K} (MTP steps) or 'auto'"
+        recursive = self.mtp.cfg.recursive_drafts
+        if L != "auto" and (
+            isinstance(L, bool) or not isinstance(L, int) or L < 1 or (L > K and not recursive)
+        ):
+            allowed = (
+                f">= 1 (one chained head drafts past K={K} by recursion)"
+                if recursive
+                else (
+                    f"between 1 and {K} (MTP steps: these heads are not one chained module shared "
+                    "by every step, so none can draft past its own step)"
+                )
             )
+            raise ConfigError(f"lookahead={L!r} is invalid: must be {allowed} or 'auto'")
         sampling = SamplingConfig(
             temperature, top_p, top_k, speculation_temperature, acceptance_threshold
         )

@@ -2,7 +2,8 @@
 
 Notation: b batch, s sequence, h hidden, V padded vocabulary, p tensor-parallel size.
 
-loss = main + w(step) * sum_k alpha_k CE_k   (w: MTP weight after warm-up, alpha: step weights)
+loss = main + w(step) * sum_k alpha_k CE_k   (w: the MTP weight's schedule, alpha: step weights,
+                                             over the steps a curriculum trains at ``step``)
 
 ``MTPTrainingConfig`` picks how a training forward runs (same losses and gradients either way):
 the plain path, Meta's sequential schedule (``model/sequential.py``: one step's logits alive at a
@@ -11,6 +12,7 @@ time) and/or activation checkpointing of the trunk layers and the steps' heads.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -49,9 +51,12 @@ class MTPOutput:
     mtp_loss: torch.Tensor | None = None
     """sum_k alpha_k CE_k, before the MTP weight (None for an NTP model)."""
     mtp_step_losses: dict[str, torch.Tensor] = field(default_factory=dict)
-    """CE_k per step, keyed 'mtp_step_1'..'mtp_step_K' (detached, for logging)."""
+    """CE_k per step, keyed 'mtp_step_1'..'mtp_step_K' (detached, for logging); a step that a
+    curriculum leaves out at this step holds 0."""
     mtp_weight: float = 0.0
-    """w used for this step (after warm-up)."""
+    """w used for this step (its schedule's value)."""
+    mtp_active_steps: int = 0
+    """MTP steps in the loss (K, fewer under a curriculum; 0 for an NTP model)."""
     mtp_logits: list[torch.Tensor] | None = None
     """Per-step logits [b, s, V/p] (only with ``return_mtp_logits=True``, for evaluation)."""
     depth_cost: torch.Tensor | None = None
@@ -117,6 +122,11 @@ class MTPModel(nn.Module):
         """'detach_heads' while training: the MTP steps see no trunk tensor with a gradient."""
         return self.training_config.trunk == "detach_heads" and torch.is_grad_enabled()
 
+    def _steps_embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        """The embedding as the chained steps read it (detached under 'detach_heads')."""
+        e = self.trunk.embed(ids)
+        return e.detach() if self._heads_detached else e
+
     def _steps(self, hidden, normed, input_ids, positions, checkpoint: bool):
         """(k, normalised h^k [b, s, h]) for k = 1..K from z (``hidden``) and h^0 (``normed``)."""
         trunk = self.trunk
@@ -154,7 +164,8 @@ class MTPModel(nn.Module):
     ) -> MTPOutput:
         """input_ids, labels: [b, s]; labels[:, i] = t_{i+1} (derived from input_ids if None).
 
-        ``step`` is the optimizer step, for the MTP weight warm-up (None: full weight).
+        ``step`` is the optimizer step, for the MTP weight's schedule and the curriculum
+        (None: the full weight and every step).
         ``return_logits=False`` (training): the main logits are not returned, so they are not
         kept alive through backward (at 8 x 4k tokens and a 128k vocabulary that is 8.6 GB in
         bf16), and the loss may overwrite them.
@@ -194,6 +205,12 @@ class MTPModel(nn.Module):
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         normed = trunk.final_norm(hidden)  # h^0
         tcfg = self.training_config
+        num_steps = self.mtp.num_steps if self.mtp is not None else 0
+        active = tcfg.active_steps(step, num_steps, None) if self.mtp is not None else 0
+        if active == num_steps:
+            step_weights = self._step_weights
+        else:  # a curriculum's stage: the later steps are not computed at all
+            step_weights = self.mtp_cfg.step_weights_of(active)
         # the sequential schedule prepares a backward; evaluation takes the plain path
         sequential = (
             self.mtp is not None
@@ -206,7 +223,11 @@ class MTPModel(nn.Module):
             # are checkpointed so that one step's activations are alive at a time too
             steps = self._steps(hidden, normed, input_ids, positions, checkpoint=True)
             mtp_loss, step_losses = sequential_mtp_loss(
-                trunk, steps, labels, self._step_weights, output_grad=not self._heads_detached
+                trunk,
+                itertools.islice(steps, active),
+                labels,
+                step_weights,
+                output_grad=not self._heads_detached,
             )
         logits = trunk.logits(normed)  # [b, s, V/p]
         # self-distillation reads the main logits after the main CE: that one may not reuse them
@@ -225,7 +246,7 @@ class MTPModel(nn.Module):
             mtp_loss = torch.zeros((), device=main_loss.device)
             step_losses: dict[str, torch.Tensor] = {}
             steps = self._steps(hidden, normed, input_ids, positions, checkpoint=False)
-            for k, hidden_k in steps:
+            for k, hidden_k in itertools.islice(steps, active):
                 logits_k = trunk.logits(hidden_k, detach_weight=self._heads_detached)
                 targets_k = step_targets(labels, k)
                 if teacher is not None:  # before the CE, which may overwrite logits_k
@@ -238,10 +259,18 @@ class MTPModel(nn.Module):
                     )
                 ce_k = masked_cross_entropy(logits_k, targets_k, inplace=not return_mtp_logits)
                 train_k = ce_k if teacher is None else (1 - distill) * ce_k + distill * soft_k
-                mtp_loss = mtp_loss + self._step_weights[k - 1] * train_k
+                mtp_loss = mtp_loss + step_weights[k - 1] * train_k
                 step_losses[f"mtp_step_{k}"] = ce_k.detach()
                 if return_mtp_logits:
                     step_logits.append(logits_k)
+        if active == 0:
+            mtp_loss = torch.zeros((), device=main_loss.device)
+            if self.mtp.chained and torch.is_grad_enabled():
+                # the embedding the chained steps read still gets its (zero) gradient: a
+                # pipeline's last stage all-reduces it with the first stage's tied copy
+                mtp_loss = 0.0 * self._steps_embedding(input_ids[:, :1]).sum()
+        for k in range(active + 1, num_steps + 1):  # fixed-size logs (pipeline stages send them)
+            step_losses[f"mtp_step_{k}"] = torch.zeros((), device=main_loss.device)
         weight = self.mtp_cfg.mtp_weight(step)
         loss = main_loss + weight * mtp_loss
         return MTPOutput(
@@ -251,6 +280,7 @@ class MTPModel(nn.Module):
             mtp_loss=mtp_loss,
             mtp_step_losses=step_losses,
             mtp_weight=weight,
+            mtp_active_steps=active,
             mtp_logits=step_logits if return_mtp_logits else None,
             depth_cost=aux,
         )

@@ -49,7 +49,8 @@ def apply_training(
 ) -> TrainingSetup:
     """Make ``model`` (built from the run's seed on every rank, ETD included) trainable on this
     rank: checkpointing, pipeline split, DeepSpeed engine, in the module doc's order."""
-    model.training_config = train.mtp  # 2. sequential schedule, activation checkpointing
+    # 2. sequential schedule, activation checkpointing; a curriculum spans the run by default
+    model.training_config = train.mtp.with_total_steps(train.steps)
     if train.mtp.trunk == "freeze_trunk":
         model.trunk.requires_grad_(False)  # its embedding and output layer included
     k = model.mtp_cfg.num_predict_tokens if model.mtp_cfg is not None else 0

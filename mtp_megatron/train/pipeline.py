@@ -139,13 +139,14 @@ class FinalStagePipe(nn.Module):
 
 
 def logged_values(out: MTPOutput) -> torch.Tensor:
-    """[loss, main, mtp, mtp_weight, step_1..step_K] of one micro-batch, detached, on the loss's
-    device (the PP=1 trainer and the last pipeline stage log these; summed and reduced there,
-    read by the host once per step)."""
+    """[loss, main, mtp, mtp_weight, active steps, step_1..step_K] of one micro-batch, detached,
+    on the loss's device (the PP=1 trainer and the last pipeline stage log these; summed and
+    reduced there, read by the host once per step)."""
     device = out.loss.device
     mtp = out.mtp_loss.detach() if out.mtp_loss is not None else torch.zeros((), device=device)
     weight = torch.tensor(float(out.mtp_weight), device=device)
-    parts = [out.loss.detach(), out.main_loss.detach(), mtp, weight]
+    active = torch.tensor(float(out.mtp_active_steps), device=device)
+    parts = [out.loss.detach(), out.main_loss.detach(), mtp, weight, active]
     parts += [v.detach() for v in out.mtp_step_losses.values()]
     return torch.stack([p.float().reshape(()) for p in parts])
 

@@ -67,7 +67,7 @@ class PipelineSteps:
     def __init__(self, engine, num_mtp_steps: int):
         self.engine = engine
         self.module: MTPPipelineModule = engine.module
-        self.num_values = 4 + num_mtp_steps  # loss, main, mtp, w, CE_1..CE_K
+        self.num_values = 5 + num_mtp_steps  # loss, main, mtp, w, active, CE_1..CE_K
         self._pp_group = parallel_state.get_pipeline_model_parallel_group()
         self._last_rank = parallel_state.get_pipeline_model_parallel_last_rank()
         self._dp_group = parallel_state.get_data_parallel_group()
@@ -86,7 +86,7 @@ class PipelineSteps:
         dist.all_reduce(values, group=self._dp_group)
         values /= dist.get_world_size(self._dp_group)
         dist.broadcast(values, src=self._last_rank, group=self._pp_group)
-        return named_step_values(values.cpu(), self.num_values - 4)
+        return named_step_values(values.cpu(), self.num_values - 5)
 
     def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
         """Validation metrics (as ``train/evaluate.py``) over this DP rank's ``batches``."""

@@ -36,12 +36,18 @@ class StepRunner(Protocol):
 
 
 def named_step_values(values: torch.Tensor, num_mtp_steps: int) -> dict[str, float]:
-    """[loss, main, mtp, w, CE_1..CE_K] (``logged_values``, reduced) -> TensorBoard names."""
+    """[loss, main, mtp, w, active, CE_1..CE_K] (``logged_values``, reduced) -> TensorBoard
+    names; the CE of a step a curriculum left out of this step is not logged."""
     names = ["train/loss", "train/main_loss", "train/mtp_loss", "train/mtp_weight"]
+    names += ["train/mtp_active_steps"]
     names += [f"train/mtp_step_{k}" for k in range(1, num_mtp_steps + 1)]
     named = dict(zip(names, values.tolist()))
     if num_mtp_steps == 0:
-        del named["train/mtp_loss"], named["train/mtp_weight"]
+        del named["train/mtp_loss"], named["train/mtp_weight"], named["train/mtp_active_steps"]
+        return named
+    active = round(named["train/mtp_active_steps"])  # the same on every rank and micro-batch
+    for k in range(active + 1, num_mtp_steps + 1):
+        del named[f"train/mtp_step_{k}"]
     return named
 
 

@@ -271,6 +271,9 @@ class _Trainer:
         recipe, tcfg, par = self.recipe, self.tcfg, self.recipe.parallel
         torch.manual_seed(tcfg.seed)  # same master weights on every rank, sliced per TP rank
         model = build_model(recipe.model)
+        if model.mtp_cfg is not None:  # an MTP weight switch given in tokens, in steps
+            tokens = tcfg.micro_batch_size * tcfg.grad_accum * self.layout.data_parallel_size
+            model.mtp_cfg = model.mtp_cfg.with_tokens_per_step(tokens * recipe.seq_len)
         if recipe.init_from is not None and fresh:  # a resume loads the checkpoint instead
             from mtp_megatron.hf.importer import load_pretrained
 

@@ -116,15 +116,16 @@ def _check_against_reference(ranks: list[dict], variants, stages: int) -> None:
         names_by_stage: dict[int, set[str]] = {}
         for got in (r[variant] for r in ranks):
             names_by_stage.setdefault(got["stage"], set()).update(got["grads"])
-            if got["records"] is not None:  # the last stage: [loss, main, mtp, w, CE_1..3]
+            if got["records"] is not None:  # the last stage: [loss, main, mtp, w, active, CE_1..3]
                 assert got["stage"] == stages - 1
                 for micro, loss in enumerate(ref["losses"]):
                     # PP moves ops between processes; TP reorders fp32 sums: rounding only
                     assert_close_to_scale(got["records"][micro, 0], loss, VALUE_RTOL)
                     assert got["records"][micro, 3].item() == pytest.approx(0.25)  # w(5) = 0.5/2
+                    assert got["records"][micro, 4].item() == 3  # every MTP step
                     for k in range(1, 4):
                         assert_close_to_scale(
-                            got["records"][micro, 3 + k],
+                            got["records"][micro, 4 + k],
                             ref["steps"][micro][f"mtp_step_{k}"],
                             VALUE_RTOL,
                         )
@@ -181,6 +182,8 @@ def _overrides(run_dir: Path, cache: Path, **extra) -> list[str]:
         "model.mtp.num_predict_tokens": 2,
         "model.mtp.speculation_lookahead": 2,
         "model.mtp.warmup_steps": 4,
+        # 0, 0, 1, 1, 2, 2 steps train: the resume at step 3 crosses a stage switch
+        "train.mtp.curriculum": "forward",
         "parallel.pipeline_parallel_size": 2,
         "train.steps": 6,
         "train.micro_batch_size": 2,
@@ -264,8 +267,10 @@ def test_pp2_training_resumes_exactly(pp2_runs):
     (tb_dir,) = [p for p in (tmp / "full").iterdir() if p.is_dir() and p.name != "checkpoints"]
     events = EventAccumulator(str(tb_dir))
     events.Reload()
-    steps = [e.step for e in events.Scalars("train/mtp_step_2")]
-    assert steps == list(range(1, 7))
+    active = [e.value for e in events.Scalars("train/mtp_active_steps")]
+    assert active == [0, 0, 1, 1, 2, 2]  # the forward curriculum, on the last stage
+    assert [e.step for e in events.Scalars("train/mtp_step_1")] == [3, 4, 5, 6]
+    assert [e.step for e in events.Scalars("train/mtp_step_2")] == [5, 6]
     losses = [e.value for e in events.Scalars("train/loss")]
     assert losses == pytest.approx([ranks[0]["full"][s] for s in range(6)])
 

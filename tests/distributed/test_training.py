@@ -181,3 +181,44 @@ def test_zero3_tp2_run_consolidates_and_decodes_in_one_process(tmp_path, data_ca
     for name, tensor in run.model.state_dict().items():
         if torch.is_tensor(tensor):
             assert torch.equal(again[name], tensor), name
+
+
+def test_curriculum_and_weight_schedule_resume_exactly_across_their_switches(tmp_path, data_cache):
+    """A reverse curriculum (K=2 over 9 steps: 2, 1, then 0 steps train, 3 steps each) with
+    unshared heads under ZeRO-2 and the sequential schedule, and DeepSeek-V3's step schedule of
+    the MTP weight (0.3, then 0.1 from step 5): stopped after step 4 and resumed == uninterrupted,
+    loss for loss, and TensorBoard logs the active steps and the weight the schedules give."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    extra = {
+        "train.steps": 9,
+        "train.zero_stage": 2,
+        "train.log_every": 1,
+        "train.mtp.curriculum": "reverse",
+        "train.mtp.sequential_forward": "true",
+        "model.mtp.share_weights_across_steps": "false",
+        "model.mtp.mtp_loss_weight": 0.3,
+        "model.mtp.weight_schedule": "step",
+        "model.mtp.final_loss_weight": 0.1,
+        "model.mtp.weight_switch_step": 5,
+    }
+    full = run_distributed(
+        train_run, 2, tiny_run_overrides(tmp_path / "full", data_cache, **extra)
+    )[0]
+    part = tiny_run_overrides(tmp_path / "part", data_cache, **extra)
+    first = run_distributed(train_run, 2, part, 4)[0]
+    second = run_distributed(train_run, 2, part)[0]
+    assert sorted(second["losses"]) == list(range(4, 9))
+    for step in range(9):
+        got = first["losses"].get(step, second["losses"].get(step))
+        assert got == full["losses"][step], (step, got, full["losses"][step])
+    (tb_dir,) = [p for p in (tmp_path / "full").iterdir() if p.is_dir() and p.name != "checkpoints"]
+    events = EventAccumulator(str(tb_dir))
+    events.Reload()
+    active = [e.value for e in events.Scalars("train/mtp_active_steps")]
+    assert active == [2, 2, 2, 1, 1, 1, 0, 0, 0]
+    weights = [e.value for e in events.Scalars("train/mtp_weight")]
+    assert weights == pytest.approx([0.3] * 5 + [0.1] * 4)
+    # a step's CE is logged while it trains: step 2 for 3 steps, step 1 for 6
+    assert [e.step for e in events.Scalars("train/mtp_step_2")] == [1, 2, 3]
+    assert [e.step for e in events.Scalars("train/mtp_step_1")] == list(range(1, 7))

@@ -43,7 +43,10 @@ def test_mtp_weight_warmup_is_linear():
         (dict(loss_weight_decay=0.0), "mtp.loss_weight_decay=0.0"),
         (dict(loss_weight_decay=-1), "mtp.loss_weight_decay=-1"),
         (dict(mtp_loss_weight=-0.1), "mtp.mtp_loss_weight=-0.1"),
-        (dict(num_predict_tokens=2, speculation_lookahead=3), "mtp.speculation_lookahead=3"),
+        (
+            dict(num_predict_tokens=2, speculation_lookahead=3, share_weights_across_steps=False),
+            "mtp.speculation_lookahead=3",
+        ),
         (dict(head_arrangement="parallel"), "mtp.head_arrangement='parallel'"),
         (dict(warmup_steps=-5), "mtp.warmup_steps=-5"),
     ],

@@ -224,15 +224,17 @@ def test_plan_reports_every_invalid_run(tmp_path):
         plan(
             [str(REPO / "recipes" / "demo.yaml")],
             tmp_path / "k",
+            # unshared heads: none drafts past its own step
+            ["model.mtp.share_weights_across_steps=false"],
             grids=["model.mtp.num_predict_tokens=1,2,4"],
         )
     msg = str(e.value)
-    assert "2 of 3 runs are invalid, nothing submitted" in msg
+    assert "1 of 3 runs are invalid, nothing submitted" in msg
+    assert "demo-num_predict_tokens=1" not in msg  # K=1: one chained head, drafts by recursion
     assert (
-        "demo-num_predict_tokens=1: model.mtp.speculation_lookahead=3 is invalid: must be "
-        "between 1 and num_predict_tokens (1)"
+        "\n  demo-num_predict_tokens=2: model.mtp.speculation_lookahead=3 is invalid: must be "
+        "between 1 and num_predict_tokens (2)"
     ) in msg
-    assert "\n  demo-num_predict_tokens=2: model.mtp.speculation_lookahead=3 is invalid" in msg
     assert "demo-num_predict_tokens=4" not in msg
     with pytest.raises(SweepError, match="cannot be split into tensor_parallel_size"):
         plan(
