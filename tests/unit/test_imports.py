@@ -24,7 +24,12 @@ FORBIDDEN = {
     "train": {"decoding", "bench", "report", "sweep"},
     "report": {"model", "train", "decoding", "data", "bench", "hf"},
     "hf": {"train", "decoding", "recipe", "bench", "report", "sweep"},
+    "bench": {"sweep", "report"},
 }
+# the reproductions (research/) sit on top: nothing of the package imports them
+for _forbidden in FORBIDDEN.values():
+    if "*" not in _forbidden:
+        _forbidden.add("research")
 """unit -> units it must not import ('*': any of ours other than the config modules)."""
 
 
