@@ -24,11 +24,13 @@ from mtp_megatron.research.common import Study, pyplot
 NAME = "induction"
 VOCAB = 128
 SEQ = 64
-SPAN = 12
+SPAN = 20
 SIZES = ((32, 2), (64, 2), (128, 2))
-"""(hidden size, layers): 25k, 0.1M and 0.4M non-embedding parameters."""
+"""(hidden size, layers): 33k, 0.1M and 0.4M non-embedding parameters."""
 SEEDS = (0, 1, 2)
-STEPS = 600
+STEPS = 1000
+"""Induction forms around step 400-1000 at d64 (at 400 steps: 5% accuracy, at 1000: 98%)."""
+EVAL_EVERY = 100
 BATCH = 32
 
 
@@ -75,6 +77,7 @@ def _model_config(hidden: int, layers: int, mtp: bool) -> ModelConfig:
 
 
 def train_one(hidden: int, layers: int, mtp: bool, seed: int, steps: int) -> dict:
+    """One model trained for ``steps``; its induction accuracy every EVAL_EVERY steps."""
     from mtp_megatron import build_model
 
     torch.manual_seed(seed)
@@ -82,8 +85,10 @@ def train_one(hidden: int, layers: int, mtp: bool, seed: int, steps: int) -> dic
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 30))
     data = torch.Generator().manual_seed(1000 + seed)  # the same batches for NTP and MTP
-    model.train()
-    for _ in range(steps):
+    held_out = induction_batch(512, torch.Generator().manual_seed(99))  # one for every model
+    curve = {}
+    for step in range(1, steps + 1):
+        model.train()
         ids, _ = induction_batch(BATCH, data)
         loss = model(ids, return_logits=False).loss
         opt.zero_grad(set_to_none=True)
@@ -91,13 +96,27 @@ def train_one(hidden: int, layers: int, mtp: bool, seed: int, steps: int) -> dic
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-    model.eval()
-    ids, mask = induction_batch(512, torch.Generator().manual_seed(99))  # one held-out set
-    with torch.no_grad():
-        acc = induction_accuracy(model(ids).logits, ids, mask)
-    trunk = model.trunk
-    non_embedding = sum(p.numel() for p in trunk.layers.parameters())
-    return {"accuracy": acc, "non_embedding_params": non_embedding}
+        if step % EVAL_EVERY == 0 or step == steps:
+            model.eval()
+            with torch.no_grad():
+                curve[step] = induction_accuracy(model(held_out[0]).logits, *held_out)
+    non_embedding = sum(p.numel() for p in model.trunk.layers.parameters())
+    return {"accuracy": curve[steps], "curve": curve, "non_embedding_params": non_embedding}
+
+
+def first_step_above(curve: dict[int, float], level: float) -> int | None:
+    """The first evaluated step whose accuracy reaches ``level`` (None: never)."""
+    return next((s for s, a in sorted(curve.items()) if a >= level), None)
+
+
+def _mean_sd(values: list[float]) -> str:
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.2f} ± {spread:.2f}"
+
+
+def _steps_to(curves: list[dict[int, float]], level: float) -> str:
+    found = [first_step_above(c, level) for c in curves]
+    return ", ".join("never" if s is None else str(s) for s in found)
 
 
 def run(study: Study) -> dict:
@@ -106,61 +125,66 @@ def run(study: Study) -> dict:
     initialize_parallel(tensor_parallel_size=1)
     torch.set_num_threads(2)
     sizes, seeds, steps = (SIZES[:1], SEEDS[:1], 5) if study.quick else (SIZES, SEEDS, STEPS)
+    middle = steps // 2 if study.quick else steps // 2 // EVAL_EVERY * EVAL_EVERY
     results: dict = {}
     for hidden, layers in sizes:
         for mtp in (False, True):
             label = f"d{hidden} x {layers}, {'n=2' if mtp else 'NTP'}"
             runs = [train_one(hidden, layers, mtp, s, steps) for s in seeds]
-            accs = [r["accuracy"] for r in runs]
             results[label] = {
                 "hidden": hidden,
                 "layers": layers,
                 "mtp": mtp,
                 "non_embedding_params": runs[0]["non_embedding_params"],
-                "accuracy_per_seed": accs,
+                "accuracy_per_seed": [r["accuracy"] for r in runs],
+                "curve_per_seed": [r["curve"] for r in runs],
             }
-            study.log(f"[research] induction {label}: accuracy {accs}")
+            study.log(
+                f"[research] induction {label}: accuracy {results[label]['accuracy_per_seed']}"
+            )
     rows = []
     for hidden, layers in sizes:
-        ntp = results[f"d{hidden} x {layers}, NTP"]
-        two = results[f"d{hidden} x {layers}, n=2"]
+        ntp, two = (results[f"d{hidden} x {layers}, {m}"] for m in ("NTP", "n=2"))
         cells = []
+        for at in (middle, steps):
+            for r in (ntp, two):
+                cells.append(_mean_sd([c.get(at, c[max(c)]) for c in r["curve_per_seed"]]))
         for r in (ntp, two):
-            accs = r["accuracy_per_seed"]
-            spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
-            each = ", ".join(f"{a:.2f}" for a in accs)
-            cells.append(f"{statistics.mean(accs):.3f} ± {spread:.3f} ({each})")
+            cells.append(_steps_to(r["curve_per_seed"], 0.5))
         rows.append(
-            f"| d{hidden} x {layers} layers | {ntp['non_embedding_params'] / 1e3:.0f}k | "
-            f"{cells[0]} | {cells[1]} |"
+            f"| d{hidden} x {layers} | {ntp['non_embedding_params'] / 1e3:.0f}k | "
+            + " | ".join(cells)
+            + " |"
         )
     table = "\n".join(
         [
-            f"Induction accuracy (top-1 of the main head on the 2nd..{SPAN}th tokens of the "
-            f"repeated span; chance {1 / VOCAB:.3f}) on 512 held-out sequences of {SEQ} random "
-            f"tokens (vocabulary {VOCAB}), after {steps} AdamW steps of {BATCH} sequences; mean "
-            f"± standard deviation over seeds {list(seeds)} (each seed's value in brackets).\n",
-            "| model | non-embedding params | NTP | n=2 (K=1 head) |",
-            "|---|---|---|---|",
+            f"Induction accuracy: top-1 of the main head on the 2nd..{SPAN}th tokens of a span's "
+            f"second copy (chance {1 / VOCAB:.3f}), on 512 held-out sequences of {SEQ} random "
+            f"tokens (vocabulary {VOCAB}); AdamW steps of {BATCH} sequences; mean ± standard "
+            f"deviation over seeds {list(seeds)}; steps to 50%: per seed, evaluated every "
+            f"{EVAL_EVERY} steps.\n",
+            f"| model | non-embedding params | NTP @ {middle} | n=2 @ {middle} | NTP @ {steps} | "
+            f"n=2 @ {steps} | NTP: steps to 50% | n=2: steps to 50% |",
+            "|---|---|---|---|---|---|---|---|",
             *rows,
         ]
     )
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    for mtp in (False, True):
-        xs, means, errs = [], [], []
-        for hidden, layers in sizes:
+    fig, axes = plt.subplots(1, len(sizes), figsize=(4 * len(sizes), 3.3), squeeze=False)
+    for ax, (hidden, layers) in zip(axes[0], sizes):
+        for mtp, color in ((False, "tab:blue"), (True, "tab:orange")):
             r = results[f"d{hidden} x {layers}, {'n=2' if mtp else 'NTP'}"]
-            accs = r["accuracy_per_seed"]
-            xs.append(r["non_embedding_params"])
-            means.append(statistics.mean(accs))
-            errs.append(statistics.stdev(accs) if len(accs) > 1 else 0.0)
-        ax.errorbar(xs, means, yerr=errs, marker="o", capsize=3, label="n=2" if mtp else "NTP")
-    ax.set(xscale="log", xlabel="non-embedding parameters", ylabel="induction accuracy")
-    ax.set_ylim(0, 1)
-    ax.legend()
+            for i, curve in enumerate(r["curve_per_seed"]):
+                xs = sorted(curve)
+                label = ("n=2" if mtp else "NTP") if i == 0 else None
+                ax.plot(xs, [curve[x] for x in xs], color=color, alpha=0.8, label=label)
+        ax.set(title=f"d{hidden} x {layers}", xlabel="step", ylim=(0, 1))
+        ax.set_ylabel("induction accuracy")
+        ax.legend()
     fig.tight_layout()
     study.out_dir.mkdir(parents=True, exist_ok=True)
     fig.savefig(study.out_dir / "induction.png", dpi=110)
     plt.close(fig)
+    for r in results.values():  # JSON keys are strings
+        r["curve_per_seed"] = [{str(k): v for k, v in c.items()} for c in r["curve_per_seed"]]
     return {"table": table, "results": results}
