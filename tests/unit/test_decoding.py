@@ -213,11 +213,15 @@ def _sampling(temperature, top_k):
 
 
 def test_bad_arguments_give_clear_errors(single_process):
-    model = tiny_mtp_model(VARIANTS[0])
+    # an unshared chained variant: its heads cannot recurse, so lookahead is capped at K
+    unshared = next(v for v in VARIANTS if not v[1] and v[2] == "chained")
+    model = tiny_mtp_model(unshared)
     prompts = random_prompts(model.cfg, 1, 4, 0)
     dec = model.mtp_decoder
     with pytest.raises(ValueError, match="lookahead=4 is invalid: must be between 1 and 3"):
         dec.generate(prompts, max_new_tokens=5, lookahead=4)
+    with pytest.raises(ValueError, match="lookahead=0 is invalid"):
+        dec.generate(prompts, max_new_tokens=5, lookahead=0)
     with pytest.raises(ValueError, match=r"top_p=1.5 is invalid: must be in \(0, 1\]"):
         dec.generate(prompts, max_new_tokens=5, temperature=1.0, top_p=1.5)
     with pytest.raises(ValueError, match="top_p=0"):
