@@ -80,7 +80,9 @@ class MTPConfig:
     """w after the switch ('step') or at the end of the decay ('linear_decay')."""
     weight_switch_step: int | None = None
     """The optimizer step of the switch ('step': the first step at the final weight;
-    'linear_decay': the step the decay reaches it). Or give ``weight_switch_tokens``."""
+    'linear_decay': the step the decay reaches it), after the warm-up. Steps count from 0 (the
+    updates already applied), as in ``mtp_weight``; TensorBoard plots step s's values at s + 1.
+    Or give ``weight_switch_tokens``."""
     weight_switch_tokens: int | None = None
     """The switch in training tokens instead of steps: the trainer turns it into the first step
     at or past that many tokens (tokens per step = global batch x seq_len)."""
@@ -102,6 +104,12 @@ class MTPConfig:
         if self.weight_switch_tokens is None:
             return self
         step = math.ceil(self.weight_switch_tokens / tokens_per_step)
+        if step <= self.warmup_steps:
+            raise ConfigError(
+                f"mtp.weight_switch_tokens={self.weight_switch_tokens} is step {step} at "
+                f"{tokens_per_step} tokens per step, within the MTP warm-up "
+                f"(warmup_steps={self.warmup_steps}): move the switch later or shorten the warm-up"
+            )
         return replace(self, weight_switch_step=step, weight_switch_tokens=None)
 
     def mtp_weight(self, step: int | None) -> float:
@@ -152,7 +160,7 @@ class MTPConfig:
                     )
             return
         w1 = self.final_loss_weight
-        if isinstance(w1, bool) or not isinstance(w1, (int, float)) or w1 < 0:
+        if isinstance(w1, bool) or not isinstance(w1, (int, float)) or not 0 <= w1 < math.inf:
             _fail(
                 f"{path}.final_loss_weight",
                 w1,
@@ -167,8 +175,18 @@ class MTPConfig:
                 "weight_switch_step (optimizer steps) and weight_switch_tokens",
             )
         for name, value in (("weight_switch_step", step), ("weight_switch_tokens", tokens)):
-            if value is not None and (not isinstance(value, int) or value < 1):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
                 _fail(f"{path}.{name}", value, "must be an integer >= 1")
+        if step is not None and step <= self.warmup_steps:
+            _fail(
+                f"{path}.weight_switch_step",
+                step,
+                f"must come after the warm-up (warmup_steps={self.warmup_steps}): at or before "
+                f"its end, weight_schedule {schedule!r} would never use mtp_loss_weight at full "
+                "strength; move the switch later or shorten the warm-up",
+            )
 
     def validate(self, path: str = "mtp") -> None:
         k = self.num_predict_tokens
@@ -188,8 +206,9 @@ class MTPConfig:
             )
         if not (isinstance(self.loss_weight_decay, (int, float)) and self.loss_weight_decay > 0):
             _fail(f"{path}.loss_weight_decay", self.loss_weight_decay, "beta must be > 0")
-        if not (isinstance(self.mtp_loss_weight, (int, float)) and self.mtp_loss_weight >= 0):
-            _fail(f"{path}.mtp_loss_weight", self.mtp_loss_weight, "must be >= 0")
+        w = self.mtp_loss_weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < math.inf:
+            _fail(f"{path}.mtp_loss_weight", w, "must be a finite number >= 0")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             _fail(f"{path}.warmup_steps", self.warmup_steps, "must be an integer >= 0")
         self._validate_weight_schedule(path)
@@ -294,6 +313,13 @@ class MTPTrainingConfig:
         span = self.curriculum_steps
         if span is not None and (isinstance(span, bool) or not isinstance(span, int) or span < 1):
             _fail(f"{path}.curriculum_steps", span, "must be an integer >= 1 (or null)")
+        if span is not None and self.curriculum == "none":
+            _fail(
+                f"{path}.curriculum_steps",
+                span,
+                "is only read by a curriculum (train.mtp.curriculum is 'none'); remove it or set "
+                "curriculum: forward or reverse",
+            )
         beta = self.distill_weight
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta <= 1:
             _fail(f"{path}.distill_weight", beta, "must be a number in [0, 1]")

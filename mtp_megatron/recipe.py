@@ -52,6 +52,16 @@ class Recipe:
                 f"train.mtp.curriculum={curriculum!r} needs MTP heads (model.mtp is null); "
                 "set it to 'none' or add model.mtp"
             )
+        if curriculum != "none":
+            stages = self.model.mtp.num_predict_tokens + 1
+            span = self.train.mtp.curriculum_steps or self.train.steps
+            if span < stages:
+                raise ConfigError(
+                    f"train.mtp.curriculum={curriculum!r} spans {span} steps "
+                    f"(train.mtp.curriculum_steps, else train.steps), fewer than its {stages} "
+                    "stages (K + 1): some stages would never train; give it at least "
+                    f"{stages} steps"
+                )
         trunk, pp = self.train.mtp.trunk, self.parallel.pipeline_parallel_size
         if trunk == "joint":
             return

@@ -243,9 +243,10 @@ class SpeculativeDecoder:
         k > K applies that head again to its own state at k - 1 (FastMTP's "vanilla"
         recursion, vLLM's for one-layer MTP models).
 
-        ``lookahead="auto"``: the fastest L measured by ``calibrate.calibrate`` at this batch
-        size (calibrated on this request's prompt first when it has not been); L = 0 (plain
-        decoding won the calibration) decodes without drafts.
+        ``lookahead="auto"``: the fastest L in 0..K (never a recursive L > K) measured by
+        ``calibrate.calibrate`` at this batch size (calibrated on this request's prompt first
+        when it has not been); L = 0 (plain decoding won the calibration) decodes without
+        drafts.
         """
         K = self.mtp.num_steps
         L = self.mtp.cfg.speculation_lookahead if lookahead is None else lookahead

@@ -50,6 +50,17 @@ def recipe_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, 
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
+def _with_curriculum_span(recipe: dict[str, Any]) -> dict[str, Any]:
+    """``recipe`` with a curriculum's default span (train.steps) written out, so that a resume
+    with more steps compares the span the checkpoint trained with, not the new one."""
+    train = recipe.get("train", {})
+    mtp = train.get("mtp", {})
+    if mtp.get("curriculum", "none") == "none" or mtp.get("curriculum_steps") is not None:
+        return recipe
+    span = {**mtp, "curriculum_steps": train.get("steps")}
+    return {**recipe, "train": {**train, "mtp": span}}
+
+
 def check_resume(
     saved: dict[str, Any],
     current: dict[str, Any],
@@ -66,8 +77,18 @@ def check_resume(
             f"optimizer shards are per data-parallel rank: resume with {saved_world} processes "
             "(NPROC x NNODES), or start a new train.run_dir"
         )
+    changes = recipe_changes(_with_curriculum_span(saved), _with_curriculum_span(current))
+    span = changes.get("train.mtp.curriculum_steps")
+    if span is not None and changes.get("train.steps") is not None:
+        raise ConfigError(
+            f"resuming {where} with train.steps {span[1]!r} would move the stages of "
+            f"train.mtp.curriculum, which span train.steps ({span[0]!r} in the checkpoint) when "
+            f"train.mtp.curriculum_steps is null: set train.mtp.curriculum_steps: {span[0]!r} to "
+            "keep them (the steps past it train every step a finished curriculum leaves), or "
+            "start a new train.run_dir"
+        )
     lines, refused = [], []
-    for name, (old, new) in recipe_changes(saved, current).items():
+    for name, (old, new) in changes.items():
         section, _, field = name.partition(".")
         free = name in FREE_TOP_LEVEL or (section == "train" and field in FREE_TRAIN_FIELDS)
         if free:

@@ -274,6 +274,12 @@ class _Trainer:
         if model.mtp_cfg is not None:  # an MTP weight switch given in tokens, in steps
             tokens = tcfg.micro_batch_size * tcfg.grad_accum * self.layout.data_parallel_size
             model.mtp_cfg = model.mtp_cfg.with_tokens_per_step(tokens * recipe.seq_len)
+            switch = model.mtp_cfg.weight_switch_step
+            if switch is not None and switch >= tcfg.steps:
+                self.say(
+                    f"[mtp] note: the MTP weight switch is at step {switch}, at or past "
+                    f"train.steps={tcfg.steps}: this run never reaches final_loss_weight"
+                )
         if recipe.init_from is not None and fresh:  # a resume loads the checkpoint instead
             from mtp_megatron.hf.importer import load_pretrained
 

@@ -83,12 +83,40 @@ def test_linear_decay_from_the_end_of_the_warmup_to_the_switch():
             "mtp.weight_switch_step=0",
         ),
         (dict(final_loss_weight=0.1), "only read by weight_schedule 'step' or 'linear_decay'"),
+        (
+            dict(weight_schedule="step", final_loss_weight=float("nan"), weight_switch_step=5),
+            "mtp.final_loss_weight=nan",
+        ),
+        (
+            dict(weight_schedule="step", final_loss_weight=0.1, weight_switch_step=True),
+            "mtp.weight_switch_step=True",
+        ),
+        (
+            dict(
+                weight_schedule="linear_decay",
+                final_loss_weight=0.1,
+                weight_switch_step=10,
+                warmup_steps=10,
+            ),
+            "must come after the warm-up (warmup_steps=10)",
+        ),
+        (dict(mtp_loss_weight=float("inf")), "mtp.mtp_loss_weight=inf"),
     ],
 )
 def test_invalid_weight_schedules_name_the_field(kwargs, message):
     with pytest.raises(ConfigError) as err:
         MTPConfig(**kwargs).validate()
     assert message in str(err.value)
+
+
+def test_a_switch_in_tokens_becomes_the_first_step_past_them_and_not_inside_the_warmup():
+    cfg = MTPConfig(
+        weight_schedule="step", final_loss_weight=0.1, weight_switch_tokens=1000, warmup_steps=3
+    )
+    cfg.validate()
+    assert cfg.with_tokens_per_step(256).weight_switch_step == 4  # 4 x 256 >= 1000 > 3 x 256
+    with pytest.raises(ConfigError, match="weight_switch_tokens=1000 is step 2 .* warm-up"):
+        cfg.with_tokens_per_step(512)
 
 
 # -- head curricula ----------------------------------------------------------------------------
@@ -115,6 +143,7 @@ def test_forward_and_reverse_curricula_stage_their_steps():
     [
         (dict(curriculum="sideways"), "train.mtp.curriculum='sideways' is invalid"),
         (dict(curriculum="forward", curriculum_steps=0), "train.mtp.curriculum_steps=0"),
+        (dict(curriculum_steps=100), "only read by a curriculum"),
     ],
 )
 def test_invalid_curricula_name_the_field(kwargs, message):
@@ -174,6 +203,22 @@ def test_curricula_need_mtp_heads(tmp_path):
 
     with pytest.raises(ConfigError, match="curriculum='forward' needs MTP heads"):
         load_recipe(DEMO_RECIPE, ["model.mtp=null", "train.mtp.curriculum=forward"])
+    with pytest.raises(ConfigError, match="spans 3 steps .* fewer than its 4 stages"):
+        load_recipe(DEMO_RECIPE, ["train.mtp.curriculum=reverse", "train.steps=3"])
+
+
+def test_a_resume_with_more_steps_keeps_the_curriculum_span_of_its_checkpoint():
+    from mtp_megatron.train.resume import check_resume
+
+    def recipe(steps, span=None):
+        mtp = {"curriculum": "forward", "curriculum_steps": span}
+        return {"train": {"steps": steps, "mtp": mtp}}
+
+    with pytest.raises(ConfigError, match="curriculum_steps: 100 to keep them"):
+        check_resume(recipe(100), recipe(200), ["steps"], 1, 1, "ckpt")
+    # the checkpoint's span written out: only train.steps changes, which the override allows
+    lines = check_resume(recipe(100), recipe(200, span=100), ["steps"], 1, 1, "ckpt")
+    assert lines == ["train.steps: 100 -> 200 (train.resume_overrides: applied)"]
 
 
 # -- lookahead past K: one shared chained head applied recursively ---------------------------------
