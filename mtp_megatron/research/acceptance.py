@@ -29,8 +29,8 @@ def run(study: Study) -> dict:
     rows = []
     for i, step in enumerate(steps):
         cells = " | ".join(f"{curves[j][1][i]:.3f}" for j in range(1, k + 1))
-        loss = dict(zip(loss_steps, losses)).get(step)
-        rows.append(f"| {step} | {loss:.3f} | {cells} |")
+        loss = dict(zip(loss_steps, losses)).get(step)  # logged at the same evaluations
+        rows.append(f"| {step} | {'-' if loss is None else f'{loss:.3f}'} | {cells} |")
     header = " | ".join(f"pos {j}" for j in range(1, k + 1))
     table = "\n".join(
         [

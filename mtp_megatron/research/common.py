@@ -77,14 +77,22 @@ class Study:
         ``overrides`` in ``nproc`` processes (torchrun beyond one; skipped when the run
         finished before); its run directory."""
         run_dir = self.work_dir / ("quick-" + name if self.quick else name)
-        if (run_dir / "final_eval.json").exists():
-            self.log(f"[research] {name}: trained before ({run_dir}), reused")
-            return run_dir
         base = self.shape if shape or self.quick else {}
         if self.quick:  # the suite's smoke test: its own tokenizer and token cache
             base["data.cache_dir"] = str(self.work_dir / "cache")
         merged = {**base, **overrides, "train.run_dir": str(run_dir)}
         args = [f"{k}={v}" for k, v in merged.items()]
+        settings = {"recipe": str(recipe), "overrides": args, "nproc": nproc}
+        settings_path = run_dir / "research_settings.json"
+        if (run_dir / "final_eval.json").exists():
+            saved = json.loads(settings_path.read_text()) if settings_path.exists() else settings
+            if saved != settings:  # a study changed its run: never reuse a different model
+                raise RuntimeError(
+                    f"{run_dir} was trained with other settings ({saved}) than {name} now asks "
+                    f"for ({settings}): move it away or delete it to train it again"
+                )
+            self.log(f"[research] {name}: trained before ({run_dir}), reused")
+            return run_dir
         launcher = [sys.executable]
         if nproc > 1:
             launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
@@ -98,6 +106,7 @@ class Study:
         if rc != 0:
             tail = "\n".join(log_path.read_text().splitlines()[-30:])
             raise RuntimeError(f"training {name} failed ({rc}; log {log_path}):\n{tail}")
+        settings_path.write_text(json.dumps(settings, indent=2) + "\n")
         self.log(f"[research] {name}: trained in {time.perf_counter() - t0:.0f} s")
         return run_dir
 
