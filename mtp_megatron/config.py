@@ -44,6 +44,16 @@ def _fail(path: str, value: Any, allowed: str) -> None:
     raise ConfigError(f"{path}={value!r} is invalid: {allowed}")
 
 
+def _is_int(value: Any) -> bool:
+    """An integer, and not a bool (YAML's ``true`` is an int to Python)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    """An int or a float, and not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass
 class MTPConfig:
     """Multi-token prediction heads (the user's guide ``MTPConfig``, plus the arrangement).
@@ -160,7 +170,7 @@ class MTPConfig:
                     )
             return
         w1 = self.final_loss_weight
-        if isinstance(w1, bool) or not isinstance(w1, (int, float)) or not 0 <= w1 < math.inf:
+        if not _is_number(w1) or not 0 <= w1 < math.inf:
             _fail(
                 f"{path}.final_loss_weight",
                 w1,
@@ -175,9 +185,7 @@ class MTPConfig:
                 "weight_switch_step (optimizer steps) and weight_switch_tokens",
             )
         for name, value in (("weight_switch_step", step), ("weight_switch_tokens", tokens)):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1
-            ):
+            if value is not None and (not _is_int(value) or value < 1):
                 _fail(f"{path}.{name}", value, "must be an integer >= 1")
         if step is not None and step <= self.warmup_steps:
             _fail(
@@ -207,7 +215,7 @@ class MTPConfig:
         if not (isinstance(self.loss_weight_decay, (int, float)) and self.loss_weight_decay > 0):
             _fail(f"{path}.loss_weight_decay", self.loss_weight_decay, "beta must be > 0")
         w = self.mtp_loss_weight
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < math.inf:
+        if not _is_number(w) or not 0 <= w < math.inf:
             _fail(f"{path}.mtp_loss_weight", w, "must be a finite number >= 0")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             _fail(f"{path}.warmup_steps", self.warmup_steps, "must be an integer >= 0")
@@ -311,7 +319,7 @@ class MTPTrainingConfig:
         if self.curriculum not in CURRICULA:
             _fail(f"{path}.curriculum", self.curriculum, f"must be one of {CURRICULA}")
         span = self.curriculum_steps
-        if span is not None and (isinstance(span, bool) or not isinstance(span, int) or span < 1):
+        if span is not None and (not _is_int(span) or span < 1):
             _fail(f"{path}.curriculum_steps", span, "must be an integer >= 1 (or null)")
         if span is not None and self.curriculum == "none":
             _fail(
@@ -321,7 +329,7 @@ class MTPTrainingConfig:
                 "curriculum: forward or reverse",
             )
         beta = self.distill_weight
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta <= 1:
+        if not _is_number(beta) or not 0 <= beta <= 1:
             _fail(f"{path}.distill_weight", beta, "must be a number in [0, 1]")
         if beta and self.sequential_forward:
             _fail(
@@ -382,7 +390,7 @@ class ETDConfig:
         counts = ("n_encoder_layers", "n_think_layers", "n_decoder_layers")
         for name in counts:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not _is_int(value) or value < 0:
                 _fail(f"{path}.{name}", value, "must be an integer >= 0")
         if self.n_think_layers < 1:
             _fail(f"{path}.n_think_layers", self.n_think_layers, "the think block needs a layer")
@@ -396,9 +404,9 @@ class ETDConfig:
                 f"{enc}/{think}/{dec}, or measure one with `python -m mtp_megatron etd-split`"
             )
         k, k_min = self.max_think_iterations, self.min_think_iterations
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        if not _is_int(k) or k < 1:
             _fail(f"{path}.max_think_iterations", k, "must be an integer >= 1")
-        if isinstance(k_min, bool) or not isinstance(k_min, int) or not 1 <= k_min <= k:
+        if not _is_int(k_min) or not 1 <= k_min <= k:
             _fail(f"{path}.min_think_iterations", k_min, f"must be between 1 and {k}")
         for name in ("use_layer_router", "use_lora_experts"):
             if not isinstance(getattr(self, name), bool):
@@ -413,7 +421,7 @@ class ETDConfig:
 
         def number(name: str) -> float:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if not _is_number(value):
                 _fail(f"{path}.{name}", value, "must be a number")
             return value
 
@@ -423,7 +431,7 @@ class ETDConfig:
             _fail(f"{path}.halting_cost", self.halting_cost, "must be >= 0")
         for name in ("num_lora_experts", "lora_rank"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not _is_int(value) or value < 1:
                 _fail(f"{path}.{name}", value, "must be an integer >= 1")
         if number("lora_alpha") <= 0:
             _fail(f"{path}.lora_alpha", self.lora_alpha, "must be > 0")
@@ -482,12 +490,12 @@ class RopeScalingConfig:
     def validate(self, path: str = "model.rope_scaling") -> None:
         for name in ("factor", "low_freq_factor", "high_freq_factor"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            if not _is_number(value) or value <= 0:
                 _fail(f"{path}.{name}", value, "must be a number > 0")
         if self.high_freq_factor <= self.low_freq_factor:
             _fail(f"{path}.high_freq_factor", self.high_freq_factor, "must exceed low_freq_factor")
         n = self.original_max_position_embeddings
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        if not _is_int(n) or n < 1:
             _fail(f"{path}.original_max_position_embeddings", n, "must be an integer >= 1")
 
 
@@ -588,7 +596,7 @@ class ModelConfig:
                 _fail(f"{path}.{name}", value, "must be a positive integer")
         tp = tensor_parallel_size
         kv = self.kv_channels
-        if kv is not None and (isinstance(kv, bool) or not isinstance(kv, int) or kv < 1):
+        if kv is not None and (not _is_int(kv) or kv < 1):
             _fail(f"{path}.kv_channels", kv, "must be a positive integer or null")
         if self.rope_scaling is not None:
             self.rope_scaling.validate(f"{path}.rope_scaling")
@@ -711,7 +719,7 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             _fail(path, value, "must be true or false")
         return value
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not _is_int(value):
             _fail(path, value, "must be an integer")
         return value
     if tp is float:
@@ -720,7 +728,7 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
                 value = float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not _is_number(value):
             _fail(path, value, "must be a number")
         if not math.isfinite(value):  # YAML reads .nan / .inf; no setting here means them
             _fail(path, value, "must be a finite number")
