@@ -54,7 +54,7 @@ class Recipe:
             )
         if curriculum != "none":
             stages = self.model.mtp.num_predict_tokens + 1
-            span = self.train.mtp.curriculum_steps or self.train.steps
+            span = self.train.mtp.with_total_steps(self.train.steps).curriculum_steps
             if span < stages:
                 raise ConfigError(
                     f"train.mtp.curriculum={curriculum!r} spans {span} steps "
