@@ -13,10 +13,8 @@ from typing import Any
 
 import yaml
 
-from mtp_megatron.config import ConfigError, ModelConfig, ParallelConfig, from_dict
-from mtp_megatron.data.config import DataConfig
-from mtp_megatron.parallel.dims import ParallelDims, check_model_layout
-from mtp_megatron.train.config import TrainConfig
+from mtp_megatron.config import ConfigError, DataConfig, ModelConfig, TrainConfig, from_dict
+from mtp_megatron.parallel.dims import ParallelConfig, ParallelDims, check_model_layout
 
 
 @dataclass

@@ -65,12 +65,12 @@ def rss_mib():
             return int(line.split()[1]) / 1024
 
 import mtp_megatron.data.loader as L
-from mtp_megatron.data.config import BlendEntry, DataConfig
+from mtp_megatron.config.data import BlendEntry, DataConfig
 from mtp_megatron.parallel import initialize_parallel
 initialize_parallel(tensor_parallel_size=1)
 base = rss_mib()
 dataset, cache, samples, tok = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-cfg = DataConfig(train=[BlendEntry(dataset)], cache_dir=cache, tokenizer=tok)
+cfg = DataConfig(train=[BlendEntry(path=dataset)], cache_dir=cache, tokenizer=tok)
 t = time.perf_counter()
 data = L.prepare_training_data(cfg, 32768, 1024, samples, 64, seed=0, log=lambda _: None)
 batches = L.Batches(data, 1024, 8, 0, 1)

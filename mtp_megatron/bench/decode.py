@@ -89,7 +89,7 @@ def benchmark_inputs(
     to back); ``CALIBRATION_PROMPTS`` others between them; and the draft_vocab_size most
     frequent tokens of the first ``FREQUENCY_TOKENS`` training tokens (None when 0: drafts
     use every token)."""
-    from mtp_megatron.data.config import DataConfig
+    from mtp_megatron.config.data import DataConfig
     from mtp_megatron.data.loader import prefix_tokens, resolve_data
 
     vocab_size = run.model_config.vocab_size

@@ -8,7 +8,7 @@ indexed datasets, read through megatron-core's GPTDataset in resumable, data-par
     input_ids, labels = batches.batch(step, micro_step, grad_accum)
 """
 
-from mtp_megatron.data.config import DataConfig
+from mtp_megatron.config.data import DataConfig
 
 # Everything else imports torch / megatron (seconds); recipe validation only needs DataConfig,
 # so the rest is imported on first use (PEP 562).

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from mtp_megatron.config import ConfigError
-from mtp_megatron.data.config import BPE_PREFIX, BlendEntry, DataConfig
+from mtp_megatron.config.data import BPE_PREFIX, BlendEntry, DataConfig
 from mtp_megatron.data.gpt_data import BlendPart, build_gpt_data
 from mtp_megatron.data.prepare_indexed import MANIFEST, prefixes
 from mtp_megatron.data.sources import prepare_source
@@ -139,7 +139,7 @@ def resolve_data(cfg: DataConfig, log=print) -> DataBlends:
     """The recipe's train and validation blends (``data.source`` prepared first if it is what
     the recipe trains on; collective over the default group then)."""
     if cfg.train is None:
-        entries, field, explicit = [BlendEntry(str(prepare_source(cfg, log)))], "source", None
+        entries, field, explicit = [BlendEntry(path=str(prepare_source(cfg, log)))], "source", None
     else:
         entries, field, explicit = cfg.train, "train", cfg.tokenizer
     train, manifests = resolve_blend(entries, "train", field)

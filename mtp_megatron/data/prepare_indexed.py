@@ -36,9 +36,9 @@ from pathlib import Path
 import numpy as np
 
 from mtp_megatron.config import ConfigError
+from mtp_megatron.config.data import BPE_PREFIX
+from mtp_megatron.config.data import SOURCE_SUFFIXES as SUFFIXES
 from mtp_megatron.data.cache import atomic_write_json, file_sha256, unit_hash
-from mtp_megatron.data.config import BPE_PREFIX
-from mtp_megatron.data.config import SOURCE_SUFFIXES as SUFFIXES
 from mtp_megatron.data.documents import SKIP_REASONS, iter_documents
 from mtp_megatron.data.indexed import IndexedWriter, is_complete
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch.distributed
 
 from mtp_megatron.config import ConfigError
+from mtp_megatron.config.data import BPE_PREFIX, DataConfig
 from mtp_megatron.data.cache import digest, file_lock
-from mtp_megatron.data.config import BPE_PREFIX, DataConfig
 from mtp_megatron.data.gpt_data import world
 from mtp_megatron.data.prepare_indexed import PrepareConfig, prepare
 

@@ -18,8 +18,8 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from mtp_megatron.config import ConfigError
+from mtp_megatron.config.data import MIN_VOCAB_SIZE
 from mtp_megatron.data.cache import file_sha256
-from mtp_megatron.data.config import MIN_VOCAB_SIZE
 
 EOT_TOKEN = "<|endoftext|>"
 """Separates documents in the token stream."""

@@ -13,8 +13,8 @@ output z (see ``model/mtp.py``, which owns the arrangement). A head type only ch
   (arXiv:2401.10774, whose block is x + SiLU(W x); W2 lets the update leave SiLU's range);
 - 'shared_lm_head': no block and no parameters (the trunk's final norm and output layer).
 
-The names a recipe may use are ``config.HEAD_TYPES`` (torch-free, for recipe checks); a test
-and the check at the bottom keep the two tables equal.
+The names a recipe may use are ``config.mtp.HeadTypeName`` (torch-free, for recipe checks); a
+test and the check at the bottom keep the two lists equal.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtp_megatron import config
 from mtp_megatron.config import ConfigError
+from mtp_megatron.config.mtp import HEAD_TYPES as HEAD_TYPE_NAMES
+from mtp_megatron.config.mtp import PARAMETER_FREE_HEAD_TYPES
 from mtp_megatron.model.layers import MLPLayer, TransformerLayer
 from mtp_megatron.model.specs import LayerContext
 
@@ -75,12 +76,12 @@ def head_type(name: str) -> HeadType:
 
 
 def _check_tables() -> None:
-    names, free = set(config.HEAD_TYPES), set(config.PARAMETER_FREE_HEAD_TYPES)
+    names, free = set(HEAD_TYPE_NAMES), set(PARAMETER_FREE_HEAD_TYPES)
     built_free = {n for n, t in HEAD_TYPES.items() if t.block is None}
     if set(HEAD_TYPES) != names or built_free != free:
         raise RuntimeError(
             f"model/heads.py builds {sorted(HEAD_TYPES)} (parameter-free {sorted(built_free)}) "
-            f"but config.HEAD_TYPES names {sorted(names)} (parameter-free {sorted(free)}): "
+            f"but config.mtp.HeadTypeName names {sorted(names)} (parameter-free {sorted(free)}): "
             "add a new head type to both tables"
         )
 

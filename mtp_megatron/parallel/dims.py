@@ -9,8 +9,33 @@ sizes, so the messages and the arithmetic are the same everywhere.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-from mtp_megatron.config import ConfigError, ModelConfig, ParallelConfig
+from mtp_megatron.config.base import ConfigError, check_choice, check_int, is_int
+from mtp_megatron.config.model import ModelConfig
+
+PipelinePartition = Literal["uniform", "parameters"]
+"""How decoder layers are split over pipeline stages (``train/pipeline_layout.py``)."""
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """How the world is split: world = pipeline x tensor x data parallel (a recipe's
+    ``parallel`` section; the data-parallel size is what the process count leaves)."""
+
+    tensor_parallel_size: int = 1
+    """Megatron TP: processes that shard each layer."""
+    pipeline_parallel_size: int = 1
+    """Pipeline stages (the MTP heads sit on the last one)."""
+    pipeline_partition: PipelinePartition = "uniform"
+    """How decoder layers are split over stages: 'uniform' (equal layer counts) or 'parameters'
+    (balance parameters, counting the embedding on the first stage and the output layer + MTP
+    heads on the last); every stage keeps at least one decoder layer."""
+
+    def validate(self, path: str = "parallel") -> None:
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            check_int(f"{path}.{name}", getattr(self, name), 1, "must be a positive integer")
+        check_choice(f"{path}.pipeline_partition", self.pipeline_partition, PipelinePartition)
 
 
 @dataclass(frozen=True)
@@ -26,10 +51,9 @@ class ParallelDims:
 
     def __post_init__(self) -> None:
         for name, value in (("tensor_parallel_size", self.tp), ("pipeline_parallel_size", self.pp)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"parallel.{name}={value!r} is invalid: must be >= 1")
+            check_int(f"parallel.{name}", value, 1, "must be >= 1")
         model_parallel = self.tp * self.pp
-        if isinstance(self.world, bool) or not isinstance(self.world, int) or self.world < 1:
+        if not is_int(self.world) or self.world < 1:
             raise ConfigError(
                 f"{self.world!r} processes is invalid: launch at least one process "
                 f"(a multiple of PP {self.pp} x TP {self.tp} = {model_parallel}: NPROC x NNODES)"
@@ -63,7 +87,7 @@ class ParallelDims:
 
 def check_model_layout(model: ModelConfig, parallel: ParallelConfig) -> None:
     """What the model needs of TP and PP, whatever the world: TP divides heads, kv heads, ffn,
-    hidden and the padded vocabulary; PP <= layers; ETD's think block inside one stage."""
+    hidden and the padded vocabulary; PP <= layers; no ETD at PP > 1."""
     ParallelDims(
         world=parallel.tensor_parallel_size * parallel.pipeline_parallel_size,
         tp=parallel.tensor_parallel_size,
@@ -77,8 +101,7 @@ def check_model_layout(model: ModelConfig, parallel: ParallelConfig) -> None:
             f"{model.num_layers}: every pipeline stage needs at least one decoder layer; "
             f"use at most {model.num_layers} stages or more layers"
         )
-    if model.etd is not None and pp > 1:  # the think block must not cross a stage
-        model.etd.validate_pipeline(model.num_layers, pp, parallel.pipeline_partition)
+    if model.etd is not None and pp > 1:
         raise ConfigError(
             f"model.etd with parallel.pipeline_parallel_size={pp} is not supported yet: the "
             "pipeline stages run decoder layers one by one, not the iterated think block "

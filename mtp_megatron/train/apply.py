@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mtp_megatron.config import ParallelConfig
+from mtp_megatron.config.train import TrainConfig
 from mtp_megatron.model import MTPModel
-from mtp_megatron.train.config import TrainConfig
+from mtp_megatron.parallel.dims import ParallelConfig
 from mtp_megatron.train.engine import build_engine
 from mtp_megatron.train.pipeline_engine import PipelineSteps, build_pipeline_engine
 from mtp_megatron.train.steps import SingleStageSteps, StepRunner

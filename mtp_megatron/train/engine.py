@@ -16,7 +16,7 @@ from megatron.core import parallel_state
 from torch import nn
 
 from mtp_megatron.config import ConfigError
-from mtp_megatron.train.config import TrainConfig
+from mtp_megatron.config.train import TrainConfig
 
 
 class MegatronMPU:

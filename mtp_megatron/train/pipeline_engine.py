@@ -20,9 +20,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from mtp_megatron.config.train import TrainConfig
 from mtp_megatron.data.loader import Batches
 from mtp_megatron.model import MTPModel
-from mtp_megatron.train.config import TrainConfig
 from mtp_megatron.train.engine import deepspeed_config, lr_lambda, parameter_groups
 from mtp_megatron.train.evaluate import reduce_stats
 from mtp_megatron.train.pipeline import NO_STEP, MTPPipelineModule, pipeline_topology

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from mtp_megatron.config import ConfigError
-from mtp_megatron.train.config import RESUME_OVERRIDABLE, TrainConfig
+from mtp_megatron.config.train import RESUME_OVERRIDABLE, TrainConfig
 
 # train.* fields that do not change what is trained: free to change on resume
 FREE_TRAIN_FIELDS = frozenset(

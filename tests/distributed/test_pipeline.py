@@ -73,8 +73,8 @@ def _pipeline_run(rank: int, world: int, tp: int, variants):
     """Each variant on the pipeline engine: losses, gathered gradients by MTPModel name, layout."""
     from deepspeed.runtime.pipe import schedule
 
+    from mtp_megatron.config.train import TrainConfig
     from mtp_megatron.parallel import initialize_parallel, tensor_parallel_group
-    from mtp_megatron.train.config import TrainConfig
     from mtp_megatron.train.pipeline import layout_groups
     from mtp_megatron.train.pipeline_engine import build_pipeline_engine, micro_batches
     from mtp_megatron.train.pipeline_layout import module_key

@@ -90,8 +90,8 @@ def test_from_dict_rejects_unknown_and_mistyped_keys():
 
 
 def test_parallel_dims_validates_the_layout_once():
-    from mtp_megatron.config import ETDConfig, ParallelConfig
-    from mtp_megatron.parallel.dims import ParallelDims, check_model_layout
+    from mtp_megatron.config import ETDConfig
+    from mtp_megatron.parallel.dims import ParallelConfig, ParallelDims, check_model_layout
 
     dims = ParallelDims(world=16, tp=2, pp=2)
     assert (dims.dp, dims.describe()) == (4, "world=16 = PP 2 x TP 2 x DP 4")
@@ -108,7 +108,13 @@ def test_parallel_dims_validates_the_layout_once():
         check_model_layout(ModelConfig(num_layers=4), parallel)
     with pytest.raises(ConfigError, match="model.num_attention_heads=3 .*tensor_parallel_size"):
         check_model_layout(ModelConfig(num_attention_heads=3, hidden_size=192), parallel)
-    etd = ModelConfig(num_layers=4, etd=ETDConfig(1, 2, 1))  # think layers 1..2 span stages
-    with pytest.raises(ConfigError, match="spans pipeline stages 0 and 1"):
+    etd = ModelConfig(
+        num_layers=4, etd=ETDConfig(n_encoder_layers=1, n_think_layers=2, n_decoder_layers=1)
+    )
+    with pytest.raises(
+        ConfigError, match="model.etd with parallel.pipeline_parallel_size=2 is not"
+    ):
         check_model_layout(etd, ParallelConfig(pipeline_parallel_size=2))
-    check_model_layout(ModelConfig(num_layers=4), ParallelConfig(2, 4))
+    check_model_layout(
+        ModelConfig(num_layers=4), ParallelConfig(tensor_parallel_size=2, pipeline_parallel_size=4)
+    )

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from mtp_megatron.config import ConfigError
+from mtp_megatron.config.train import TrainConfig
 from mtp_megatron.parallel import state
 from mtp_megatron.testing.variants import mtp_config, tiny_model_config
-from mtp_megatron.train.config import TrainConfig
 
 
 @pytest.fixture

@@ -78,10 +78,10 @@ def test_blend_errors_name_the_problem(tmp_path, single_process):
 
 
 def test_a_bare_prefix_needs_a_validation_blend(tmp_path, single_process):
-    from mtp_megatron.data.config import BlendEntry, DataConfig
+    from mtp_megatron.config.data import BlendEntry, DataConfig
     from mtp_megatron.data.loader import prepare_training_data
 
     a = write_prefix(tmp_path / "a", seed=0)
-    cfg = DataConfig(train=[BlendEntry(str(a))], cache_dir=str(tmp_path / "c"))
+    cfg = DataConfig(train=[BlendEntry(path=str(a))], cache_dir=str(tmp_path / "c"))
     with pytest.raises(ConfigError, match="data.validation is needed"):
         prepare_training_data(cfg, 512, 32, 100, 10, seed=0, log=lambda _: None)

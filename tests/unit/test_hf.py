@@ -65,7 +65,12 @@ def test_a_trunk_without_a_twin_and_an_existing_output_are_refused(tmp_path, sin
     with pytest.raises(ConfigError, match="no Hugging Face twin"):
         family_of(ModelConfig(norm_placement="post", qk_norm=False))
     with pytest.raises(ConfigError, match="Encode-Think-Decode"):
-        family_of(ModelConfig(num_layers=4, etd=ETDConfig(1, 2, 1)))
+        family_of(
+            ModelConfig(
+                num_layers=4,
+                etd=ETDConfig(n_encoder_layers=1, n_think_layers=2, n_decoder_layers=1),
+            )
+        )
     folder, _ = consolidated_run(tmp_path, twin_config("llama", False))
     (tmp_path / "taken").mkdir()
     with pytest.raises(ConfigError, match="exists"):

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from mtp_megatron import build_model
-from mtp_megatron.config import ConfigError, MTPTrainingConfig, ParallelConfig
+from mtp_megatron.config import ConfigError, MTPTrainingConfig
+from mtp_megatron.config.train import TrainConfig
+from mtp_megatron.parallel.dims import ParallelConfig
 from mtp_megatron.testing.variants import mtp_config, randomize_norm_weights, tiny_model_config
-from mtp_megatron.train.config import TrainConfig
 
 
 class _RandomBatches:

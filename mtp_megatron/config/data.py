@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
 
-from mtp_megatron.config import ConfigError
+from mtp_megatron.config.base import check_int, fail, is_int, is_number
 
 TEXT_SUFFIXES = (".txt", ".py", ".md")
 """Files read whole, one document each."""
@@ -18,17 +17,75 @@ BPE_PREFIX = "bpe:"
 """A tokenizer 'bpe:VOCAB': the project's byte-level BPE, trained on the train split."""
 MIN_VOCAB_SIZE = 257
 """The project's BPE: the 256 byte symbols and the end-of-text token."""
+STDLIB = "stdlib"
+"""``data.source: stdlib``: the running interpreter's standard library ``*.py`` files, the
+embedded default corpus."""
+HUB_DATASET_PREFIX = "hf:"
+"""``data.source: hf:NAME[:CONFIG]`` (and a ``prepare`` input): a Hugging Face *hub dataset*.
+Not to be confused with ``init_from: hf:DIR``, a local Hugging Face *checkpoint directory*
+(``hf/importer.py``)."""
 
 
-def _fail(path: str, value: Any, allowed: str) -> None:
-    raise ConfigError(f"{path}={value!r} is invalid: {allowed}")
+@dataclass(frozen=True)
+class StdlibSource:
+    """The interpreter's standard library (``data.source: stdlib``)."""
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+@dataclass(frozen=True)
+class LocalSource:
+    """A local file or directory of .txt/.py/.md/.jsonl/.parquet files."""
+
+    path: str
+    """Absolute."""
 
 
-@dataclass
+@dataclass(frozen=True)
+class HubDataset:
+    """A Hugging Face hub dataset's train split: ``hf:NAME[:CONFIG]``."""
+
+    name: str
+    """The dataset's hub name, e.g. 'roneneldan/TinyStories'."""
+    config: str | None = None
+    """Its configuration (subset), if it has several."""
+
+    @classmethod
+    def parse(cls, spec: str, path: str = "data.source") -> HubDataset:
+        """``hf:NAME[:CONFIG]`` -> HubDataset; ConfigError naming ``path`` otherwise."""
+        parts = spec.split(":")
+        if parts[0] + ":" != HUB_DATASET_PREFIX or len(parts) not in (2, 3) or not all(parts[1:]):
+            fail(path, spec, "a hub dataset is written 'hf:NAME' or 'hf:NAME:CONFIG'")
+        return cls(parts[1], parts[2] if len(parts) == 3 else None)
+
+    def __str__(self) -> str:
+        return f"{HUB_DATASET_PREFIX}{self.name}" + (f":{self.config}" if self.config else "")
+
+
+Source = StdlibSource | LocalSource | HubDataset
+"""``data.source`` once resolved: what ``data/sources.py`` prepares."""
+
+
+def resolve_source(spec: str, path: str = "data.source") -> Source:
+    """``data.source`` as a typed source; ConfigError (naming ``path``) when it cannot be one."""
+    if not isinstance(spec, str) or not spec:
+        fail(path, spec, "must be 'stdlib', a local path or 'hf:NAME[:CONFIG]'")
+    if spec == STDLIB:
+        return StdlibSource()
+    if spec.startswith(HUB_DATASET_PREFIX):
+        return HubDataset.parse(spec, path)
+    full = os.path.abspath(spec)
+    if not os.path.exists(full):
+        fail(
+            path,
+            spec,
+            f"the local path {full} does not exist; use 'stdlib', an existing file or "
+            "directory, or 'hf:NAME[:CONFIG]'",
+        )
+    if os.path.isfile(full) and not full.endswith(SOURCE_SUFFIXES):
+        fail(path, spec, f"a source file must end with one of {SOURCE_SUFFIXES}")
+    return LocalSource(full)
+
+
+@dataclass(kw_only=True)
 class BlendEntry:
     """One dataset of a training or validation blend."""
 
@@ -39,7 +96,7 @@ class BlendEntry:
     """Its share of the samples, normalised over the blend."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DataConfig:
     """The corpus or blend, its tokenizer and split, and the cache."""
 
@@ -82,79 +139,63 @@ class DataConfig:
     ``eos_token``, else <|endoftext|>."""
 
     def validate(self, path: str = "data") -> None:
+        self._validate_blends(path)
+        self._validate_tokenizer(path)
+        resolve_source(self.source, f"{path}.source")
+        if not isinstance(self.text_field, str) or not self.text_field:
+            fail(f"{path}.text_field", self.text_field, "must be a non-empty column name")
+        frac = self.validation_fraction
+        if not is_number(frac) or not 0 < frac <= 0.5:
+            fail(
+                f"{path}.validation_fraction",
+                frac,
+                "must be a number in (0, 0.5]: both splits need documents",
+            )
+        if not is_int(self.split_seed):
+            fail(f"{path}.split_seed", self.split_seed, "must be an integer")
+        check_int(f"{path}.prepare_workers", self.prepare_workers, 1)
+        if not isinstance(self.cache_dir, str) or not self.cache_dir:
+            fail(f"{path}.cache_dir", self.cache_dir, "must be a non-empty directory path")
+        for name in ("max_files", "max_bytes"):
+            value = getattr(self, name)
+            if value is not None:
+                check_int(f"{path}.{name}", value, 1, "must be null (no limit) or an integer >= 1")
+
+    def _validate_blends(self, path: str) -> None:
         for name in ("train", "validation"):
             for i, entry in enumerate(getattr(self, name) or []):
                 where = f"{path}.{name}[{i}]"
                 full = os.path.abspath(entry.path)
                 if not (os.path.isdir(full) or os.path.isfile(full + ".idx")):
-                    _fail(
+                    fail(
                         f"{where}.path",
                         entry.path,
                         f"{full} is neither a dataset directory nor an indexed prefix "
                         "(PATH.idx); write one with `python -m mtp_megatron prepare`",
                     )
                 w = entry.weight
-                if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0:
-                    _fail(f"{where}.weight", w, "must be a number > 0")
+                if not is_number(w) or not w > 0:
+                    fail(f"{where}.weight", w, "must be a number > 0")
         if self.train is not None and not self.train:
-            _fail(f"{path}.train", self.train, "must list at least one dataset (or be null)")
+            fail(f"{path}.train", self.train, "must list at least one dataset (or be null)")
         if self.validation is not None and self.train is None:
-            _fail(f"{path}.validation", self.validation, "needs data.train (an indexed blend)")
+            fail(f"{path}.validation", self.validation, "needs data.train (an indexed blend)")
+
+    def _validate_tokenizer(self, path: str) -> None:
         tok = self.tokenizer
         if tok is not None and not (isinstance(tok, str) and tok):
-            _fail(f"{path}.tokenizer", tok, "must be a tokenizer path or 'bpe:VOCAB'")
+            fail(f"{path}.tokenizer", tok, "must be a tokenizer path or 'bpe:VOCAB'")
         if tok is not None and tok.startswith(BPE_PREFIX):
             if self.train is not None:
-                _fail(f"{path}.tokenizer", tok, "with data.train, name the tokenizer.json")
+                fail(f"{path}.tokenizer", tok, "with data.train, name the tokenizer.json")
             size = tok[len(BPE_PREFIX) :]
             if not size.isdigit() or int(size) < MIN_VOCAB_SIZE:
-                _fail(
+                fail(
                     f"{path}.tokenizer",
                     tok,
                     f"the project's BPE is 'bpe:VOCAB' with VOCAB >= {MIN_VOCAB_SIZE}",
                 )
         elif tok is not None and not os.path.exists(tok):
-            _fail(f"{path}.tokenizer", tok, "no such file or directory (or 'bpe:VOCAB')")
+            fail(f"{path}.tokenizer", tok, "no such file or directory (or 'bpe:VOCAB')")
         if self.eod_token is not None and not (isinstance(self.eod_token, str) and self.eod_token):
-            _fail(f"{path}.eod_token", self.eod_token, "must be a token string or null")
-        src = self.source
-        if not isinstance(src, str) or not src:
-            _fail(f"{path}.source", src, "must be 'stdlib', a local path or 'hf:NAME[:CONFIG]'")
-        if src.startswith("hf:"):
-            parts = src.split(":")
-            if len(parts) not in (2, 3) or not all(parts[1:]):
-                _fail(
-                    f"{path}.source", src, "a hub dataset is written 'hf:NAME' or 'hf:NAME:CONFIG'"
-                )
-        elif src != "stdlib":
-            full = os.path.abspath(src)
-            if not os.path.exists(full):
-                _fail(
-                    f"{path}.source",
-                    src,
-                    f"the local path {full} does not exist; use 'stdlib', an existing file or "
-                    "directory, or 'hf:NAME[:CONFIG]'",
-                )
-            if os.path.isfile(full) and not full.endswith(SOURCE_SUFFIXES):
-                _fail(
-                    f"{path}.source", src, f"a source file must end with one of {SOURCE_SUFFIXES}"
-                )
-        if not isinstance(self.text_field, str) or not self.text_field:
-            _fail(f"{path}.text_field", self.text_field, "must be a non-empty column name")
-        frac = self.validation_fraction
-        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac <= 0.5:
-            _fail(
-                f"{path}.validation_fraction",
-                frac,
-                "must be a number in (0, 0.5]: both splits need documents",
-            )
-        if not _is_int(self.split_seed):
-            _fail(f"{path}.split_seed", self.split_seed, "must be an integer")
-        if not _is_int(self.prepare_workers) or self.prepare_workers < 1:
-            _fail(f"{path}.prepare_workers", self.prepare_workers, "must be an integer >= 1")
-        if not isinstance(self.cache_dir, str) or not self.cache_dir:
-            _fail(f"{path}.cache_dir", self.cache_dir, "must be a non-empty directory path")
-        for name in ("max_files", "max_bytes"):
-            value = getattr(self, name)
-            if value is not None and (not _is_int(value) or value < 1):
-                _fail(f"{path}.{name}", value, "must be null (no limit) or an integer >= 1")
+            fail(f"{path}.eod_token", self.eod_token, "must be a token string or null")

@@ -6,14 +6,20 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from mtp_megatron.config import ConfigError, MTPTrainingConfig
+from mtp_megatron.config.base import ConfigError, check_choice, is_int
+from mtp_megatron.config.mtp import MTPTrainingConfig
+
+Precision = Literal["auto", "fp32", "bf16"]
+"""``train.precision``: 'auto' is fp32 on CPU, bf16 on GPU."""
+OnNonFinite = Literal["stop", "skip"]
+"""``train.on_nonfinite``: what a step with a NaN / inf loss or gradient norm does."""
 
 # train.* settings that a resume may change when listed in train.resume_overrides: the
 # optimizer's hyperparameters (re-applied after the checkpoint is loaded) and the LR schedule.
 RESUME_OVERRIDABLE = ("lr", "min_lr_ratio", "lr_warmup_steps", "weight_decay", "betas", "steps")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainConfig:
     """How a recipe trains (DeepSpeed drives the optimizer and ZeRO sharding)."""
 
@@ -39,7 +45,7 @@ class TrainConfig:
     """Global gradient-norm clip (0 disables)."""
     zero_stage: int = 1
     """DeepSpeed ZeRO stage 0-3, sharding over the data-parallel group only."""
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Precision = "auto"
     """'auto': fp32 on CPU, bf16 on GPU."""
     seed: int = 0
     """Seed of the model init and the data order."""
@@ -55,7 +61,7 @@ class TrainConfig:
     """Checkpoints kept; older ones are deleted after a newer one is complete."""
     run_dir: str | None = None
     """Run directory (checkpoints, TensorBoard, resolved recipe); None: runs/<recipe name>."""
-    on_nonfinite: Literal["stop", "skip"] = "stop"
+    on_nonfinite: OnNonFinite = "stop"
     """A step whose loss, an MTP step loss or the gradient norm is NaN / inf: 'stop' (exit
     non-zero, nothing of that state saved) or 'skip' (DeepSpeed drops the update; ZeRO >= 1)."""
     max_skipped_steps: int = 10
@@ -74,11 +80,11 @@ class TrainConfig:
         positive = ("steps", "micro_batch_size", "grad_accum", "eval_batches", "keep_last")
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ConfigError(f"{path}.{name}={value!r} is invalid: must be an integer >= 1")
         for name in ("lr_warmup_steps", "eval_every", "checkpoint_every", "log_every"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
+            if not is_int(value) or value < 0:
                 raise ConfigError(f"{path}.{name}={value!r} is invalid: must be an integer >= 0")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"{path}.zero_stage={self.zero_stage!r} is invalid: must be 0-3")
@@ -86,10 +92,7 @@ class TrainConfig:
             raise ConfigError(f"{path}.lr={self.lr!r} is invalid: must be > 0")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"{path}.min_lr_ratio={self.min_lr_ratio!r} is invalid: in [0, 1]")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError(
-                f"{path}.precision={self.precision!r} is invalid: 'auto', 'fp32' or 'bf16'"
-            )
+        check_choice(f"{path}.precision", self.precision, Precision)
         if self.seq_len is not None and self.seq_len < 2:
             raise ConfigError(f"{path}.seq_len={self.seq_len!r} is invalid: must be >= 2")
         if not self.grad_clip >= 0:  # also refuses NaN, which would turn clipping off
@@ -104,17 +107,14 @@ class TrainConfig:
                 raise ConfigError(f"{path}.{name}={value!r} is invalid: must be a finite number")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"{path}.betas={self.betas!r} is invalid: two numbers in [0, 1)")
-        if self.on_nonfinite not in ("stop", "skip"):
-            raise ConfigError(
-                f"{path}.on_nonfinite={self.on_nonfinite!r} is invalid: 'stop' or 'skip'"
-            )
+        check_choice(f"{path}.on_nonfinite", self.on_nonfinite, OnNonFinite)
         if self.on_nonfinite == "skip" and self.zero_stage == 0:
             raise ConfigError(
                 f"{path}.on_nonfinite='skip' is invalid with {path}.zero_stage=0: without ZeRO, "
                 "DeepSpeed applies a non-finite update instead of dropping it; use zero_stage "
                 "1-3 to skip such steps, or on_nonfinite='stop'"
             )
-        if not isinstance(self.max_skipped_steps, int) or self.max_skipped_steps < 0:
+        if not is_int(self.max_skipped_steps) or self.max_skipped_steps < 0:
             raise ConfigError(
                 f"{path}.max_skipped_steps={self.max_skipped_steps!r} is invalid: an integer >= 0"
             )
