@@ -52,7 +52,7 @@ class Recipe:
             )
         if curriculum != "none":
             stages = self.model.mtp.num_predict_tokens + 1
-            span = self.train.mtp.with_total_steps(self.train.steps).curriculum_steps
+            span = self.train.mtp.curriculum_span(self.train.steps)
             if span < stages:
                 raise ConfigError(
                     f"train.mtp.curriculum={curriculum!r} spans {span} steps "

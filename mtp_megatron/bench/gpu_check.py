@@ -204,6 +204,7 @@ def stage_throughput(ctx: Context) -> dict:
     from mtp_megatron import build_model
     from mtp_megatron.config import ModelConfig, MTPConfig, MTPTrainingConfig
     from mtp_megatron.parallel import ensure_parallel_initialized
+    from mtp_megatron.train.apply import apply_mtp_training
 
     ensure_parallel_initialized()
     if ctx.quick:
@@ -232,7 +233,9 @@ def stage_throughput(ctx: Context) -> dict:
             continue
         cfg = ModelConfig(**shape, max_seq_len=seq, mtp=mtp)
         torch.manual_seed(0)
-        model = build_model(cfg, training=training).to(ctx.device, dtype)
+        model = build_model(cfg)
+        apply_mtp_training(model, training)
+        model = model.to(ctx.device, dtype)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=ctx.device)
         if ctx.device.type == "cuda":

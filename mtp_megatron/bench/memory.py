@@ -145,13 +145,16 @@ def run_case(args: argparse.Namespace, key: str) -> CaseResult:
     from mtp_megatron.model import build_model
     from mtp_megatron.model.loss import labels_from_input_ids
     from mtp_megatron.parallel import ensure_parallel_initialized
+    from mtp_megatron.train.apply import apply_mtp_training
 
     device = torch.device(args.device)
     ensure_parallel_initialized()
     cfg, training = _model_config(args, key)
     torch.manual_seed(0)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    model = build_model(cfg, training=training).to(device, dtype)
+    model = build_model(cfg)
+    apply_mtp_training(model, training)
+    model = model.to(device, dtype)
     model.train()
     generator = torch.Generator().manual_seed(1)
     input_ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len), generator=generator)

@@ -6,11 +6,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 from mtp_megatron.config.base import (
-    ConfigError,
     check_choice,
     check_flags,
     check_int,
@@ -78,55 +77,6 @@ class MTPConfig:
     weight_switch_tokens: int | None = None
     """The switch in training tokens instead of steps: the trainer turns it into the first step
     at or past that many tokens (tokens per step = global batch x seq_len)."""
-
-    def step_weights(self) -> list[float]:
-        """alpha_1..alpha_K, normalised to sum to one."""
-        raw = [self.loss_weight_decay ** (k - 1) for k in range(1, self.num_predict_tokens + 1)]
-        total = sum(raw)
-        return [r / total for r in raw]
-
-    def step_weights_of(self, active: int) -> list[float]:
-        """alpha_1..alpha_active, normalised over the ``active`` first steps (a curriculum's)."""
-        raw = [self.loss_weight_decay ** (k - 1) for k in range(1, active + 1)]
-        total = sum(raw)
-        return [r / total for r in raw]
-
-    def with_tokens_per_step(self, tokens_per_step: int) -> MTPConfig:
-        """This config with ``weight_switch_tokens`` turned into ``weight_switch_step``."""
-        if self.weight_switch_tokens is None:
-            return self
-        step = math.ceil(self.weight_switch_tokens / tokens_per_step)
-        if step <= self.warmup_steps:
-            raise ConfigError(
-                f"mtp.weight_switch_tokens={self.weight_switch_tokens} is step {step} at "
-                f"{tokens_per_step} tokens per step, within the MTP warm-up "
-                f"(warmup_steps={self.warmup_steps}): move the switch later or shorten the warm-up"
-            )
-        return replace(self, weight_switch_step=step, weight_switch_tokens=None)
-
-    def mtp_weight(self, step: int | None) -> float:
-        """w at an optimizer step: the guide's ``get_mtp_weight`` (``None``: the full
-        ``mtp_loss_weight``, no schedule), warm-up then ``weight_schedule``."""
-        w0 = self.mtp_loss_weight
-        if step is None:
-            return w0
-        step = max(step, 0)
-        if self.weight_schedule != "constant":
-            switch, w1 = self.weight_switch_step, self.final_loss_weight
-            if switch is None:
-                raise ConfigError(
-                    "mtp.weight_switch_tokens is not turned into steps yet: call "
-                    "MTPConfig.with_tokens_per_step (the trainer does) or give weight_switch_step"
-                )
-            if self.weight_schedule == "step":
-                w0 = w0 if step < switch else w1
-            else:  # linear_decay, from the end of the warm-up to the switch
-                start = min(self.warmup_steps, switch)
-                frac = 1.0 if switch <= start else min(max(step - start, 0) / (switch - start), 1)
-                w0 = w0 + (w1 - w0) * frac
-        if self.warmup_steps > 0 and step < self.warmup_steps:
-            return w0 * step / self.warmup_steps
-        return w0
 
     @property
     def recursive_drafts(self) -> bool:
@@ -260,27 +210,6 @@ class MTPTrainingConfig:
     ``train/mtp_active_steps``; evaluation scores every head."""
     curriculum_steps: int | None = None
     """Optimizer steps the curriculum's K + 1 stages span (None: the run's train.steps)."""
-
-    def with_total_steps(self, total_steps: int) -> MTPTrainingConfig:
-        """This config with the curriculum's span set (``total_steps`` when it is None)."""
-        if self.curriculum == "none" or self.curriculum_steps is not None:
-            return self
-        return replace(self, curriculum_steps=total_steps)
-
-    def active_steps(self, step: int | None, num_steps: int, total_steps: int | None) -> int:
-        """MTP steps that train at optimizer step ``step`` (``None``: all, e.g. evaluation).
-
-        ``total_steps``: the span when ``curriculum_steps`` is None."""
-        if self.curriculum == "none" or step is None:
-            return num_steps
-        span = self.curriculum_steps or total_steps
-        if span is None:
-            raise ConfigError(
-                f"train.mtp.curriculum={self.curriculum!r} needs its span: set "
-                "train.mtp.curriculum_steps (the trainer uses train.steps)"
-            )
-        stage = min(num_steps, max(step, 0) * (num_steps + 1) // span)  # 0..K
-        return stage if self.curriculum == "forward" else num_steps - stage
 
     def curriculum_span(self, total_steps: int | None) -> int | None:
         """The optimizer steps the curriculum's stages span: ``curriculum_steps``, else the run's

@@ -218,9 +218,7 @@ def wrap_transformer_with_etd(model: DecoderTrunk, cfg: ETDConfig) -> ETDTrunk:
     Wrap the trunk before adding MTP heads: ``wrap_model_with_mtp(wrap_transformer_with_etd(
     trunk, etd), mtp)``. The result shares the trunk's modules (use it, not the trunk, from here).
     """
-    from mtp_megatron.model.mtp_model import MTPModel
-
-    if isinstance(model, MTPModel):
+    if isinstance(getattr(model, "trunk", None), DecoderTrunk):  # an MTPModel
         raise TypeError(
             "wrap the trunk before adding MTP heads: "
             "wrap_model_with_mtp(wrap_transformer_with_etd(trunk, etd_config), mtp_config)"

@@ -14,7 +14,7 @@ stage: final norm, output layer, every MTP head), [L+2] the tie marker (last sta
   hands the first stage ``batch[0]`` and the last ``batch[1]``): the chained heads' future tokens
   t_{i+k} and the warm-up weight w(step) need no extra p2p traffic. RoPE positions are 0..s-1.
 - **The loss** is the module's ``loss_fn`` on the last stage: ``MTPModel.final_stage`` (final norm,
-  main head, the K steps, main + w(step) * sum_k alpha_k CE_k), the code a PP=1 forward runs.
+  main head, the K steps and the objective), the code a PP=1 forward runs.
 - **The tie**: the last stage needs the token embedding when the heads are chained (e_{i+k}) or
   the output layer is tied. DeepSpeed then builds an EmbeddingPipe on the first and the last
   stage and, after every backward, all-reduces the weight's gradient over those two ranks of each
@@ -41,6 +41,7 @@ from torch import nn
 
 from mtp_megatron.config import ConfigError
 from mtp_megatron.model import MTPModel, MTPOutput
+from mtp_megatron.model.objective import StepMetrics
 from mtp_megatron.parallel import tensor_parallel_group
 from mtp_megatron.train.evaluate import add_batch_stats
 from mtp_megatron.train.pipeline_layout import (
@@ -130,25 +131,12 @@ class FinalStagePipe(nn.Module):
             out = self.model.final_stage(
                 hidden, input_ids, labels, step=int(step), return_logits=False
             )
-            self.records.append(logged_values(out))
+            self.records.append(StepMetrics.pack(out))
             return out.loss
         out = self.model.final_stage(hidden, input_ids, labels, return_mtp_logits=True)
         add_batch_stats(self.eval_sums, out, labels, tensor_parallel_group())
         self.last_output = out
         return out.main_loss
-
-
-def logged_values(out: MTPOutput) -> torch.Tensor:
-    """[loss, main, mtp, mtp_weight, active steps, step_1..step_K] of one micro-batch, detached,
-    on the loss's device (the PP=1 trainer and the last pipeline stage log these; summed and
-    reduced there, read by the host once per step)."""
-    device = out.loss.device
-    mtp = out.mtp_loss.detach() if out.mtp_loss is not None else torch.zeros((), device=device)
-    weight = torch.tensor(float(out.mtp_weight), device=device)
-    active = torch.tensor(float(out.mtp_active_steps), device=device)
-    parts = [out.loss.detach(), out.main_loss.detach(), mtp, weight, active]
-    parts += [v.detach() for v in out.mtp_step_losses.values()]
-    return torch.stack([p.float().reshape(()) for p in parts])
 
 
 def last_stage_needs_embedding(model: MTPModel) -> bool:

@@ -23,10 +23,10 @@ from megatron.core import parallel_state
 from mtp_megatron.config.train import TrainConfig
 from mtp_megatron.data.loader import Batches
 from mtp_megatron.model import MTPModel
+from mtp_megatron.model.objective import StepMetrics
 from mtp_megatron.train.engine import deepspeed_config, lr_lambda, parameter_groups
 from mtp_megatron.train.evaluate import reduce_stats
 from mtp_megatron.train.pipeline import NO_STEP, MTPPipelineModule, pipeline_topology
-from mtp_megatron.train.steps import named_step_values
 
 Batch = tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
@@ -67,7 +67,7 @@ class PipelineSteps:
     def __init__(self, engine, num_mtp_steps: int):
         self.engine = engine
         self.module: MTPPipelineModule = engine.module
-        self.num_values = 5 + num_mtp_steps  # loss, main, mtp, w, active, CE_1..CE_K
+        self.num_values = StepMetrics.size(num_mtp_steps)
         self._pp_group = parallel_state.get_pipeline_model_parallel_group()
         self._last_rank = parallel_state.get_pipeline_model_parallel_last_rank()
         self._dp_group = parallel_state.get_data_parallel_group()
@@ -86,7 +86,7 @@ class PipelineSteps:
         dist.all_reduce(values, group=self._dp_group)
         values /= dist.get_world_size(self._dp_group)
         dist.broadcast(values, src=self._last_rank, group=self._pp_group)
-        return named_step_values(values.cpu(), self.num_values - 5)
+        return StepMetrics.names(values.cpu())
 
     def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
         """Validation metrics (as ``train/evaluate.py``) over this DP rank's ``batches``."""

@@ -18,8 +18,8 @@ from megatron.core import parallel_state
 
 from mtp_megatron.data.loader import Batches
 from mtp_megatron.model.etd import etd_metrics
+from mtp_megatron.model.objective import StepMetrics
 from mtp_megatron.train.evaluate import evaluate
-from mtp_megatron.train.pipeline import logged_values
 
 
 class StepRunner(Protocol):
@@ -35,29 +35,12 @@ class StepRunner(Protocol):
         """Validation metrics (``train/evaluate.py``) over this DP rank's ``batches``."""
 
 
-def named_step_values(values: torch.Tensor, num_mtp_steps: int) -> dict[str, float]:
-    """[loss, main, mtp, w, active, CE_1..CE_K] (``logged_values``, reduced) -> TensorBoard
-    names; the CE of a step a curriculum left out of this step is not logged."""
-    names = ["train/loss", "train/main_loss", "train/mtp_loss", "train/mtp_weight"]
-    names += ["train/mtp_active_steps"]
-    names += [f"train/mtp_step_{k}" for k in range(1, num_mtp_steps + 1)]
-    named = dict(zip(names, values.tolist()))
-    if num_mtp_steps == 0:
-        del named["train/mtp_loss"], named["train/mtp_weight"], named["train/mtp_active_steps"]
-        return named
-    active = round(named["train/mtp_active_steps"])  # the same on every rank and micro-batch
-    for k in range(active + 1, num_mtp_steps + 1):
-        del named[f"train/mtp_step_{k}"]
-    return named
-
-
 class SingleStageSteps:
     """PP=1: every rank runs the whole model; DeepSpeed accumulates and steps."""
 
-    def __init__(self, engine, device: torch.device, num_mtp_steps: int):
+    def __init__(self, engine, device: torch.device):
         self.engine = engine
         self.device = device
-        self.num_mtp_steps = num_mtp_steps
         self._dp_group = parallel_state.get_data_parallel_group()
 
     def train_step(self, batches: Batches, step: int, grad_accum: int) -> dict[str, float]:
@@ -72,13 +55,13 @@ class SingleStageSteps:
             )
             engine.backward(out.loss)
             engine.step()  # DeepSpeed applies the update at the accumulation boundary
-            values = logged_values(out)
+            values = StepMetrics.pack(out)
             sums = values if sums is None else sums + values
         engine.module.after_optimizer_step()  # once per step: ETD's routing bias
         # mean over micro-batches and data-parallel ranks, in one all-reduce
         sums = sums / (grad_accum * dist.get_world_size(self._dp_group))
         dist.all_reduce(sums, group=self._dp_group)
-        metrics = named_step_values(sums, self.num_mtp_steps)
+        metrics = StepMetrics.names(sums)
         metrics.update(etd_metrics(engine.module, "train/"))  # last micro-batch, this rank
         return metrics
 

@@ -271,20 +271,18 @@ class _Trainer:
         recipe, tcfg, par = self.recipe, self.tcfg, self.recipe.parallel
         torch.manual_seed(tcfg.seed)  # same master weights on every rank, sliced per TP rank
         model = build_model(recipe.model)
-        if model.mtp_cfg is not None:  # an MTP weight switch given in tokens, in steps
-            tokens = tcfg.micro_batch_size * tcfg.grad_accum * self.layout.data_parallel_size
-            model.mtp_cfg = model.mtp_cfg.with_tokens_per_step(tokens * recipe.seq_len)
-            switch = model.mtp_cfg.weight_switch_step
-            if switch is not None and switch >= tcfg.steps:
-                self.say(
-                    f"[mtp] note: the MTP weight switch is at step {switch}, at or past "
-                    f"train.steps={tcfg.steps}: this run never reaches final_loss_weight"
-                )
         if recipe.init_from is not None and fresh:  # a resume loads the checkpoint instead
             from mtp_megatron.hf.importer import load_pretrained
 
             load_pretrained(model, recipe.init_from, recipe.mtp_head_init, log=self.say)
-        setup = apply_training(model, tcfg, par, self.device)
+        sequences = tcfg.micro_batch_size * tcfg.grad_accum * self.layout.data_parallel_size
+        setup = apply_training(model, tcfg, par, self.device, sequences * recipe.seq_len)
+        switch = model.objective.schedule.switch_step  # a switch in tokens, now in steps
+        if model.cfg.mtp is not None and switch is not None and switch >= tcfg.steps:
+            self.say(
+                f"[mtp] note: the MTP weight switch is at step {switch}, at or past "
+                f"train.steps={tcfg.steps}: this run never reaches final_loss_weight"
+            )
         self.engine, self.runner, model = setup.engine, setup.runner, setup.module
         if par.pipeline_parallel_size > 1:
             self.say(f"[setup] pipeline ({par.pipeline_partition}): {model.describe()}")

@@ -10,6 +10,7 @@ from mtp_megatron.testing.variants import (
     tiny_model_config,
     valid_combinations,
 )
+from mtp_megatron.train.apply import apply_mtp_training
 
 VARIANTS = valid_combinations(k=3)
 
@@ -28,7 +29,8 @@ def forward_backward(variant, training=None, tie=False):
     """(losses, {name: local grad}) of one forward + backward on a fixed batch."""
     cfg = tiny_model_config(mtp_config(*variant, k=3), tie_embeddings=tie)
     torch.manual_seed(0)  # the same master weights on every rank and in every mode
-    model = build_model(cfg, training=training)
+    model = build_model(cfg)
+    apply_mtp_training(model, training or MTPTrainingConfig())
     randomize_norm_weights(model)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=g)

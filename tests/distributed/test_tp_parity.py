@@ -111,11 +111,13 @@ def _distilled_grads(rank: int, world: int, tp: int):
     from mtp_megatron import build_model
     from mtp_megatron.config import MTPTrainingConfig
     from mtp_megatron.parallel import initialize_parallel, tensor_parallel_group
+    from mtp_megatron.train.apply import apply_mtp_training
 
     initialize_parallel(tensor_parallel_size=tp)
     cfg = tiny_model_config(mtp_config("transformer", False, "chained", k=2))
     torch.manual_seed(0)
-    model = build_model(cfg, MTPTrainingConfig(distill_weight=0.5))
+    model = build_model(cfg)
+    apply_mtp_training(model, MTPTrainingConfig(distill_weight=0.5))
     randomize_norm_weights(model)
     ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
     out = model(ids, return_logits=False)

@@ -10,6 +10,7 @@ from mtp_megatron.testing.distributed import run_distributed
 from mtp_megatron.testing.runs import tiny_run_overrides
 from mtp_megatron.testing.tolerance import GRAD_RTOL, VALUE_RTOL, assert_close_to_scale
 from mtp_megatron.testing.variants import mtp_config, randomize_norm_weights, tiny_model_config
+from mtp_megatron.train.apply import apply_mtp_training
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda", 0)
@@ -18,7 +19,8 @@ CUDA = torch.device("cuda", 0)
 def _loss_and_grads(device, dtype=torch.float32, training=None):
     cfg = tiny_model_config(mtp_config("transformer", True, "chained", k=3))
     torch.manual_seed(0)
-    model = build_model(cfg, training=training)
+    model = build_model(cfg)
+    apply_mtp_training(model, training or MTPTrainingConfig())
     randomize_norm_weights(model)
     model = model.to(device, dtype)
     ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))

@@ -16,25 +16,6 @@ def test_guide_defaults():
     assert (cfg.loss_weight_decay, cfg.mtp_loss_weight, cfg.speculation_lookahead) == (0.5, 0.5, 3)
 
 
-def test_step_weights_worked_example():
-    alphas = MTPConfig(num_predict_tokens=4, loss_weight_decay=0.5).step_weights()
-    assert [round(a, 3) for a in alphas] == [0.533, 0.267, 0.133, 0.067]
-    assert sum(alphas) == pytest.approx(1.0)
-    assert MTPConfig(num_predict_tokens=3, loss_weight_decay=1.0).step_weights() == pytest.approx(
-        [1 / 3] * 3
-    )
-
-
-def test_mtp_weight_warmup_is_linear():
-    cfg = MTPConfig(mtp_loss_weight=0.5, warmup_steps=1000)
-    assert cfg.mtp_weight(0) == 0.0
-    assert cfg.mtp_weight(250) == pytest.approx(0.125)
-    assert cfg.mtp_weight(1000) == 0.5
-    assert cfg.mtp_weight(5000) == 0.5
-    assert cfg.mtp_weight(None) == 0.5
-    assert MTPConfig(warmup_steps=0).mtp_weight(0) == 0.5
-
-
 @pytest.mark.parametrize(
     "kwargs,field",
     [

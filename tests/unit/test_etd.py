@@ -166,12 +166,13 @@ def test_expert_bias_moves_once_per_optimizer_step_under_grad_accumulation(singl
 def test_activation_checkpointing_recomputes_each_iteration_with_its_own_routing(single_process):
     """Recomputed think layers (in backward) must see their own iteration's experts."""
     from mtp_megatron.config import MTPTrainingConfig
+    from mtp_megatron.train.apply import apply_mtp_training
 
     etd = etd_config(use_layer_router=True, use_lora_experts=True, max_think_iterations=3)
     results = []
     for checkpointing in (False, True):
         model = etd_model(etd)
-        model.training_config = MTPTrainingConfig(gradient_checkpointing=checkpointing)
+        apply_mtp_training(model, MTPTrainingConfig(gradient_checkpointing=checkpointing))
         out = model(token_ids(2, 12, 12))
         out.loss.backward()
         results.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters()}))

@@ -9,7 +9,9 @@ import torch
 from mtp_megatron import ConfigError, MTPConfig, build_model
 from mtp_megatron.config import MTPTrainingConfig
 from mtp_megatron.decoding import generate_plain
+from mtp_megatron.model.objective import MTPObjective
 from mtp_megatron.testing.variants import mtp_config, tiny_model_config
+from mtp_megatron.train.apply import apply_mtp_training
 from tests.cases.decoding import random_prompts
 
 # -- MTP weight schedules ----------------------------------------------------------------------
@@ -18,7 +20,8 @@ from tests.cases.decoding import random_prompts
 def test_constant_schedule_with_warmup_is_todays_linear_warmup():
     cfg = MTPConfig(mtp_loss_weight=0.3, warmup_steps=10)
     cfg.validate()
-    assert [cfg.mtp_weight(s) for s in (0, 5, 10, 500)] == pytest.approx([0, 0.15, 0.3, 0.3])
+    w = MTPObjective(cfg).weight
+    assert [w(s) for s in (0, 5, 10, 500)] == pytest.approx([0, 0.15, 0.3, 0.3])
 
 
 def test_deepseek_step_schedule_switches_at_the_step():
@@ -26,8 +29,9 @@ def test_deepseek_step_schedule_switches_at_the_step():
         mtp_loss_weight=0.3, weight_schedule="step", final_loss_weight=0.1, weight_switch_step=100
     )
     cfg.validate()
-    assert [cfg.mtp_weight(s) for s in (0, 99, 100, 101, 10_000)] == [0.3, 0.3, 0.1, 0.1, 0.1]
-    assert cfg.mtp_weight(None) == 0.3  # no step (evaluation): the full weight
+    w = MTPObjective(cfg).weight
+    assert [w(s) for s in (0, 99, 100, 101, 10_000)] == [0.3, 0.3, 0.1, 0.1, 0.1]
+    assert w(None) == 0.3  # no step (evaluation): the full weight
 
 
 def test_step_schedule_switch_in_tokens_becomes_the_first_step_past_them():
@@ -38,12 +42,12 @@ def test_step_schedule_switch_in_tokens_becomes_the_first_step_past_them():
         weight_switch_tokens=10_000,
     )
     cfg.validate()
-    with pytest.raises(ConfigError, match="with_tokens_per_step"):
-        cfg.mtp_weight(3)
-    resolved = cfg.with_tokens_per_step(4 * 256)  # 1024 tokens per step: step 10 reaches 10240
-    assert resolved.weight_switch_step == 10
-    assert (resolved.mtp_weight(9), resolved.mtp_weight(10)) == (0.3, 0.1)
-    resolved.validate()
+    with pytest.raises(ConfigError, match="tokens_per_step"):
+        MTPObjective(cfg).weight(3)
+    # 1024 tokens per step: step 10 reaches 10240
+    resolved = MTPObjective(cfg, tokens_per_step=4 * 256)
+    assert resolved.schedule.switch_step == 10
+    assert (resolved.weight(9), resolved.weight(10)) == (0.3, 0.1)
 
 
 def test_linear_decay_from_the_end_of_the_warmup_to_the_switch():
@@ -55,7 +59,7 @@ def test_linear_decay_from_the_end_of_the_warmup_to_the_switch():
         weight_switch_step=110,
     )
     cfg.validate()
-    got = [cfg.mtp_weight(s) for s in (0, 5, 10, 60, 110, 400)]
+    got = [MTPObjective(cfg).weight(s) for s in (0, 5, 10, 60, 110, 400)]
     assert got == pytest.approx([0.0, 0.15, 0.3, 0.2, 0.1, 0.1])
 
 
@@ -114,9 +118,10 @@ def test_a_switch_in_tokens_becomes_the_first_step_past_them_and_not_inside_the_
         weight_schedule="step", final_loss_weight=0.1, weight_switch_tokens=1000, warmup_steps=3
     )
     cfg.validate()
-    assert cfg.with_tokens_per_step(256).weight_switch_step == 4  # 4 x 256 >= 1000 > 3 x 256
+    # 4 x 256 >= 1000 > 3 x 256
+    assert MTPObjective(cfg, tokens_per_step=256).schedule.switch_step == 4
     with pytest.raises(ConfigError, match="weight_switch_tokens=1000 is step 2 .* warm-up"):
-        cfg.with_tokens_per_step(512)
+        MTPObjective(cfg, tokens_per_step=512)
 
 
 # -- head curricula ----------------------------------------------------------------------------
@@ -124,18 +129,23 @@ def test_a_switch_in_tokens_becomes_the_first_step_past_them_and_not_inside_the_
 
 def test_forward_and_reverse_curricula_stage_their_steps():
     # K = 3 over 100 steps: K + 1 = 4 stages of 25 steps
-    forward = MTPTrainingConfig(curriculum="forward", curriculum_steps=100)
-    reverse = MTPTrainingConfig(curriculum="reverse", curriculum_steps=100)
+    k3 = MTPConfig(num_predict_tokens=3)
+
+    def objective(**training) -> MTPObjective:
+        return MTPObjective(k3, MTPTrainingConfig(**training))
+
+    forward = objective(curriculum="forward", curriculum_steps=100)
+    reverse = objective(curriculum="reverse", curriculum_steps=100)
     steps = (0, 24, 25, 49, 50, 74, 75, 99, 100, 1000)
-    assert [forward.active_steps(s, 3, None) for s in steps] == [0, 0, 1, 1, 2, 2, 3, 3, 3, 3]
-    assert [reverse.active_steps(s, 3, None) for s in steps] == [3, 3, 2, 2, 1, 1, 0, 0, 0, 0]
-    assert forward.active_steps(None, 3, None) == 3  # evaluation: every head
-    assert MTPTrainingConfig().active_steps(7, 3, None) == 3
+    assert [forward.active_steps(s) for s in steps] == [0, 0, 1, 1, 2, 2, 3, 3, 3, 3]
+    assert [reverse.active_steps(s) for s in steps] == [3, 3, 2, 2, 1, 1, 0, 0, 0, 0]
+    assert forward.active_steps(None) == 3  # evaluation: every head
+    assert objective().active_steps(7) == 3
     # the span defaults to the run's steps
-    span = MTPTrainingConfig(curriculum="forward").with_total_steps(40)
-    assert span.curriculum_steps == 40 and span.active_steps(10, 3, None) == 1
+    span = MTPObjective(k3, MTPTrainingConfig(curriculum="forward"), total_steps=40)
+    assert span.curriculum.span == 40 and span.active_steps(10) == 1
     with pytest.raises(ConfigError, match="curriculum_steps"):
-        MTPTrainingConfig(curriculum="forward").active_steps(3, 3, None)
+        objective(curriculum="forward").active_steps(3)
 
 
 @pytest.mark.parametrize(
@@ -156,9 +166,10 @@ def _curriculum_model(shared: bool, sequential: bool = False, step: int | None =
     cfg = tiny_model_config(mtp_config("transformer", shared, "chained", k=3))
     torch.manual_seed(0)
     model = build_model(cfg)
-    model.training_config = MTPTrainingConfig(
+    training = MTPTrainingConfig(
         curriculum="forward", curriculum_steps=40, sequential_forward=sequential
     )
+    apply_mtp_training(model, training)
     return model
 
 
@@ -174,7 +185,7 @@ def test_a_curriculum_stage_trains_only_its_steps(single_process, sequential):
     with torch.no_grad():
         full = model(ids)  # no step: every head (as evaluation)
     assert full.mtp_active_steps == 3
-    alphas = model.mtp_cfg.step_weights_of(2)
+    alphas = model.objective.step_weights(2)
     assert alphas == pytest.approx([2 / 3, 1 / 3])
     ce = [full.mtp_step_losses[f"mtp_step_{k}"] for k in (1, 2)]
     for k in (1, 2):

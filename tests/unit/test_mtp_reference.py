@@ -46,7 +46,7 @@ def test_mtp_loss_matches_plain_pytorch(
     out = model(ids, labels=labels)
     sd = _weights(model)
     main, steps = reference_losses(sd, cfg, ids, labels)
-    alphas = mtp.step_weights()
+    alphas = model.objective.step_weights()
     # fp32 on both sides, same operations in a different order: agreement to ~1e-6 relative.
     assert_close_to_scale(out.main_loss, main, VALUE_RTOL)
     for k, ref in enumerate(steps, start=1):

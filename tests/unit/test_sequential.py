@@ -12,6 +12,7 @@ from mtp_megatron.testing.variants import (
     mtp_config,
     tiny_model_config,
 )
+from mtp_megatron.train.apply import apply_mtp_training
 from tests.cases.sequential import MODES, VARIANTS, assert_same_results, forward_backward
 
 
@@ -37,7 +38,8 @@ def _saved_vocab_tensors(training):
     """Logits-sized tensors [b, s, V] still held for backward at the end of the forward."""
     cfg = tiny_model_config(mtp_config("transformer", True, "chained", k=3))
     torch.manual_seed(0)
-    model = build_model(cfg, training=training)
+    model = build_model(cfg)
+    apply_mtp_training(model, training or MTPTrainingConfig())
     ids = torch.randint(0, cfg.vocab_size, (2, 16))
     saved: list[weakref.ref] = []
 
@@ -63,7 +65,8 @@ def _output_layer_calls(training, tie: bool) -> int:
     """Calls of the output layer (trunk.logits) in one forward + backward."""
     cfg = tiny_model_config(mtp_config("transformer", True, "chained", k=3), tie_embeddings=tie)
     torch.manual_seed(0)
-    model = build_model(cfg, training=training)
+    model = build_model(cfg)
+    apply_mtp_training(model, training or MTPTrainingConfig())
     calls = 0
     logits = model.trunk.logits
 
@@ -90,7 +93,8 @@ def test_evaluation_and_config(single_process):
     variant = ("mlp", False, "chained")
     cfg = tiny_model_config(mtp_config(*variant, k=3))
     torch.manual_seed(0)
-    model = build_model(cfg, training=MODES["both"])
+    model = build_model(cfg)
+    apply_mtp_training(model, MODES["both"])
     ids = torch.randint(0, cfg.vocab_size, (2, 16))
     with torch.no_grad():  # no backward to prepare: the plain path, with every step's logits
         out = model(ids, return_mtp_logits=True)
@@ -98,11 +102,11 @@ def test_evaluation_and_config(single_process):
     # gradient checkpointing: every trunk layer; the sequential schedule recomputes the heads
     assert all(is_checkpointed(layer) for layer in model.trunk.layers)
     assert not any(is_checkpointed(head) for head in model.mtp.heads)
-    model.training_config = MTPTrainingConfig(gradient_checkpointing=True)
+    apply_mtp_training(model, MTPTrainingConfig(gradient_checkpointing=True))
     assert all(is_checkpointed(head) for head in model.mtp.heads)
     names = [n for n, _ in model.named_parameters()]
-    model.training_config = MTPTrainingConfig()
+    apply_mtp_training(model, MTPTrainingConfig())
     assert not any(is_checkpointed(m) for m in [*model.trunk.layers, *model.mtp.heads])
     assert [n for n, _ in model.named_parameters()] == names  # the module tree is unchanged
     with pytest.raises(ConfigError, match="train.mtp.sequential_forward"):
-        model.training_config = MTPTrainingConfig(sequential_forward="yes")
+        apply_mtp_training(model, MTPTrainingConfig(sequential_forward="yes"))

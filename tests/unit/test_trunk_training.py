@@ -11,6 +11,7 @@ from mtp_megatron.config import ConfigError, MTPTrainingConfig
 from mtp_megatron.config.train import TrainConfig
 from mtp_megatron.parallel.dims import ParallelConfig
 from mtp_megatron.testing.variants import mtp_config, randomize_norm_weights, tiny_model_config
+from mtp_megatron.train.apply import apply_mtp_training
 
 
 class _RandomBatches:
@@ -74,8 +75,8 @@ def test_a_frozen_trunk_stays_bitwise_and_has_no_optimizer_state(single_process,
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 def test_detached_heads_leave_the_trunk_its_next_token_gradient(single_process, tie, sequential):
     detached, ntp = _model(tie), _model(tie)
-    detached.training_config = MTPTrainingConfig(
-        trunk="detach_heads", sequential_forward=sequential
+    apply_mtp_training(
+        detached, MTPTrainingConfig(trunk="detach_heads", sequential_forward=sequential)
     )
     ids, labels = _RandomBatches(detached.cfg.vocab_size).batch(0, 0, 1)
     out = detached(ids, labels=labels, step=0, return_logits=False)
@@ -144,7 +145,7 @@ def test_distillation_pulls_the_heads_towards_the_main_head(single_process):
     from mtp_megatron.model.loss import IGNORE_INDEX, soft_cross_entropy, step_targets
 
     plain, distilled = _model(), _model()
-    distilled.training_config = MTPTrainingConfig(distill_weight=1.0)
+    apply_mtp_training(distilled, MTPTrainingConfig(distill_weight=1.0))
     ids, labels = _RandomBatches(plain.cfg.vocab_size).batch(0, 0, 1)
     ref = plain(ids, labels=labels, step=0, return_mtp_logits=True)
     out = distilled(ids, labels=labels, step=0, return_logits=False)
@@ -155,7 +156,7 @@ def test_distillation_pulls_the_heads_towards_the_main_head(single_process):
     for k, logits_k in enumerate(ref.mtp_logits, start=1):
         mask = (step_targets(labels, k)[:, :-k] != IGNORE_INDEX).float()
         soft = soft_cross_entropy(logits_k[:, :-k], ref.logits[:, k:], mask)
-        expected = expected + distilled._step_weights[k - 1] * soft
+        expected = expected + distilled.objective.step_weights()[k - 1] * soft
     torch.testing.assert_close(out.mtp_loss, expected, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(out.mtp_loss, ref.mtp_loss)
     out.loss.backward()
