@@ -20,7 +20,7 @@ from mtp_megatron.config import ConfigError, from_dict
 from mtp_megatron.decoding.calibrate import calibrate
 from mtp_megatron.decoding.draft_vocab import frequent_token_ids
 from mtp_megatron.decoding.load import LoadedRun
-from mtp_megatron.decoding.speculative import generate_plain
+from mtp_megatron.decoding.plain import generate_plain
 
 
 @dataclass

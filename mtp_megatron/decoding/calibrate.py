@@ -6,6 +6,10 @@ L+1 tokens cost 1.2-1.7 one-token steps; on a GPU about one), while it is accept
 the heads' (falling) acceptance rate. So it is measured: every L in 0..K (0: plain decoding)
 decodes the calibration prompts, interleaved and twice, and the fastest total wall time wins.
 Calibrating costs about 2 (K + 1) times one request of the calibration length.
+
+:class:`AutoLookahead` is the policy a decoder asks for L: the calibration of the request's batch
+size, made on the request's prompt the first time that size is seen. It drives the decoder through
+its public ``generate`` only, so any decoder with a ``model``, ``mtp`` and ``runner`` can use it.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+
+from mtp_megatron.decoding.plain import generate_plain
 
 CALIBRATION_TOKENS = 32
 """New tokens per calibration prompt: long enough to reach the steady state of a round."""
@@ -43,8 +49,6 @@ def calibrate(
     """Measure L = 0..K on ``prompts`` (each [b, T], one batch size; ``draft_vocab`` as the
     requests will use it) and return a Calibration; ``decoder.generate(lookahead="auto")``
     uses it for that batch size from then on. Under TP, rank 0's choice is every rank's."""
-    from mtp_megatron.decoding.speculative import generate_plain
-
     batches = {p.shape[0] for p in prompts}
     if not prompts or len(batches) != 1:
         raise ValueError(f"calibration prompts must share one batch size, got {sorted(batches)}")
@@ -74,5 +78,21 @@ def calibrate(
         torch.distributed.broadcast(choice, torch.distributed.get_global_rank(group, 0), group)
         best = int(choice.item())
     result = Calibration(batches.pop(), best, rates, time.perf_counter() - t0)
-    decoder.calibrations[result.batch] = result
+    decoder.auto.calibrations[result.batch] = result
     return result
+
+
+class AutoLookahead:
+    """``lookahead="auto"``: per batch size, the fastest L in 0..K measured on this machine."""
+
+    def __init__(self):
+        self.calibrations: dict[int, Calibration] = {}
+        """Batch size -> what calibrating measured (set by :func:`calibrate` too)."""
+
+    def choose(self, decoder, input_ids: torch.Tensor, draft_vocab=None) -> int:
+        """L for a request of ``input_ids`` [b, T] (0: plain decoding); calibrated on it when
+        its batch size has not been."""
+        found = self.calibrations.get(input_ids.shape[0])
+        if found is None:
+            found = calibrate(decoder, [input_ids], draft_vocab=draft_vocab)
+        return found.lookahead

@@ -40,11 +40,12 @@ def _config(variant):
 
 def _model(cfg, savers: bool = False):
     from mtp_megatron import MTPTrainingConfig, build_model
+    from mtp_megatron.train.apply import apply_mtp_training
 
     torch.manual_seed(0)  # every rank builds the PP=1 master weights, then keeps its pieces
-    model = build_model(
-        cfg, MTPTrainingConfig(sequential_forward=savers, gradient_checkpointing=savers)
-    )
+    model = build_model(cfg)
+    savings = MTPTrainingConfig(sequential_forward=savers, gradient_checkpointing=savers)
+    apply_mtp_training(model, savings)
     randomize_norm_weights(model)
     return model
 

@@ -104,7 +104,8 @@ def test_accept_and_rollback_with_oracle_drafts(single_process, monkeypatch, cor
     """Drafts taken from the true greedy continuation (some corrupted): every correct leading
     draft is accepted, the first wrong one and all after it are rejected, and the caches roll
     back so that the output is still exactly plain greedy decoding."""
-    from mtp_megatron.decoding.speculative import SpeculativeDecoder
+    from mtp_megatron.decoding.drafters import HeadDrafter
+    from mtp_megatron.decoding.rounds import Draft
 
     model = tiny_mtp_model(("transformer", True, "chained"), seed=2)
     prompts = random_prompts(model.cfg, 2, 5, 0)
@@ -113,14 +114,15 @@ def test_accept_and_rollback_with_oracle_drafts(single_process, monkeypatch, cor
     noise = torch.Generator().manual_seed(1)
     expected_m = []
 
-    def oracle(self, p, seq, *args):
+    def oracle(self, state):
+        p = state.p
         truth = torch.stack([plain[r, p[r] + 2 : p[r] + 2 + lookahead] for r in range(len(p))])
         wrong = torch.rand(truth.shape, generator=noise) < corrupt
         drafts = torch.where(wrong, (truth + 1) % model.cfg.vocab_size, truth)
         expected_m.append((~wrong).long().cumprod(-1).sum(-1))
-        return drafts, None
+        return Draft(drafts)
 
-    monkeypatch.setattr(SpeculativeDecoder, "_draft", oracle)
+    monkeypatch.setattr(HeadDrafter, "draft", oracle)
     out, stats = model.mtp_decoder.generate(
         prompts, max_new_tokens=n_new, lookahead=lookahead, record_drafts=True
     )

@@ -49,7 +49,7 @@ def test_default_process_count_is_the_gpus_of_the_node(fake_gpus, monkeypatch):
 
 
 def test_decoding_moves_inputs_and_generator_to_the_model_device(single_process, monkeypatch):
-    from mtp_megatron.decoding import speculative
+    from mtp_megatron.decoding import runner
 
     class _Model:  # a model on the meta device: a tensor can move there, a generator cannot
         class trunk:  # noqa: N801
@@ -68,11 +68,11 @@ def test_decoding_moves_inputs_and_generator_to_the_model_device(single_process,
 
     ids = torch.tensor([[1, 2, 3]])
     cpu_gen = torch.Generator().manual_seed(7)
-    monkeypatch.setattr(speculative.torch, "Generator", _Generator)
-    moved, gen = speculative._on_model_device(_Model, ids, cpu_gen)
+    monkeypatch.setattr(runner.torch, "Generator", _Generator)
+    moved, gen = runner.on_model_device(_Model, ids, cpu_gen)
     assert moved.device.type == "meta" and isinstance(gen, _Generator)
     assert made[0] == torch.device("meta") and isinstance(made[1], int)  # seeded from cpu_gen
-    same, kept = speculative._on_model_device(
+    same, kept = runner.on_model_device(
         type("M", (), {"trunk": type("T", (), {"embedding": torch.nn.Embedding(4, 4)})}),
         ids,
         cpu_gen,

@@ -102,7 +102,7 @@ def _nan_model():
 
 def test_decoding_and_evaluation_refuse_non_finite_weights(single_process):
     from mtp_megatron.decoding import generate_plain
-    from mtp_megatron.decoding.speculative import NonFiniteLogitsError
+    from mtp_megatron.decoding.runner import NonFiniteLogitsError
     from mtp_megatron.train.evaluate import evaluate
 
     model = _nan_model()
