@@ -375,7 +375,7 @@ def validation_table(ev: dict[str, float]) -> str:
 # main() hands them the rest of argv (argparse's REMAINDER would drop leading --options).
 PASSTHROUGH = {
     "prepare": (
-        "mtp_megatron.data.prepare_indexed",
+        "mtp_megatron.cli.data",
         "main_prepare",
         "Tokenize files (any Hugging Face tokenizer, N workers) into Megatron indexed datasets.",
     ),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from mtp_megatron.config.base import check_int, fail, is_int, is_number
+from mtp_megatron.config.base import ConfigError, check_int, fail, is_int, is_number
 
 TEXT_SUFFIXES = (".txt", ".py", ".md")
 """Files read whole, one document each."""
@@ -199,3 +199,58 @@ class DataConfig:
             fail(f"{path}.tokenizer", tok, "no such file or directory (or 'bpe:VOCAB')")
         if self.eod_token is not None and not (isinstance(self.eod_token, str) and self.eod_token):
             fail(f"{path}.eod_token", self.eod_token, "must be a token string or null")
+
+
+@dataclass(kw_only=True)
+class PrepareConfig:
+    """What ``prepare`` reads, how it tokenizes and splits, and where it writes."""
+
+    inputs: list[str]
+    """Files, globs or directories (searched recursively) of .txt/.py/.md/.jsonl/.parquet, or
+    ``hf:NAME[:CONFIG]``: a Hugging Face hub dataset's train split (or a local directory
+    ``datasets`` can load), exported once to parquet under ``OUTPUT/hub/``."""
+    tokenizer: str
+    """A Hugging Face ``tokenizer.json`` or a directory holding one (``save_pretrained``), or
+    ``bpe:VOCAB``: the project's byte-level BPE, trained here on the train split."""
+    output: str
+    """The dataset directory (created; a finished one is reused)."""
+    eod_token: str | None = None
+    """End-of-document token; default: the directory's ``eos_token``, else <|endoftext|>."""
+    text_field: str = "text"
+    """Column holding the text in .jsonl / .parquet rows."""
+    validation_fraction: float = 0.05
+    """Share of documents (chosen by a hash of their key) held out for validation."""
+    split_seed: int = 0
+    """Salt of that hash."""
+    workers: int = 1
+    """Tokenizer processes (1: in this process)."""
+    shard_mb: float = 64.0
+    """Consecutive small input files are grouped into shards of about this size (the unit of
+    work, reuse and output files)."""
+    suffixes: tuple[str, ...] = SOURCE_SUFFIXES
+    """The file types read from input directories and globs."""
+    exclude_dirs: tuple[str, ...] = ()
+    """Directory names pruned from input directories (besides hidden ones)."""
+    max_files: int | None = None
+    """Read only the first this many files (in the sorted input order)."""
+    max_bytes: int | None = None
+    """Stop adding files once this many bytes are listed (the file crossing the limit is kept)."""
+
+    def validate(self) -> None:
+        if not self.inputs:
+            raise ConfigError("prepare: no inputs given (files, globs or directories)")
+        frac = self.validation_fraction
+        if not is_number(frac) or not 0 <= frac < 1:
+            raise ConfigError(f"--validation-fraction={frac!r} is invalid: must be in [0, 1)")
+        if not is_int(self.workers) or self.workers < 1:
+            raise ConfigError(f"--workers={self.workers!r} is invalid: must be an integer >= 1")
+        if not is_number(self.shard_mb) or self.shard_mb <= 0:
+            raise ConfigError(f"--shard-mb={self.shard_mb!r} is invalid: must be a number > 0")
+        if not self.text_field:
+            raise ConfigError("--text-field must be a non-empty column name")
+        for name in ("max_files", "max_bytes"):
+            value = getattr(self, name)
+            if value is not None and not is_int(value):
+                raise ConfigError(f"--{name.replace('_', '-')}={value!r} must be an integer")
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')}={value!r} must be >= 1")

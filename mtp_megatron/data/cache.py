@@ -29,6 +29,19 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def files_sha256(paths: list[str]) -> str:
+    """sha256 over the files' contents, in order (of their own sha256 digests)."""
+    return hashlib.sha256("".join(file_sha256(f) for f in paths).encode()).hexdigest()
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON file's content; None when it is missing or unreadable (a record to redo)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def digest(*parts: str | bytes, size: int = 16) -> str:
     """blake2b hex digest of the parts, each length-prefixed so ('ab', 'c') != ('a', 'bc')."""
     h = hashlib.blake2b(digest_size=size)

@@ -11,7 +11,7 @@
   is simply skipped). uint32 ids are declared int32 (the same bytes below 2^31; megatron's
   format has no uint32 code).
 
-Either way the dataset directory gets the manifest of ``prepare`` (``prepare_indexed.py``), so
+Either way the dataset directory gets the manifest of ``prepare`` (``manifest.py``), so
 training reads it the same way; imported files land in the train split, a validation split is
 given separately (``--validation``).
 """
@@ -26,7 +26,7 @@ import numpy as np
 from mtp_megatron.config import ConfigError
 from mtp_megatron.data.cache import atomic_write_json, file_sha256
 from mtp_megatron.data.indexed import DTYPE_CODES, HEADER, write_index
-from mtp_megatron.data.prepare_indexed import FORMAT, MANIFEST, SPLITS, fingerprint
+from mtp_megatron.data.manifest import FORMAT, MANIFEST, SPLITS, sealed
 
 CHUNK = 1 << 24
 """Ids scanned at a time (64 MB of uint32): memory stays flat for any file size."""
@@ -183,7 +183,7 @@ def import_data(
             for key in ("documents", "tokens")
         },
     }
-    manifest = {**body, "fingerprint": fingerprint(body)}
+    manifest = sealed(body)
     atomic_write_json(out / MANIFEST, manifest)
     return manifest
 

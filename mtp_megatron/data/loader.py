@@ -17,7 +17,6 @@ loader's state records the datasets' fingerprint and the sample total instead of
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 from mtp_megatron.config import ConfigError
 from mtp_megatron.config.data import BPE_PREFIX, BlendEntry, DataConfig
 from mtp_megatron.data.gpt_data import BlendPart, build_gpt_data
-from mtp_megatron.data.prepare_indexed import MANIFEST, prefixes
+from mtp_megatron.data.manifest import MANIFEST, prefixes, read_manifest
 from mtp_megatron.data.sources import prepare_source
 
 
@@ -62,11 +61,6 @@ class TrainingData:
     """The model's vocabulary: ``model.vocab_size``, or the data's when that is None."""
 
 
-def _manifest(folder: Path) -> dict | None:
-    path = folder / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def resolve_blend(
     entries: list[BlendEntry], split: str, field: str
 ) -> tuple[list[BlendPart], list[dict]]:
@@ -76,7 +70,7 @@ def resolve_blend(
     parts, manifests = [], []
     for entry in entries:
         folder = Path(entry.path).resolve()
-        manifest = _manifest(folder) if folder.is_dir() else None
+        manifest = read_manifest(folder) if folder.is_dir() else None
         if folder.is_dir() and manifest is None:
             raise ConfigError(
                 f"data.{field}: {folder} has no {MANIFEST} (an unfinished `prepare`: run it again, "

@@ -14,16 +14,15 @@ by the corpus). A document goes to validation when the hash of its key (shard pa
 end-of-document token. A shard's files depend only on the shard, the tokenizer and the split
 settings, so the output is byte-identical for any worker count; a re-run reuses every shard whose
 record matches (after a crash, the finished ones) and is a no-op when the manifest does. The
-manifest's ``fingerprint`` (sha256 of its content) names the dataset: caches keyed by it can never
-hold stale indices.
+manifest (``manifest.py``) is written last. A hub dataset input (``hf:NAME[:CONFIG]``) is exported
+to parquet first (``hub.py``); ``--tokenizer bpe:VOCAB`` trains the project's BPE on the train
+split (``tokenizer.own_bpe``). The command line is ``cli/data.py``'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import glob
-import hashlib
-import json
 import multiprocessing
 import os
 import sys
@@ -36,78 +35,22 @@ from pathlib import Path
 import numpy as np
 
 from mtp_megatron.config import ConfigError
-from mtp_megatron.config.data import BPE_PREFIX
+from mtp_megatron.config.data import BPE_PREFIX, HUB_DATASET_PREFIX, HubDataset, PrepareConfig
 from mtp_megatron.config.data import SOURCE_SUFFIXES as SUFFIXES
-from mtp_megatron.data.cache import atomic_write_json, file_sha256, unit_hash
+from mtp_megatron.data.cache import (
+    atomic_write_json,
+    file_sha256,
+    files_sha256,
+    read_json,
+    unit_hash,
+)
 from mtp_megatron.data.documents import SKIP_REASONS, iter_documents
+from mtp_megatron.data.hub import export_hub_dataset
 from mtp_megatron.data.indexed import IndexedWriter, is_complete
+from mtp_megatron.data.manifest import FORMAT, MANIFEST, SPLITS, sealed
 
-FORMAT = "mtp-megatron-indexed-v1"
-MANIFEST = "manifest.json"
-SPLITS = ("train", "validation")
-HUB_PREFIX = "hf:"
-"""An input ``hf:NAME[:CONFIG]``: a Hugging Face dataset's train split."""
 ENCODE_BATCH = 256
 """Documents per ``encode_batch_fast`` call."""
-
-
-@dataclass
-class PrepareConfig:
-    """What ``prepare`` reads, how it tokenizes and splits, and where it writes."""
-
-    inputs: list[str]
-    """Files, globs or directories (searched recursively) of .txt/.py/.md/.jsonl/.parquet, or
-    ``hf:NAME[:CONFIG]``: a Hugging Face hub dataset's train split (or a local directory
-    ``datasets`` can load), exported once to parquet under ``OUTPUT/hub/``."""
-    tokenizer: str
-    """A Hugging Face ``tokenizer.json`` or a directory holding one (``save_pretrained``), or
-    ``bpe:VOCAB``: the project's byte-level BPE, trained here on the train split."""
-    output: str
-    """The dataset directory (created; a finished one is reused)."""
-    eod_token: str | None = None
-    """End-of-document token; default: the directory's ``eos_token``, else <|endoftext|>."""
-    text_field: str = "text"
-    """Column holding the text in .jsonl / .parquet rows."""
-    validation_fraction: float = 0.05
-    """Share of documents (chosen by a hash of their key) held out for validation."""
-    split_seed: int = 0
-    """Salt of that hash."""
-    workers: int = 1
-    """Tokenizer processes (1: in this process)."""
-    shard_mb: float = 64.0
-    """Consecutive small input files are grouped into shards of about this size (the unit of
-    work, reuse and output files)."""
-    suffixes: tuple[str, ...] = SUFFIXES
-    """The file types read from input directories and globs."""
-    exclude_dirs: tuple[str, ...] = ()
-    """Directory names pruned from input directories (besides hidden ones)."""
-    max_files: int | None = None
-    """Read only the first this many files (in the sorted input order)."""
-    max_bytes: int | None = None
-    """Stop adding files once this many bytes are listed (the file crossing the limit is kept)."""
-
-    def validate(self) -> None:
-        if not self.inputs:
-            raise ConfigError("prepare: no inputs given (files, globs or directories)")
-        frac = self.validation_fraction
-        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 <= frac < 1:
-            raise ConfigError(f"--validation-fraction={frac!r} is invalid: must be in [0, 1)")
-        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
-            raise ConfigError(f"--workers={self.workers!r} is invalid: must be an integer >= 1")
-        if (
-            isinstance(self.shard_mb, bool)
-            or not isinstance(self.shard_mb, (int, float))
-            or (self.shard_mb <= 0)
-        ):
-            raise ConfigError(f"--shard-mb={self.shard_mb!r} is invalid: must be a number > 0")
-        if not self.text_field:
-            raise ConfigError("--text-field must be a non-empty column name")
-        for name in ("max_files", "max_bytes"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ConfigError(f"--{name.replace('_', '-')}={value!r} must be an integer")
-            if value is not None and value < 1:
-                raise ConfigError(f"--{name.replace('_', '-')}={value!r} must be >= 1")
 
 
 @dataclass
@@ -205,10 +148,6 @@ def list_shards(
     return shards
 
 
-def _sources_sha256(sources: list[str]) -> str:
-    return hashlib.sha256("".join(file_sha256(f) for f in sources).encode()).hexdigest()
-
-
 # -- one shard (in a worker) ---------------------------------------------------------------------
 _WORKER: dict = {}
 
@@ -245,7 +184,7 @@ def _prepare_shard(shard: Shard) -> Shard:
     # the files next to it
     (out / "shards" / f"{shard.name}.json").unlink(missing_ok=True)
     dtype = token_dtype(tok.vocab_size)
-    shard.source_sha256 = _sources_sha256(shard.sources)
+    shard.source_sha256 = files_sha256(shard.sources)
     shard.bytes = sum(os.path.getsize(f) for f in shard.sources)
     skipped: Counter = Counter()
     writers = {
@@ -285,23 +224,16 @@ def _record(shard: Shard, settings: dict) -> dict:
     return {"settings": settings["key"], **asdict(shard)}
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _reusable(shard: Shard, settings: dict) -> Shard | None:
     """The finished record of ``shard`` when its source, tokenizer and settings are unchanged."""
     out = Path(settings["output"])
-    record = _read_json(out / "shards" / f"{shard.name}.json")
+    record = read_json(out / "shards" / f"{shard.name}.json")
     if record is None:
         return None
     same_input = record.get("sources") == shard.sources and record.get("keys") == shard.keys
     if record.get("settings") != settings["key"] or not same_input:
         return None
-    if record.get("source_sha256") != _sources_sha256(shard.sources):
+    if record.get("source_sha256") != files_sha256(shard.sources):
         return None
     itemsize = np.dtype(settings["dtype"]).itemsize
     for split, idx_sha in record["idx_sha256"].items():
@@ -321,7 +253,12 @@ def prepare(cfg: PrepareConfig, log: Callable[[str], None] = print) -> dict:
 
     cfg.validate()
     out = Path(cfg.output).resolve()
-    inputs = [_hub_export(i, out, log) if i.startswith(HUB_PREFIX) else i for i in cfg.inputs]
+    inputs = [
+        export_hub_dataset(HubDataset.parse(i, "prepare input"), out, log)
+        if i.startswith(HUB_DATASET_PREFIX)
+        else i
+        for i in cfg.inputs
+    ]
     shards = list_shards(
         inputs,
         cfg.shard_mb,
@@ -331,7 +268,10 @@ def prepare(cfg: PrepareConfig, log: Callable[[str], None] = print) -> dict:
         max_bytes=cfg.max_bytes,
     )
     if cfg.tokenizer.startswith(BPE_PREFIX):
-        cfg = dataclasses.replace(cfg, tokenizer=str(_own_bpe(cfg, shards, out, log)))
+        from mtp_megatron.data.tokenizer import own_bpe
+
+        trained = own_bpe(cfg, [(s.sources, s.keys) for s in shards], out, log)
+        cfg = dataclasses.replace(cfg, tokenizer=str(trained))
     tok = load_hf_tokenizer(cfg.tokenizer, cfg.eod_token)
     key = {
         "format": FORMAT,
@@ -371,7 +311,7 @@ def prepare(cfg: PrepareConfig, log: Callable[[str], None] = print) -> dict:
                 done[shard.index] = shard
                 progress.shard_done(shard, len(done), len(shards))
     manifest = _manifest(cfg, tok, token_dtype(tok.vocab_size), [done[i] for i in sorted(done)])
-    if _read_json(out / MANIFEST) != manifest:  # a finished dataset is left untouched
+    if read_json(out / MANIFEST) != manifest:  # a finished dataset is left untouched
         atomic_write_json(out / MANIFEST, manifest)
     totals = manifest["totals"]
     log(
@@ -381,83 +321,6 @@ def prepare(cfg: PrepareConfig, log: Callable[[str], None] = print) -> dict:
         f"fingerprint {manifest['fingerprint'][:16]}"
     )
     return manifest
-
-
-def _hub_export(spec: str, out: Path, log) -> str:
-    """``hf:NAME[:CONFIG]``: the dataset's train split as parquet files in a directory of
-    ``out/hub/`` (downloaded and exported by ``datasets`` once; a later call finds it)."""
-    parts = spec.split(":")
-    if len(parts) not in (2, 3) or not all(parts[1:]):
-        raise ConfigError(f"prepare: {spec!r}: a hub dataset is written 'hf:NAME[:CONFIG]'")
-    name, config = parts[1], (parts[2] if len(parts) == 3 else None)
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name.strip("/"))
-    safe += f"-{config}" if config else ""
-    hub = out / "hub"
-    folder, export, done = hub / safe, hub / f".{safe}.export", hub / f".{safe}.json"
-    if not done.is_file():
-        import datasets
-
-        log(f"prepare: exporting the hub dataset {name} {config or ''} to parquet in {folder}")
-        try:
-            builder = datasets.load_dataset_builder(name, config, cache_dir=str(hub / ".cache"))
-            builder.download_and_prepare(output_dir=str(export), file_format="parquet")
-        except Exception as e:  # offline, unknown name, gated: all end the same way
-            raise ConfigError(
-                f"{spec}: could not load the Hugging Face dataset {name!r} ({type(e).__name__}: "
-                f"{e}); the hub may be unreachable from this machine: download its files and "
-                "pass their directory instead"
-            ) from e
-        train = sorted(export.glob("*-train*.parquet"))
-        if not train:
-            raise ConfigError(f"{spec}: the dataset has no train split")
-        folder.mkdir(parents=True, exist_ok=True)
-        for file in train:  # only the train split's rows are the dataset's documents
-            os.replace(file, folder / file.name)
-        atomic_write_json(done, {"dataset": name, "config": config, "files": len(train)})
-    return str(folder)
-
-
-def _own_bpe(cfg: PrepareConfig, shards: list[Shard], out: Path, log) -> Path:
-    """``bpe:VOCAB``: the project's byte-level BPE trained on the train split's documents,
-    saved as ``out/tokenizer.json`` (kept while the inputs and split settings are the same)."""
-    from mtp_megatron.data.tokenizer import train_tokenizer
-
-    try:
-        vocab = int(cfg.tokenizer[len(BPE_PREFIX) :])
-    except ValueError:
-        raise ConfigError(
-            f"--tokenizer={cfg.tokenizer!r} is invalid: the project's BPE is 'bpe:VOCAB', "
-            "e.g. bpe:4096"
-        ) from None
-    path, record = out / "tokenizer.json", out / "tokenizer_source.json"
-    source = {
-        "vocab_size": vocab,
-        "inputs": [_sources_sha256(s.sources) for s in shards],
-        "keys": [s.keys for s in shards],
-        "text_field": cfg.text_field,
-        "validation_fraction": cfg.validation_fraction,
-        "split_seed": cfg.split_seed,
-    }
-    if path.is_file() and _read_json(record) == source:
-        return path
-    log(f"prepare: training a byte-level BPE of {vocab:,} tokens on the train split")
-
-    def train_texts():
-        skipped: Counter = Counter()
-        for shard in shards:
-            for src, key in zip(shard.sources, shard.keys):
-                for doc_key, text in iter_documents(Path(src), key, cfg.text_field, skipped):
-                    if unit_hash("split", cfg.split_seed, doc_key) >= cfg.validation_fraction:
-                        yield text
-
-    out.mkdir(parents=True, exist_ok=True)
-    record.unlink(missing_ok=True)  # before the tokenizer is replaced
-    tok = train_tokenizer(train_texts(), vocab)
-    tmp = out / f".tokenizer.json.tmp.{os.getpid()}"
-    tok.save(str(tmp))
-    os.replace(tmp, path)
-    atomic_write_json(record, source)
-    return path
 
 
 def _manifest(cfg: PrepareConfig, tok, dtype, shards: list[Shard]) -> dict:
@@ -486,40 +349,7 @@ def _manifest(cfg: PrepareConfig, tok, dtype, shards: list[Shard]) -> dict:
             "skipped": dict(sorted(totals["skipped"].items())),
         },
     }
-    return {**body, "fingerprint": fingerprint(body)}
-
-
-def fingerprint(manifest: dict) -> str:
-    """sha256 of a manifest's content, where files were read from left out (the tokenizer's
-    and each shard's ``.idx`` sha256 stand for what they hold)."""
-    hashed = dict(manifest)
-    hashed.pop("fingerprint", None)
-    if "tokenizer" in hashed:
-        hashed["tokenizer"] = {k: v for k, v in hashed["tokenizer"].items() if k != "file"}
-    hashed["shards"] = [
-        {k: v for k, v in s.items() if k not in ("sources", "prefixes")} for s in hashed["shards"]
-    ]
-    return hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()
-
-
-def prefixes(dataset: str | Path, split: str) -> list[tuple[Path, int]]:
-    """(prefix, tokens) of every shard of ``split`` in a prepared dataset, in shard order."""
-    dataset = Path(dataset)
-    path = dataset / MANIFEST
-    if not path.is_file():
-        raise ConfigError(
-            f"{dataset} is no prepared dataset (no {MANIFEST}; an interrupted `prepare` leaves "
-            "none: run it again, finished shards are reused)"
-        )
-    manifest = json.loads(path.read_text())
-    return [
-        (
-            Path(s.get("prefixes", {}).get(split, dataset / split / f"shard_{s['index']:05d}")),
-            s["tokens"][split],
-        )
-        for s in manifest["shards"]
-        if s["documents"].get(split)
-    ]
+    return sealed(body)
 
 
 class _Progress:
@@ -551,77 +381,3 @@ class _Progress:
             print(f"\r{line}", end="\n" if done == total else "", flush=True)
         else:
             self.log(line)
-
-
-def main_prepare(argv: list[str]) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="python -m mtp_megatron prepare",
-        description="Tokenize files into Megatron indexed datasets (train/ and validation/), or "
-        "record existing Megatron prefixes / flat token files as a dataset.",
-    )
-    parser.add_argument(
-        "inputs", nargs="*", help="files, globs or directories to tokenize, or hf:NAME[:CONFIG]"
-    )
-    parser.add_argument("--output", required=True, help="the dataset directory")
-    parser.add_argument("--tokenizer", help="tokenizer.json or its directory, or bpe:VOCAB")
-    parser.add_argument("--eod-token", default=None, help="default: eos_token, <|endoftext|>")
-    parser.add_argument("--text-field", default="text", help="text column of .jsonl / .parquet")
-    parser.add_argument("--workers", type=int, default=1, help="tokenizer processes")
-    parser.add_argument("--validation-fraction", type=float, default=0.05)
-    parser.add_argument("--split-seed", type=int, default=0)
-    parser.add_argument("--shard-mb", type=float, default=64.0, help="input grouped per shard")
-    parser.add_argument("--max-files", type=int, default=None, help="only the first N files")
-    parser.add_argument("--max-bytes", type=int, default=None, help="only about N bytes")
-    imports = parser.add_argument_group("importing token data made elsewhere (not copied)")
-    imports.add_argument("--from-megatron", nargs="+", metavar="PREFIX", help=".bin/.idx prefixes")
-    imports.add_argument("--from-numpy", nargs="+", metavar="GLOB", help="flat token files")
-    imports.add_argument("--dtype", choices=["uint16", "uint32", "int32"], help="--from-numpy ids")
-    imports.add_argument("--eod", type=int, help="end-of-document id (--from-numpy: required)")
-    imports.add_argument(
-        "--validation",
-        nargs="+",
-        metavar="PREFIX_OR_GLOB",
-        default=[],
-        help="the validation split's prefixes / files (same kind)",
-    )
-    args = parser.parse_args(argv)
-    if args.from_megatron or args.from_numpy:
-        from mtp_megatron.data.importers import import_data
-
-        if args.from_megatron and args.from_numpy:
-            raise ConfigError("prepare: --from-megatron and --from-numpy are separate datasets")
-        if args.inputs or args.tokenizer:
-            raise ConfigError("prepare: an import takes no text inputs or --tokenizer")
-        given = {"train": args.from_megatron or args.from_numpy}
-        if args.validation:
-            given["validation"] = args.validation
-        kind = "megatron" if args.from_megatron else "numpy"
-        manifest = import_data(args.output, **{kind: given}, dtype=args.dtype, eod=args.eod)
-        totals = manifest["totals"]
-        print(
-            f"prepare: imported {len(manifest['shards'])} {kind} file(s), "
-            f"{totals['documents']['train']:,} train / {totals['documents']['validation']:,} "
-            f"validation documents, {sum(totals['tokens'].values()):,} tokens, largest id "
-            f"{manifest['max_token_id']}; fingerprint {manifest['fingerprint'][:16]}"
-        )
-        return 0
-    if not args.tokenizer:
-        raise ConfigError("prepare: --tokenizer is required to tokenize text inputs")
-    prepare(
-        PrepareConfig(
-            inputs=args.inputs,
-            tokenizer=args.tokenizer,
-            output=args.output,
-            eod_token=args.eod_token,
-            text_field=args.text_field,
-            validation_fraction=args.validation_fraction,
-            split_seed=args.split_seed,
-            workers=args.workers,
-            shard_mb=args.shard_mb,
-            max_files=args.max_files,
-            max_bytes=args.max_bytes,
-        )
-    )
-    return 0

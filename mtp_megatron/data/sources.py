@@ -1,4 +1,5 @@
-"""A recipe's ``data.source`` (the stdlib, local files or ``hf:NAME``) as a prepared dataset.
+"""A recipe's ``data.source`` (the stdlib, local files or a hub dataset ``hf:NAME``, parsed once by
+``config.data.resolve_source``) as a prepared dataset.
 
 On first use ``prepare`` (``prepare_indexed.py``) tokenizes the source into
 ``cache_dir/datasets/<key>/``, the key hashing the source and every setting that shapes the
@@ -20,13 +21,18 @@ from pathlib import Path
 import torch.distributed
 
 from mtp_megatron.config import ConfigError
-from mtp_megatron.config.data import BPE_PREFIX, DataConfig
+from mtp_megatron.config.data import (
+    BPE_PREFIX,
+    DataConfig,
+    HubDataset,
+    PrepareConfig,
+    StdlibSource,
+    resolve_source,
+)
 from mtp_megatron.data.cache import digest, file_lock
 from mtp_megatron.data.gpt_data import world
-from mtp_megatron.data.prepare_indexed import PrepareConfig, prepare
+from mtp_megatron.data.prepare_indexed import prepare
 
-STDLIB = "stdlib"
-"""The running interpreter's standard library ``*.py`` files: the embedded default corpus."""
 NOT_STDLIB = ("site-packages", "dist-packages")
 """Third-party packages installed into the interpreter differ between machines."""
 DEFAULT_TOKENIZER = f"{BPE_PREFIX}4096"
@@ -39,11 +45,12 @@ def source_prepare_config(cfg: DataConfig) -> PrepareConfig:
     tokenizer = cfg.tokenizer or DEFAULT_TOKENIZER
     if not tokenizer.startswith(BPE_PREFIX):
         tokenizer = os.path.abspath(tokenizer)
-    if cfg.source == STDLIB:
+    source = resolve_source(cfg.source)
+    if isinstance(source, StdlibSource):
         inputs, suffixes, exclude = [sysconfig.get_paths()["stdlib"]], (".py",), NOT_STDLIB
-    else:
-        source = cfg.source if cfg.source.startswith("hf:") else os.path.abspath(cfg.source)
-        inputs, suffixes, exclude = [source], PrepareConfig.suffixes, ()
+    else:  # a hub dataset's name (``prepare`` exports it) or the local path
+        given = str(source) if isinstance(source, HubDataset) else source.path
+        inputs, suffixes, exclude = [given], PrepareConfig.suffixes, ()
     settings = {
         "inputs": inputs,
         "suffixes": suffixes,

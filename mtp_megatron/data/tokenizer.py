@@ -10,6 +10,8 @@ file, or a directory saved by ``save_pretrained``) is loaded with ``tokenizers``
 from __future__ import annotations
 
 import json
+import os
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +20,16 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from mtp_megatron.config import ConfigError
-from mtp_megatron.config.data import MIN_VOCAB_SIZE
-from mtp_megatron.data.cache import file_sha256
+from mtp_megatron.config.base import is_int
+from mtp_megatron.config.data import BPE_PREFIX, MIN_VOCAB_SIZE, PrepareConfig
+from mtp_megatron.data.cache import (
+    atomic_write_json,
+    file_sha256,
+    files_sha256,
+    read_json,
+    unit_hash,
+)
+from mtp_megatron.data.documents import iter_documents
 
 EOT_TOKEN = "<|endoftext|>"
 """Separates documents in the token stream."""
@@ -32,7 +42,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def check_vocab_size(vocab_size: int) -> None:
     """Raise ConfigError unless ``vocab_size`` can hold the bytes and the end-of-text token."""
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+    if not is_int(vocab_size):
         raise ConfigError(f"vocab_size={vocab_size!r} is invalid: must be an integer")
     if vocab_size < MIN_VOCAB_SIZE:
         raise ConfigError(
@@ -58,6 +68,50 @@ def train_tokenizer(
     )
     tok.train_from_iterator(texts, trainer, length=length)
     return tok
+
+
+def own_bpe(
+    cfg: PrepareConfig, shards: list[tuple[list[str], list[str]]], out: Path, log=print
+) -> Path:
+    """``bpe:VOCAB`` (``cfg.tokenizer``): the project's byte-level BPE trained on the train
+    split's documents of ``shards`` (each: its files and their document keys), saved as
+    ``out/tokenizer.json`` (kept while the inputs and split settings are the same)."""
+    try:
+        vocab = int(cfg.tokenizer[len(BPE_PREFIX) :])
+    except ValueError:
+        raise ConfigError(
+            f"--tokenizer={cfg.tokenizer!r} is invalid: the project's BPE is 'bpe:VOCAB', "
+            "e.g. bpe:4096"
+        ) from None
+    path, record = out / "tokenizer.json", out / "tokenizer_source.json"
+    source = {
+        "vocab_size": vocab,
+        "inputs": [files_sha256(sources) for sources, _ in shards],
+        "keys": [keys for _, keys in shards],
+        "text_field": cfg.text_field,
+        "validation_fraction": cfg.validation_fraction,
+        "split_seed": cfg.split_seed,
+    }
+    if path.is_file() and read_json(record) == source:
+        return path
+    log(f"prepare: training a byte-level BPE of {vocab:,} tokens on the train split")
+
+    def train_texts():
+        skipped: Counter = Counter()
+        for sources, keys in shards:
+            for src, key in zip(sources, keys):
+                for doc_key, text in iter_documents(Path(src), key, cfg.text_field, skipped):
+                    if unit_hash("split", cfg.split_seed, doc_key) >= cfg.validation_fraction:
+                        yield text
+
+    out.mkdir(parents=True, exist_ok=True)
+    record.unlink(missing_ok=True)  # before the tokenizer is replaced
+    tok = train_tokenizer(train_texts(), vocab)
+    tmp = out / f".tokenizer.json.tmp.{os.getpid()}"
+    tok.save(str(tmp))
+    os.replace(tmp, path)
+    atomic_write_json(record, source)
+    return path
 
 
 @dataclass(frozen=True)

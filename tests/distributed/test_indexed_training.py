@@ -19,7 +19,8 @@ pytestmark = pytest.mark.distributed
 
 def _prepared(root: Path) -> tuple[Path, Path, Path]:
     """Two prepared datasets (code-like and prose-like text) and their tokenizer."""
-    from mtp_megatron.data.prepare_indexed import PrepareConfig, prepare
+    from mtp_megatron.config.data import PrepareConfig
+    from mtp_megatron.data.prepare_indexed import prepare
 
     tok = tokenizer_dir(root)
     out = []
@@ -28,7 +29,9 @@ def _prepared(root: Path) -> tuple[Path, Path, Path]:
         src.write_text(
             "".join(json.dumps({"text": t + str(i)}) + "\n" for i, t in enumerate(texts))
         )
-        cfg = PrepareConfig([str(src)], str(tok), str(root / name), validation_fraction=0.2)
+        cfg = PrepareConfig(
+            inputs=[str(src)], tokenizer=str(tok), output=str(root / name), validation_fraction=0.2
+        )
         prepare(cfg, log=lambda _: None)
         out.append(root / name)
     return out[0], out[1], tok

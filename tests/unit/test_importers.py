@@ -10,7 +10,7 @@ import torch
 from mtp_megatron.config import ConfigError
 from mtp_megatron.data.gpt_data import BlendPart, build_gpt_data
 from mtp_megatron.data.importers import import_data
-from mtp_megatron.data.prepare_indexed import prefixes
+from mtp_megatron.data.manifest import prefixes
 
 EOD = 0
 

@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from mtp_megatron.config import ConfigError
+from mtp_megatron.config.data import PrepareConfig
 from mtp_megatron.data import prepare_indexed
 from mtp_megatron.data.indexed import IndexedWriter
-from mtp_megatron.data.prepare_indexed import PrepareConfig, prefixes, prepare
+from mtp_megatron.data.manifest import prefixes
+from mtp_megatron.data.prepare_indexed import prepare
 from mtp_megatron.data.tokenizer import load_hf_tokenizer
 from tests.cases.indexed import TEXTS, tokenizer_dir
 

@@ -24,7 +24,7 @@ from mtp_megatron.data.loader import (
     prepare_training_data,
     resolve_data,
 )
-from mtp_megatron.data.prepare_indexed import MANIFEST
+from mtp_megatron.data.manifest import MANIFEST
 from mtp_megatron.data.sources import prepare_source
 from tests.cases.indexed import TEXTS, tokenizer_dir
 
