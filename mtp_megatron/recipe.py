@@ -2,6 +2,8 @@
 
 A recipe names its base (a path relative to itself) and changes only what its ablation is about;
 ``key.sub=value`` overrides are applied last, values parsed as YAML (``true``, ``4``, ``null``).
+The project's recipes (``recipes/`` of a checkout) ship inside the package too
+(``mtp_megatron/recipes``), so ``recipes/demo.yaml`` or ``demo`` names one from anywhere.
 """
 
 from __future__ import annotations
@@ -166,6 +168,28 @@ def _merge(base: dict, override: dict) -> dict:
     return out
 
 
+RECIPES = Path(__file__).resolve().parent / "recipes"
+"""The project's recipes: the checkout's ``recipes/`` (linked) or the installed package's copy."""
+DEMO_RECIPE = RECIPES / "demo.yaml"
+"""What ``make demo`` trains."""
+
+
+def find_recipe(path: str | Path) -> Path:
+    """``path`` if it is a file; else the project's recipe it names ('recipes/demo.yaml' from
+    outside a checkout, 'ablations/ntp.yaml', or a bare 'demo'). Raises ConfigError."""
+    given = Path(path)
+    if given.is_file():
+        return given
+    relative = Path(*given.parts[1:]) if given.parts[:1] == ("recipes",) else given
+    for candidate in (RECIPES / relative, RECIPES / relative.with_suffix(".yaml")):
+        if not given.is_absolute() and candidate.is_file():
+            return candidate
+    raise ConfigError(
+        f"recipe '{given.resolve()}' does not exist; recipes live in recipes/ (*.yaml): a path, "
+        "or the name of one of the project's, e.g. demo or ablations/ntp"
+    )
+
+
 def load_recipe_dict(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a recipe and its chain of bases into one merged dict (without the ``base`` key)."""
     path = Path(path).resolve()
@@ -208,8 +232,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Load, merge, override, type-check and validate a recipe: every error surfaces here."""
+    path = find_recipe(path)
     data = apply_overrides(load_recipe_dict(path), overrides or [])
-    data.setdefault("name", Path(path).stem)
+    data.setdefault("name", path.stem)
     recipe = from_dict(Recipe, data)
     if recipe.init_from is not None:
         _take_pretrained_architecture(recipe)

@@ -16,9 +16,8 @@ from pathlib import Path
 import torch
 
 from mtp_megatron.bench.decode_peers import TransformersPeer
-from mtp_megatron.config import ConfigError, from_dict
+from mtp_megatron.config import ConfigError
 from mtp_megatron.decoding.calibrate import calibrate
-from mtp_megatron.decoding.draft_vocab import frequent_token_ids
 from mtp_megatron.decoding.load import LoadedRun
 from mtp_megatron.decoding.plain import generate_plain
 
@@ -73,73 +72,6 @@ class DecodeRow:
             return None
         a, L = self.accepted_per_position[0], self.lookahead
         return L + 1.0 if a >= 1.0 else (1 - a ** (L + 1)) / (1 - a)
-
-
-FREQUENCY_TOKENS = 50_000_000
-"""Training tokens counted for the draft vocabulary (bounded: a pretraining corpus is large)."""
-
-CALIBRATION_PROMPTS = 2
-"""Prompts lookahead="auto" calibrates on (per batch size: whole batches of them, cycled)."""
-
-
-def benchmark_inputs(
-    run: LoadedRun, n: int, prompt_len: int, draft_vocab_size: int = 0
-) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]:
-    """n prompts of prompt_len tokens, evenly spaced over the run's validation documents (back
-    to back); ``CALIBRATION_PROMPTS`` others between them; and the draft_vocab_size most
-    frequent tokens of the first ``FREQUENCY_TOKENS`` training tokens (None when 0: drafts
-    use every token)."""
-    from mtp_megatron.config.data import DataConfig
-    from mtp_megatron.data.loader import prefix_tokens, resolve_data
-
-    vocab_size = run.model_config.vocab_size
-    data_cfg = from_dict(DataConfig, run.recipe.get("data") or {}, "data")
-    blends = resolve_data(data_cfg, log=lambda *a: None)  # prepared already: a no-op
-    stream = torch.from_numpy(prefix_tokens(blends.validation).astype("int64"))
-    span = len(stream) - prompt_len - 1
-    if span <= 0:
-        raise ConfigError(f"validation split too short for {prompt_len}-token prompts")
-    starts = [int(i * span / max(n, 1)) for i in range(n)]
-    prompts = [stream[s : s + prompt_len][None] for s in starts]
-    # calibration prompts (lookahead="auto"): between the benchmark's, half a spacing on
-    between = [int((i + 0.5) * span / max(n, 1)) for i in range(min(n, CALIBRATION_PROMPTS))]
-    calibration = [stream[s : s + prompt_len][None] for s in between]
-    vocab = None
-    if draft_vocab_size:
-        train = prefix_tokens(blends.train, limit=FREQUENCY_TOKENS)
-        vocab = frequent_token_ids(train, draft_vocab_size, vocab_size)
-    return prompts, calibration, vocab
-
-
-def directory_prompts(
-    directory: str | Path, tokenizer_file: Path, n: int, prompt_len: int
-) -> list[torch.Tensor]:
-    """n prompts of prompt_len tokens evenly spaced over the documents of any text or code
-    directory (the suffixes ``prepare`` reads), tokenised with the run's tokenizer."""
-    from collections import Counter
-
-    from mtp_megatron.data.documents import iter_documents
-    from mtp_megatron.data.prepare_indexed import SUFFIXES, walk_inputs
-    from mtp_megatron.data.tokenizer import load_tokenizer
-
-    root = Path(directory)
-    if not root.is_dir():
-        raise ConfigError(f"--prompts-from {root}: not a directory")
-    files = walk_inputs(root, SUFFIXES, ())
-    tok = load_tokenizer(tokenizer_file)
-    stream: list[int] = []
-    skipped: Counter = Counter()
-    for f in files:
-        for _, text in iter_documents(f, str(f), "text", skipped):
-            stream.extend(tok.encode(text).ids)
-    span = len(stream) - prompt_len
-    if span <= 0:
-        raise ConfigError(
-            f"--prompts-from {root}: {len(files)} readable files hold {len(stream)} tokens, too "
-            f"few for {prompt_len}-token prompts (suffixes read: {', '.join(SUFFIXES)})"
-        )
-    starts = [int(i * span / max(n, 1)) for i in range(n)]
-    return [torch.tensor(stream[s : s + prompt_len])[None] for s in starts]
 
 
 @dataclass
@@ -341,3 +273,120 @@ def save_results(run: LoadedRun, rows: list[DecodeRow]) -> Path:
             for k, a in enumerate(best.accepted_per_position, start=1):
                 writer.add_scalar(f"decode/acceptance_pos_{k}", a, step)
     return path
+
+
+def transformers_peer(run: LoadedRun, dtype: str) -> TransformersPeer | None:
+    """transformers' model on the run's weights, or None (said why) when it cannot be built."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        print("transformers is not installed: no peer rows (pip install -e '.[dev]')")
+        return None
+    precision = torch.bfloat16 if dtype == "bf16" else torch.float32
+    try:
+        return TransformersPeer(run.folder, precision, next(run.model.parameters()).device)
+    except ConfigError as e:  # e.g. a trunk with no Hugging Face twin (ETD)
+        print(f"no transformers rows: this run cannot be exported ({e})")
+        return None
+
+
+@dataclass(kw_only=True)
+class BenchDecodeOptions:
+    """What ``bench-decode`` measures (its command-line options)."""
+
+    prompts: int = 8
+    """Held-out prompts (consecutive ones form a batch)."""
+    prompt_len: int = 32
+    """Tokens per prompt."""
+    max_new_tokens: int = 64
+    """New tokens per prompt."""
+    threads: int = 1
+    """torch intra-op threads (batch-1 decoding is a chain of tiny matmuls: more only sync)."""
+    draft_vocab_size: int = 0
+    """The heads draft only the N most frequent training tokens (0: all; same output)."""
+    dtype: str = "fp32"
+    """'fp32' or 'bf16'."""
+    batch_sizes: tuple[int, ...] | None = None
+    """Default: 1, 4 and 8 as far as the prompts allow."""
+    peers: bool = True
+    """Rows of transformers' generate on the same weights."""
+    prompts_from: str | None = None
+    """Take the prompts from this text or code directory instead of the validation split."""
+    lookaheads: tuple[int, ...] | None = None
+    """Default 1..K (past K only for one shared chained head, drafting by recursion)."""
+
+    def checked_batch_sizes(self) -> tuple[int, ...]:
+        sizes = self.batch_sizes
+        if sizes is None:  # the default: 1, 4 and 8, as far as the prompts allow
+            sizes = tuple(b for b in (1, 4, 8) if b <= max(self.prompts, 1))
+        if not sizes or min(sizes) < 1 or max(sizes) > self.prompts:
+            raise ConfigError(
+                f"--batch-sizes {','.join(map(str, sizes))} is invalid: each between 1 and "
+                f"--prompts ({self.prompts})"
+            )
+        return sizes
+
+    def checked_lookaheads(self, k: int, recursive: bool) -> tuple[int, ...]:
+        found = self.lookaheads or tuple(range(1, k + 1))
+        if min(found) < 1 or (max(found) > k and not recursive):
+            raise ConfigError(
+                f"--lookaheads {','.join(map(str, found))} is invalid: each between 1 and K={k}"
+                " (only one chained head shared by every step, or K=1, drafts further)"
+            )
+        return found
+
+
+def run_bench_decode(consolidated_folder: Path, options: BenchDecodeOptions) -> Path:
+    """Every decoding method on held-out prompts of a consolidated run: the tables printed, the
+    results saved (returns ``decode_benchmark.json``'s path)."""
+    from mtp_megatron.bench.decode_inputs import benchmark_inputs, directory_prompts
+    from mtp_megatron.decoding.load import load_run
+
+    o = options
+    batch_sizes = o.checked_batch_sizes()
+    torch.set_num_threads(o.threads)
+    run = load_run(consolidated_folder, dtype=o.dtype)
+    held_out, calibration, vocab = benchmark_inputs(
+        run, o.prompts, o.prompt_len, o.draft_vocab_size
+    )
+    source = "held-out validation prompts"
+    if o.prompts_from:
+        held_out = directory_prompts(o.prompts_from, run.tokenizer_path, o.prompts, o.prompt_len)
+        source = f"prompts from {o.prompts_from}"
+    peer = transformers_peer(run, o.dtype) if o.peers else None
+    mtp = run.model.mtp
+    lookaheads = o.checked_lookaheads(mtp.num_steps, mtp.cfg.recursive_drafts)
+    rows = run_decode_benchmark(
+        run, held_out, o.max_new_tokens, list(lookaheads), vocab, batch_sizes, peer, calibration
+    )
+    _print_report(run, rows, o, len(calibration), source, peer, vocab)
+    return save_results(run, rows)
+
+
+def _print_report(run, rows, o: BenchDecodeOptions, calibrated, source, peer, vocab) -> None:
+    device = next(run.model.parameters()).device
+    where = "GPU" if device.type == "cuda" else f"{o.threads} CPU thread(s)"
+    print(table(rows))
+    for r in rows:
+        if r.auto:
+            print(
+                f"batch {r.batch}: lookahead='auto' chose L={r.lookahead} (0: plain) after "
+                f"{r.calibration_s:.1f} s calibrating on {calibrated} other validation "
+                "prompts (one-time, not in the row's time)"
+            )
+    print("\nCost of a speculative round, in our one-token trunk steps (CPU wall time):")
+    print(cost_table(rows))
+    speedup, lookahead = best_speedup(rows)
+    drafts = "all tokens" if vocab is None else f"the {len(vocab)} most frequent"
+    batch = min(r.batch for r in rows)
+    print(
+        f"\nself-speculative decoding: {speedup:.2f}x wall-clock speed-up over our plain "
+        f"KV-cached decoding at lookahead {lookahead} ({o.prompts} {source} of {o.prompt_len} "
+        f"tokens, {o.max_new_tokens} new tokens each, greedy, batch {batch}, {o.dtype}, "
+        f"{where}, drafts from {drafts})"
+    )
+    for b, (s, la) in peer_speedups(rows).items():
+        print(
+            f"  batch {b}: {s:.2f}x over transformers' plain generate ({peer.family}, the same "
+            f"weights) at lookahead {la}"
+        )

@@ -168,7 +168,8 @@ def stage_sdpa(ctx: Context) -> dict:
 
 
 def stage_decode(ctx: Context) -> dict:
-    from mtp_megatron.bench.decode import benchmark_inputs, run_decode_benchmark, table
+    from mtp_megatron.bench.decode import run_decode_benchmark, table
+    from mtp_megatron.bench.decode_inputs import benchmark_inputs
     from mtp_megatron.decoding.host import HostReads
     from mtp_megatron.decoding.load import load_run
 
@@ -293,12 +294,8 @@ def stage_memory(ctx: Context) -> dict:
 def stage_transformers(ctx: Context) -> dict:
     """bench-decode's peer table on this device: ours and transformers' generate (plain,
     use_mtp, prompt lookup) on the same weights, batch 1 and 4, with lookahead="auto"."""
-    from mtp_megatron.bench.decode import (
-        benchmark_inputs,
-        peer_speedups,
-        run_decode_benchmark,
-        table,
-    )
+    from mtp_megatron.bench.decode import peer_speedups, run_decode_benchmark, table
+    from mtp_megatron.bench.decode_inputs import benchmark_inputs
     from mtp_megatron.bench.decode_peers import TransformersPeer
     from mtp_megatron.decoding.load import load_run
 

@@ -12,8 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mtp_megatron.recipe import DEMO_RECIPE
+
 REPO = Path(__file__).resolve().parents[2]
-DEMO_RECIPE = REPO / "recipes" / "demo.yaml"
+"""The checkout: the studies write into its docs/research/."""
 STUDY_SHAPE = {
     # A 6-layer d128 model of the demo recipe (pre-norm, std-1 embedding, chained shared heads,
     # self-distilled) trained for 600 steps of 8 x 128 tokens (0.6M): about five minutes a run
@@ -131,7 +133,7 @@ def decoding_stats(run_dir: Path, lookahead: int, prompts: int, max_new_tokens: 
     wall time: the same on any machine)."""
     import torch
 
-    from mtp_megatron.bench.decode import benchmark_inputs
+    from mtp_megatron.bench.decode_inputs import benchmark_inputs
     from mtp_megatron.decoding.load import load_run
     from mtp_megatron.train.consolidate import consolidated_folder
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mtp_megatron.recipe import DEMO_RECIPE
+
 REPO = Path(__file__).resolve().parents[2]
 """The repository checkout the tests run from (recipes/, launch/)."""
-DEMO_RECIPE = REPO / "recipes" / "demo.yaml"
 
 
 def tiny_run_overrides(run_dir: Path, cache: Path, **extra) -> list[str]:

@@ -8,6 +8,7 @@ chance the draft would survive, given the earlier drafts did.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -75,6 +76,58 @@ def reduce_stats(sums: dict[str, tuple[float, float]], dp_group) -> dict[str, fl
             f"validation: non-finite {', '.join(bad)} (NaN / inf logits: the weights diverged)"
         )
     return metrics
+
+
+@dataclass(frozen=True)
+class HeadMetrics:
+    """One head's row of a validation pass (read from :func:`evaluate`'s metrics)."""
+
+    name: str
+    """'main' or 'mtp k'."""
+    k: int
+    """0 for the main head; MTP step k predicts t+k+1."""
+    loss: float
+    accuracy: float
+    acceptance: float | None
+    """The greedy acceptance proxy of draft position k (None for the main head)."""
+
+
+def head_metrics(ev: dict[str, float]) -> list[HeadMetrics]:
+    """The main head's and every MTP head's validation metrics, in order."""
+    rows = [HeadMetrics("main", 0, ev["val/loss_main"], ev["val/acc_main"], None)]
+    k = 1
+    while f"val/loss_mtp_step_{k}" in ev:
+        rows.append(
+            HeadMetrics(
+                f"mtp {k}",
+                k,
+                ev[f"val/loss_mtp_step_{k}"],
+                ev[f"val/acc_mtp_step_{k}"],
+                ev[f"val/acceptance_pos_{k}"],
+            )
+        )
+        k += 1
+    return rows
+
+
+def validation_table(ev: dict[str, float]) -> str:
+    """Markdown table of validation loss, top-1 accuracy and acceptance per head."""
+    rows = [
+        "| head | predicts | val loss | top-1 acc | acceptance (greedy proxy) |",
+        "|---|---|---|---|---|",
+    ]
+    for h in head_metrics(ev):
+        acceptance = "-" if h.acceptance is None else f"{h.acceptance:.3f}"
+        rows.append(f"| {h.name} | t+{h.k + 1} | {h.loss:.4f} | {h.accuracy:.3f} | {acceptance} |")
+    return "\n".join(rows)
+
+
+def validation_line(step: int, ev: dict[str, float]) -> str:
+    """One log line: the main head's loss and accuracy, each head's accuracy and acceptance."""
+    main, *heads = head_metrics(ev)
+    parts = [f"val loss {main.loss:.4f}", f"acc {main.accuracy:.3f}"]
+    parts += [f"head{h.k} acc {h.accuracy:.3f} accept {h.acceptance:.3f}" for h in heads]
+    return f"[eval] step {step}: " + " | ".join(parts)
 
 
 def _accuracy(pred: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:

@@ -42,6 +42,7 @@ from mtp_megatron.train.checkpoint import (
 )
 from mtp_megatron.train.consolidate import consolidate
 from mtp_megatron.train.engine import use_bf16
+from mtp_megatron.train.evaluate import validation_line
 from mtp_megatron.train.guard import (
     NonFiniteError,
     NonFiniteGuard,
@@ -391,7 +392,7 @@ class _Trainer:
             keep = f"{self.latest} is kept as the latest checkpoint" if self.latest else ""
             raise NonFiniteError(f"step {step}: {e}; {keep or 'nothing was saved'}") from None
         self.logger.scalars(step, metrics)
-        self.say(_eval_line(step, metrics))
+        self.say(validation_line(step, metrics))
         return metrics
 
     def _save(self, step: int) -> None:
@@ -425,15 +426,3 @@ class _Trainer:
             finite = {k: (v if math.isfinite(v) else None) for k, v in result.eval.items()}
             text = json.dumps(finite, indent=2, allow_nan=False)
             (self.run_dir / "final_eval.json").write_text(text)
-
-
-def _eval_line(step: int, ev: dict[str, float]) -> str:
-    parts = [f"val loss {ev['val/loss_main']:.4f}", f"acc {ev['val/acc_main']:.3f}"]
-    k = 1
-    while f"val/acceptance_pos_{k}" in ev:
-        parts.append(
-            f"head{k} acc {ev[f'val/acc_mtp_step_{k}']:.3f} "
-            f"accept {ev[f'val/acceptance_pos_{k}']:.3f}"
-        )
-        k += 1
-    return f"[eval] step {step}: " + " | ".join(parts)

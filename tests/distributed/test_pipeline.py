@@ -209,7 +209,7 @@ PROBE = torch.arange(2 * 24).view(2, 24) * 7 % 500  # a fixed batch for the gree
 def _train_resume_probe(rank: int, world: int, full: list[str], part: list[str]):
     """Uninterrupted run, then a run stopped after 3 steps and resumed; the resumed model's
     greedy (argmax) tokens of every head on PROBE, from the last stage."""
-    import mtp_megatron.train.apply as apply
+    import mtp_megatron.train.pipeline_engine as pipeline_engine
     import mtp_megatron.train.trainer as trainer
     from mtp_megatron.model.loss import labels_from_input_ids
     from mtp_megatron.parallel import gather_last_dim, tensor_parallel_group
@@ -217,13 +217,13 @@ def _train_resume_probe(rank: int, world: int, full: list[str], part: list[str])
 
     demo = REPO / "recipes" / "demo.yaml"
     engines = []
-    build = apply.build_pipeline_engine
+    build = pipeline_engine.build_pipeline_engine  # apply_training imports it when it runs
 
     def keep(*args, **kwargs):
         engines.append(build(*args, **kwargs))
         return engines[-1]
 
-    apply.build_pipeline_engine = keep
+    pipeline_engine.build_pipeline_engine = keep
     uninterrupted = trainer.train(load_recipe(demo, full))
     first = trainer.train(load_recipe(demo, part), stop_after_steps=3)
     second = trainer.train(load_recipe(demo, part))

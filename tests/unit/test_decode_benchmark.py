@@ -5,13 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mtp_megatron.bench.decode import (
-    cost_table,
-    directory_prompts,
-    peer_speedups,
-    run_decode_benchmark,
-    table,
-)
+from mtp_megatron.bench.decode import cost_table, peer_speedups, run_decode_benchmark, table
+from mtp_megatron.bench.decode_inputs import directory_prompts
 from mtp_megatron.config import ConfigError, MTPConfig
 from mtp_megatron.decoding.load import load_run
 from tests.cases.hf import consolidated_run, twin_config

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from mtp_megatron import ConfigError, build_model
 from mtp_megatron.__main__ import main
@@ -89,11 +88,12 @@ def test_dry_run_and_params_commands(capsys, single_process):
 
 def test_cli_turns_only_config_errors_into_exit_2(monkeypatch, capsys):
     import mtp_megatron.__main__ as cli
+    import mtp_megatron.cli.train
 
-    def broken(args):
+    def broken(argv):
         raise ValueError("a bug, not bad input")
 
-    monkeypatch.setattr(cli, "cmd_check", broken)
+    monkeypatch.setattr(mtp_megatron.cli.train, "main_check", broken)
     with pytest.raises(ValueError, match="a bug"):  # keeps its traceback
         cli.main(["check", str(RECIPES[0])])
     assert cli.main(["sweep", "job", str(RECIPES[0]), "model.mtp.num_predict_tokens=0"]) == 2
@@ -111,7 +111,17 @@ def test_meta_count_equals_real_model(single_process, variant):
     # unshared heads are K copies of one shared head
     shared = count_parameters(tiny_model_config(mtp_config(variant[0], True, "chained")))
     assert count.heads == (3 if not variant[1] else 1) * shared.heads
-    assert torch.is_tensor(next(model.parameters()))
+    # counted on the meta device: a 7B-parameter shape costs no memory (28 GB in fp32 here)
+    big = tiny_model_config(
+        mtp_config(*variant),
+        vocab_size=32000,
+        hidden_size=4096,
+        num_layers=32,
+        num_attention_heads=32,
+        num_kv_heads=32,
+        ffn_hidden_size=11008,
+    )
+    assert 6.5e9 < count_parameters(big).trunk < 7e9
 
 
 @pytest.mark.parametrize(
@@ -156,8 +166,20 @@ def test_launcher_rejects_a_bad_recipe_before_starting_processes(tmp_path):
     assert layout.returncode == 2 and "cannot be split" in layout.stderr
 
 
-@pytest.mark.parametrize("command", ["bench-train", "bench-memory", "etd-split", "report"])
-def test_passthrough_commands_take_their_own_options(command, capsys):
+def test_every_command_of_the_table_resolves_and_main_lists_them(capsys):
+    from mtp_megatron.__main__ import COMMANDS, command
+
+    assert all(callable(command(name)) for name in COMMANDS)
+    assert main(["--help"]) == 0
+    listed = capsys.readouterr().out
+    assert all(f"  {name} " in listed for name in COMMANDS)
+    assert main(["no-such-command"]) == 2 and "unknown command" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "command", ["bench-train", "bench-memory", "etd-split", "report", "prepare", "generate"]
+)
+def test_commands_take_their_own_options(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
     assert exit_.value.code == 0
