@@ -24,12 +24,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff format --check mtp_megatron tests
 	$(BIN)/ruff check mtp_megatron tests
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -ra
 
 # the one-process tier (tests/unit): no gloo worlds, no SLURM (about a minute on 2 cores)
 test-fast: $(STAMP)
 	$(BIN)/ruff format --check mtp_megatron tests
 	$(BIN)/ruff check mtp_megatron tests
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -ra tests/unit -m "not slow"
 
 # on a GPU machine: one command, about 8 minutes on one H100 / H200 (figures: runs/gpu_check/)
@@ -39,6 +41,7 @@ gpu-check: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff format --check mtp_megatron tests
 	$(BIN)/ruff check mtp_megatron tests
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) .pytest_cache

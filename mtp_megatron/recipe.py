@@ -52,9 +52,10 @@ class Recipe:
                 f"train.mtp.curriculum={curriculum!r} needs MTP heads (model.mtp is null); "
                 "set it to 'none' or add model.mtp"
             )
-        if curriculum != "none":
-            stages = self.model.mtp.num_predict_tokens + 1
-            span = self.train.mtp.curriculum_span(self.train.steps)
+        mtp = self.model.mtp
+        if curriculum != "none" and mtp is not None:
+            stages = mtp.num_predict_tokens + 1
+            span = self.train.mtp.curriculum_span(self.train.steps) or 0
             if span < stages:
                 raise ConfigError(
                     f"train.mtp.curriculum={curriculum!r} spans {span} steps "
@@ -237,17 +238,17 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     data.setdefault("name", path.stem)
     recipe = from_dict(Recipe, data)
     if recipe.init_from is not None:
-        _take_pretrained_architecture(recipe)
+        _take_pretrained_architecture(recipe, recipe.init_from)
     recipe.validate()
     return recipe
 
 
-def _take_pretrained_architecture(recipe: Recipe) -> None:
+def _take_pretrained_architecture(recipe: Recipe, init_from: str) -> None:
     """``init_from: hf:DIR``: the trunk's architecture and (by default) the tokenizer are the
     checkpoint's, resolved here so that every check before launch sees them."""
     from mtp_megatron.hf.importer import architecture, hf_directory
 
-    folder = hf_directory(recipe.init_from)
+    folder = hf_directory(init_from)
     recipe.model, _ = architecture(folder, recipe.model)
     if recipe.data.tokenizer is None and recipe.data.train is None:
         recipe.data.tokenizer = str(folder)

@@ -210,7 +210,8 @@ def write_tasks(runs: list[PlannedRun], sweep_dir: str | Path) -> Path:
 def _split_inputs(items: list[str]) -> tuple[list[str], list[str]]:
     """Positional words: ``key=value`` (that is not an existing path) is an override, else an
     input (a recipe file or folder)."""
-    inputs, overrides = [], []
+    inputs: list[str] = []
+    overrides: list[str] = []
     for item in items:
         (overrides if "=" in item and not Path(item).exists() else inputs).append(item)
     return inputs, overrides

@@ -102,19 +102,30 @@ def _methods(
         auto.auto, auto.calibration_s = True, found.seconds
         chosen.append("auto")
     for k in chosen:
-        methods.append(
-            _Method(
-                auto if k == "auto" else DecodeRow(f"speculative L={k}", k, batch),
-                lambda x, n, k=k: model.mtp_decoder.generate(
-                    x, max_new_tokens=n, lookahead=k, draft_vocab=draft_vocab
-                ),
-            )
-        )
-    for m in peer.methods if peer is not None else []:
-        if batch == 1 or not m.batch_one_only:
-            row = DecodeRow(m.name, 0, batch, peer=True)
-            methods.append(_Method(row, lambda x, n, m=m: peer.generate(m, x, n)))
+        row = auto if k == "auto" else DecodeRow(f"speculative L={k}", int(k), batch)
+        methods.append(_Method(row, _speculative(model, k, draft_vocab)))
+    if peer is not None:
+        for m in peer.methods:
+            if batch == 1 or not m.batch_one_only:
+                row = DecodeRow(m.name, 0, batch, peer=True)
+                methods.append(_Method(row, _peer(peer, m)))
     return methods
+
+
+Generate = Callable[[torch.Tensor, int], tuple[torch.Tensor, dict]]
+
+
+def _speculative(model, lookahead: int | str, draft_vocab: torch.Tensor | None) -> Generate:
+    def generate(x: torch.Tensor, n: int) -> tuple[torch.Tensor, dict]:
+        return model.mtp_decoder.generate(
+            x, max_new_tokens=n, lookahead=lookahead, draft_vocab=draft_vocab
+        )
+
+    return generate
+
+
+def _peer(peer: TransformersPeer, method) -> Generate:
+    return lambda x, n: peer.generate(method, x, n)
 
 
 def run_decode_benchmark(
@@ -232,6 +243,7 @@ def best_speedup(
     spec = [r for r in rows if r.batch == batch and (r.lookahead or r.auto)]
     best = min(spec, key=lambda r: r.wall_s)
     base = _baseline(rows, best, peer)
+    assert base is not None, "every batch size has its plain row"
     return base.wall_s / best.wall_s, best.lookahead
 
 
@@ -354,8 +366,10 @@ def run_bench_decode(consolidated_folder: Path, options: BenchDecodeOptions) -> 
         held_out = directory_prompts(o.prompts_from, run.tokenizer_path, o.prompts, o.prompt_len)
         source = f"prompts from {o.prompts_from}"
     peer = transformers_peer(run, o.dtype) if o.peers else None
-    mtp = run.model.mtp
-    lookaheads = o.checked_lookaheads(mtp.num_steps, mtp.cfg.recursive_drafts)
+    mtp = run.model_config.mtp
+    if mtp is None:
+        raise ConfigError(f"{consolidated_folder} has no MTP heads: nothing to draft with")
+    lookaheads = o.checked_lookaheads(mtp.num_predict_tokens, mtp.recursive_drafts)
     rows = run_decode_benchmark(
         run, held_out, o.max_new_tokens, list(lookaheads), vocab, batch_sizes, peer, calibration
     )

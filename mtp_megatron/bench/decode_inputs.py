@@ -28,7 +28,6 @@ def benchmark_inputs(
     use every token)."""
     from mtp_megatron.data.loader import prefix_tokens, resolve_data
 
-    vocab_size = run.model_config.vocab_size
     data_cfg = from_dict(DataConfig, run.recipe.get("data") or {}, "data")
     blends = resolve_data(data_cfg, log=lambda *a: None)  # prepared already: a no-op
     stream = torch.from_numpy(prefix_tokens(blends.validation).astype("int64"))
@@ -43,7 +42,7 @@ def benchmark_inputs(
     vocab = None
     if draft_vocab_size:
         train = prefix_tokens(blends.train, limit=FREQUENCY_TOKENS)
-        vocab = frequent_token_ids(train, draft_vocab_size, vocab_size)
+        vocab = frequent_token_ids(train, draft_vocab_size, run.model_config.known_vocab_size)
     return prompts, calibration, vocab
 
 

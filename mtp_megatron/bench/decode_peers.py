@@ -22,6 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -72,7 +73,7 @@ class TransformersPeer:
         # transformers' MtpModel finds the MTP layers through this class attribute, which the
         # stock classes leave empty: a subclass lists them instead of patching transformers
         keys = {"_keys_to_ignore_on_load_unexpected": mtp_key_patterns(out)}
-        cls = type(base.__name__, (base,), keys)
+        cls: Any = type(base.__name__, (base,), keys)
         self.model = cls.from_pretrained(out, dtype=dtype).to(device).eval()
         gen = self.model.generation_config
         gen.eos_token_id = None  # exactly max_new_tokens, as our rows

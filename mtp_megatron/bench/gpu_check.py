@@ -34,6 +34,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -182,7 +183,7 @@ def stage_decode(ctx: Context) -> dict:
         prompts, _, vocab = benchmark_inputs(run, 4 if ctx.quick else 8, 16 if ctx.quick else 32)
         new = 16 if ctx.quick else 64
         before = HostReads.count
-        k = run.model.mtp.num_steps
+        k = run.model.objective.num_steps
         rows = run_decode_benchmark(run, prompts, new, list(range(1, k + 1)), vocab)
         reads = HostReads.count - before
         print(f"decoding, {dtype}:\n{table(rows)}")
@@ -208,6 +209,7 @@ def stage_throughput(ctx: Context) -> dict:
     from mtp_megatron.train.apply import apply_mtp_training
 
     ensure_parallel_initialized()
+    shape: dict[str, Any]
     if ctx.quick:
         shape = dict(vocab_size=512, hidden_size=64, num_layers=2, num_attention_heads=4)
         seq, batch = 64, 2
@@ -238,7 +240,7 @@ def stage_throughput(ctx: Context) -> dict:
         apply_mtp_training(model, training)
         model = model.to(ctx.device, dtype)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=ctx.device)
+        ids = torch.randint(0, cfg.known_vocab_size, (batch, seq), device=ctx.device)
         if ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         times = []
@@ -305,7 +307,7 @@ def stage_transformers(ctx: Context) -> dict:
     run = load_run(run_dir, device=ctx.device)
     peer = TransformersPeer(run.folder, device=ctx.device)
     prompts, calibration, _ = benchmark_inputs(run, 4 if ctx.quick else 8, 16 if ctx.quick else 32)
-    k = run.model.mtp.num_steps
+    k = run.model.objective.num_steps
     rows = run_decode_benchmark(
         run,
         prompts,
@@ -363,7 +365,7 @@ def main_gpu_check(argv: list[str]) -> int:
         peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     args.out.mkdir(parents=True, exist_ok=True)
     ctx = Context(device, args.quick, args.out, time.monotonic() + args.budget_s, peak)
-    summary = {
+    summary: dict[str, Any] = {
         "device": torch.cuda.get_device_name(0) if device_type == "cuda" else "cpu",
         "torch": torch.__version__,
         "stages": {},

@@ -23,11 +23,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from mtp_megatron.config import HEAD_TYPES, ConfigError, ModelConfig, MTPConfig
+from mtp_megatron.config.mtp import HeadTypeName
 
 SMALL_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "small.yaml"
 DEFAULT_BATCH = 8
@@ -183,7 +185,7 @@ def mtp_case_config(cfg: ModelConfig, head_type: str, k: int = MTP_STEPS) -> MTP
     return dataclasses.replace(
         base,
         num_predict_tokens=k,
-        mtp_head_type=head_type,
+        mtp_head_type=cast(HeadTypeName, head_type),
         share_weights_across_steps=True,
         head_arrangement="chained",
         speculation_lookahead=min(base.speculation_lookahead, k),
@@ -253,7 +255,7 @@ def run_benchmark(
         )
     keys = list(dict.fromkeys(cases))  # keep order, drop repeats
     generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(0, cfg.vocab_size, (batch, seq_len), generator=generator)
+    input_ids = torch.randint(0, cfg.known_vocab_size, (batch, seq_len), generator=generator)
     built = _build_cases(cfg, keys, input_ids, seed)
     say = progress or (lambda _msg: None)
 
@@ -297,7 +299,7 @@ def run_benchmark(
     return result
 
 
-def _recipe_shape(recipe: object) -> tuple[ModelConfig, int, int]:
+def _recipe_shape(recipe: Any) -> tuple[ModelConfig, int, int]:
     """(model, batch, seq_len) of a recipe; a recipe without a ``train`` section gives batch
     DEFAULT_BATCH and seq_len model.max_seq_len."""
     model: ModelConfig = recipe.model

@@ -104,7 +104,7 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     if origin is Literal:
         check_choice(path, value, tp)
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):

@@ -214,11 +214,17 @@ class ModelConfig:
         return 64 * math.ceil(8 * self.hidden_size / 3 / 64)
 
     @property
-    def padded_vocab_size(self) -> int:
+    def known_vocab_size(self) -> int:
+        """``vocab_size``, which must be known by now (the trainer fills a None in from the
+        tokenizer)."""
         if self.vocab_size is None:
             raise ValueError("model.vocab_size is None: the trainer sets it from the tokenizer")
+        return self.vocab_size
+
+    @property
+    def padded_vocab_size(self) -> int:
         m = self.vocab_pad_multiple
-        return m * math.ceil(self.vocab_size / m)
+        return m * math.ceil(self.known_vocab_size / m)
 
     def validate(self, tensor_parallel_size: int = 1, path: str = "model") -> None:
         if self.vocab_size is not None:

@@ -23,7 +23,7 @@ HeadTypeName = Literal["transformer", "mlp", "linear", "shared_lm_head"]
 that it builds exactly these): 'transformer' (projection + one decoder layer, DeepSeek-V3's MTP
 module), 'mlp' (projection + a SwiGLU block), 'linear' (projection + a Medusa-style residual
 block) and 'shared_lm_head' (no parameters: the trunk's final norm and output layer)."""
-HEAD_TYPES: tuple[str, ...] = get_args(HeadTypeName)
+HEAD_TYPES: tuple[HeadTypeName, ...] = get_args(HeadTypeName)
 PARAMETER_FREE_HEAD_TYPES: tuple[str, ...] = ("shared_lm_head",)
 """Head types without parameters of their own (they cannot be independent, see validate)."""
 HeadArrangement = Literal["chained", "independent"]
@@ -101,7 +101,7 @@ class MTPConfig:
                     )
             return
         w1 = self.final_loss_weight
-        if not is_number(w1) or not 0 <= w1 < math.inf:
+        if w1 is None or not is_number(w1) or not 0 <= w1 < math.inf:
             fail(
                 f"{path}.final_loss_weight",
                 w1,

@@ -29,8 +29,8 @@ import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import torch
 import torch.distributed as dist
 
 from mtp_megatron.config import ConfigError
@@ -63,8 +63,10 @@ class _EodTokenizer:
 class GPTData:
     """The built datasets: ``train[i]`` / ``validation[i]`` give megatron's sample dicts."""
 
-    train: torch.utils.data.Dataset
-    validation: torch.utils.data.Dataset | None
+    train: Any
+    """Megatron's (blended) GPTDataset: ``len`` and ``[i]``."""
+    validation: Any
+    """The same for validation (None when no validation samples were asked for)."""
     cache_dir: Path
     """This build's cache entry."""
     key: str

@@ -30,8 +30,12 @@ from mtp_megatron.data.manifest import FORMAT, MANIFEST, SPLITS, sealed
 
 CHUNK = 1 << 24
 """Ids scanned at a time (64 MB of uint32): memory stays flat for any file size."""
-FLAT_DTYPES = {"uint16": np.uint16, "uint32": np.uint32, "int32": np.int32}
-_CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+FLAT_DTYPES: dict[str, np.dtype] = {
+    "uint16": np.dtype(np.uint16),
+    "uint32": np.dtype(np.uint32),
+    "int32": np.dtype(np.int32),
+}
+_CODE_DTYPES: dict[int, np.dtype] = {code: np.dtype(dt) for dt, code in DTYPE_CODES.items()}
 
 
 def _scan(tokens: np.ndarray, eod: int | None) -> tuple[np.ndarray, int]:
@@ -151,7 +155,7 @@ def import_data(
     'validation') to prefixes / file patterns. Returns the manifest."""
     out = Path(output).resolve()
     (out / MANIFEST).unlink(missing_ok=True)  # rewritten last, once every input is valid
-    shards = []
+    shards: list[dict] = []
     if numpy:
         if dtype not in FLAT_DTYPES:
             raise ConfigError(f"--dtype={dtype!r} is invalid: one of {sorted(FLAT_DTYPES)}")
@@ -160,14 +164,17 @@ def import_data(
     flat = [
         (split, f) for split, pats in (numpy or {}).items() for f in _expand(pats, "--from-numpy")
     ]
-    scanned = [_scan_flat(file, FLAT_DTYPES[dtype], eod) for _, file in flat]  # all valid first
+    scanned = []
+    if flat:  # a --from-numpy import: dtype and eod are checked above
+        assert dtype is not None and eod is not None
+        scanned = [_scan_flat(file, FLAT_DTYPES[dtype], eod) for _, file in flat]  # all first
     for (split, file), stats in zip(flat, scanned):
         prefix = out / split / f"shard_{len(shards):05d}"
         _index_flat(file, prefix, stats)
         shards.append(_shard(len(shards), split, str(prefix), str(file), stats))
     for split, given in (megatron or {}).items():
-        for prefix in given:
-            prefix = Path(prefix).resolve()
+        for name in given:
+            prefix = Path(name).resolve()
             stats = _check_megatron(prefix)
             shards.append(_shard(len(shards), split, str(prefix), str(prefix), stats))
     if not shards:

@@ -26,7 +26,7 @@ import numpy as np
 from mtp_megatron.data.cache import file_sha256
 
 HEADER = b"MMIDIDX\x00\x00"
-DTYPE_CODES = {np.dtype(np.uint16): 8, np.dtype(np.int32): 4}
+DTYPE_CODES: dict[np.dtype, int] = {np.dtype(np.uint16): 8, np.dtype(np.int32): 4}
 """The token dtypes we write (``tokenizer.token_dtype``: uint16 while every id fits, else int32;
 megatron has no uint32 code), with megatron's codes."""
 

@@ -51,8 +51,10 @@ class DataBlends:
 class TrainingData:
     """What the trainer reads: the datasets, their tokenizer and identity."""
 
-    train: torch.utils.data.Dataset
-    validation: torch.utils.data.Dataset
+    train: Any
+    """Megatron's (blended) GPTDataset of the training samples."""
+    validation: Any
+    """The validation samples' (the same kind)."""
     tokenizer_path: Path
     fingerprint: str
     """Names the training data and its sample order (its part of the GPTDataset cache key)."""

@@ -324,7 +324,7 @@ def prepare(cfg: PrepareConfig, log: Callable[[str], None] = print) -> dict:
 
 
 def _manifest(cfg: PrepareConfig, tok, dtype, shards: list[Shard]) -> dict:
-    totals = {"documents": Counter(), "tokens": Counter(), "skipped": Counter()}
+    totals: dict[str, Counter] = {"documents": Counter(), "tokens": Counter(), "skipped": Counter()}
     for shard in shards:
         totals["documents"].update(shard.documents)
         totals["tokens"].update(shard.tokens)

@@ -17,6 +17,7 @@ import os
 import sysconfig
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch.distributed
 
@@ -46,12 +47,15 @@ def source_prepare_config(cfg: DataConfig) -> PrepareConfig:
     if not tokenizer.startswith(BPE_PREFIX):
         tokenizer = os.path.abspath(tokenizer)
     source = resolve_source(cfg.source)
+    inputs: list[str]
+    suffixes: tuple[str, ...]
+    exclude: tuple[str, ...]
     if isinstance(source, StdlibSource):
         inputs, suffixes, exclude = [sysconfig.get_paths()["stdlib"]], (".py",), NOT_STDLIB
     else:  # a hub dataset's name (``prepare`` exports it) or the local path
         given = str(source) if isinstance(source, HubDataset) else source.path
         inputs, suffixes, exclude = [given], PrepareConfig.suffixes, ()
-    settings = {
+    settings: dict[str, Any] = {
         "inputs": inputs,
         "suffixes": suffixes,
         "exclude_dirs": exclude,

@@ -166,7 +166,9 @@ def load_hf_tokenizer(path: str | Path, eod_token: str | None = None) -> HFToken
     except Exception as e:  # tokenizers raises its own Exception type for a bad file
         raise ConfigError(f"tokenizer {file} cannot be read by `tokenizers`: {e}") from e
     tried = []
-    candidates = [("the recipe's eod_token", eod_token)] if eod_token else []
+    candidates: list[tuple[str, str | None]] = []
+    if eod_token:
+        candidates.append(("the recipe's eod_token", eod_token))
     if path.is_dir():
         candidates.append(
             ("tokenizer_config.json's eos_token", _config_eos(path / "tokenizer_config.json"))

@@ -71,7 +71,7 @@ def calibrate(
                 wall[L] += stats["wall_time_s"]
                 tokens[L] += stats["new_tokens"]
     rates = {L: tokens[L] / wall[L] for L in wall}
-    best = max(rates, key=rates.get)
+    best = max(rates, key=lambda L: rates[L])
     group = decoder.runner.tp_group
     if group.size() > 1:  # each rank timed its own runs: they must not decode differently
         choice = torch.tensor([best], device=prompts[0].device)

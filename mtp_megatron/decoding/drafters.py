@@ -14,7 +14,7 @@ state at k - 1 (FastMTP's recursion, vLLM's for one-layer MTP models).
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 
@@ -96,7 +96,7 @@ class HeadDrafter:
             chained = self.mtp.chained
             self.valid[k] = (p + 2 - k).clamp_min(0) if chained else p + 1
             self.valid_host[k] = [max(pp + 2 - k, 0) if chained else pp + 1 for pp in p_host]
-        q = None if qs[0] is None else torch.stack(qs, dim=1)
+        q = None if qs[0] is None else torch.stack(cast(list[torch.Tensor], qs), dim=1)
         return Draft(torch.stack(drafts, dim=1), q)
 
     def _head_state(self, state: RoundState, k: int) -> torch.Tensor:
@@ -114,6 +114,7 @@ class HeadDrafter:
             prev = self.hist[k - 1][rows, pos]  # h^{k-1} (this round's values past its valid part)
             emb = trunk.embed(seq[rows, pos + k])  # e(x_{j+k}): committed or this round's draft
         else:
+            assert self.hist_z is not None  # (independent heads read the trunk's z)
             prev, emb = self.hist_z[rows, pos], None
         cache = self.caches[k - 1]
         kv = None

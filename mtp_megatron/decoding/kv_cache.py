@@ -71,6 +71,7 @@ class KVCacheSet:
         if self._plan is not None and self._plan[0] == key:
             return self._plan[1]
         end = self.max_length + s
+        plan: tuple[int | None, torch.Tensor | None, torch.Tensor | None]
         if self.uniform:
             start = self.max_length
             mask = None  # one query sees every slot

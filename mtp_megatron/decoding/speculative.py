@@ -91,12 +91,14 @@ class SpeculativeDecoder:
         when it has not been); L = 0 (plain decoding won the calibration) decodes without
         drafts.
         """
-        L = self._check_lookahead(lookahead)
+        requested = self._check_lookahead(lookahead)
         sampling = SamplingConfig(
             temperature, top_p, top_k, speculation_temperature, acceptance_threshold
         )
         sampling.validate()
-        if L == "auto":
+        if isinstance(requested, int):
+            L = requested
+        else:  # 'auto'
             L = self.auto.choose(self, input_ids, draft_vocab)
             if L == 0:
                 plain = SamplingConfig(temperature, top_p, top_k)

@@ -8,6 +8,8 @@ zero on import). Every other tensor keeps its name's shape and values: a round t
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from mtp_megatron.config import ConfigError, ModelConfig
@@ -58,7 +60,7 @@ def trunk_to_hf(master: dict[str, torch.Tensor], cfg: ModelConfig, family: Famil
 def trunk_from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig, family: Family) -> dict:
     """Our trunk's master state dict from an HF state dict; a missing or unexpected HF tensor
     is an error naming it (strict loading)."""
-    padded, v = cfg.padded_vocab_size, cfg.vocab_size
+    padded, v = cfg.padded_vocab_size, cfg.known_vocab_size
 
     def pad(t: torch.Tensor) -> torch.Tensor:  # [V, h] -> [V', h]
         return torch.cat([t, t.new_zeros(padded - v, t.shape[1])])
@@ -145,6 +147,7 @@ def heads_to_hf(master: dict[str, torch.Tensor], cfg: ModelConfig, family: Famil
     if why is not None:
         raise ConfigError(f"the MTP heads cannot be exported to transformers: {why}")
     mtp, h, like = cfg.mtp, cfg.hidden_size, master["trunk.final_norm.weight"]
+    assert mtp is not None  # (heads_exportable)
     names = _layer_names(family)
     out = {}
     for k in range(1, mtp.num_predict_tokens + 1):
@@ -195,7 +198,7 @@ def hf_config(cfg: ModelConfig, family: Family, eos_token_id: int | None, dtype:
     """The transformers config of ``cfg``'s trunk in ``family``."""
     import transformers
 
-    common = dict(
+    common: dict[str, Any] = dict(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.ffn_size,
@@ -216,8 +219,8 @@ def hf_config(cfg: ModelConfig, family: Family, eos_token_id: int | None, dtype:
         architectures=[family.architecture],
     )
     full = ["full_attention"] * cfg.num_layers
-    mtp = {}
-    if heads_exportable(cfg) is None:  # transformers' MtpModel reads these
+    mtp: dict[str, Any] = {}
+    if cfg.mtp is not None and heads_exportable(cfg) is None:  # transformers' MtpModel reads these
         k = cfg.mtp.num_predict_tokens
         mtp = {"num_mtp_layers": k}
         if family.model_type not in ("llama", "olmo2"):  # layer_types need the heads' too

@@ -46,9 +46,9 @@ def _eos_token(recipe: dict, tokenizer_file: Path) -> tuple[str | None, int | No
             return tok.eod_token, tok.eod_id
         except ConfigError:
             pass  # fall back to the run's own copy
-    tok = Tokenizer.from_file(str(tokenizer_file))
+    own = Tokenizer.from_file(str(tokenizer_file))
     token = data.get("eod_token") or DEFAULT_EOD
-    token_id = tok.token_to_id(token)
+    token_id = own.token_to_id(token)
     return (token, token_id) if token_id is not None else (None, None)
 
 
@@ -134,7 +134,7 @@ def export_hf(folder: str | Path, out: str | Path, log: Callable[[str], None] = 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if why_not is None:
+    if why_not is None and cfg.mtp is not None:
         note = (
             f", {cfg.mtp.num_predict_tokens} MTP layers (generate(use_mtp=True) drafts with them)"
         )

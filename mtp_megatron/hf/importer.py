@@ -14,12 +14,16 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 import torch
 
 from mtp_megatron.config import ConfigError, ModelConfig, RopeScalingConfig
 from mtp_megatron.hf.convert import trunk_from_hf
 from mtp_megatron.hf.families import FAMILIES, Family
+
+if TYPE_CHECKING:
+    from mtp_megatron.model import MTPModel
 
 PREFIX = "hf:"
 HEAD_INITS = ("random", "last_layer")
@@ -42,7 +46,7 @@ def hf_directory(init_from: str) -> Path:
     return folder
 
 
-def _refuse(folder: Path, what: str) -> None:
+def _refuse(folder: Path, what: str) -> NoReturn:
     raise ConfigError(f"init_from: {folder} cannot be represented by the trunk: {what}")
 
 
@@ -65,7 +69,7 @@ def trunk_settings(folder: Path) -> tuple[dict, Family]:
 
 def _trunk_settings(folder: Path, config: dict) -> tuple[dict, Family]:
     model_type = config.get("model_type")
-    family = FAMILIES.get(model_type)
+    family = FAMILIES.get(model_type) if isinstance(model_type, str) else None
     if family is None:
         _refuse(folder, f"model_type {model_type!r} (supported: {sorted(FAMILIES)})")
     heads = config["num_attention_heads"]
@@ -155,7 +159,7 @@ def check_checkpoint(init_from: str, model: ModelConfig | None = None) -> dict:
     }
 
 
-def copy_last_layer_into_heads(model: torch.nn.Module) -> int:
+def copy_last_layer_into_heads(model: MTPModel) -> int:
     """Each MTP head's transformer block (and final norm) becomes a copy of the trunk's last
     layer (and final norm); returns how many heads got one (heads without a block keep their
     initialisation). Works on any TP slice: trunk and head blocks are sharded alike."""
@@ -168,13 +172,14 @@ def copy_last_layer_into_heads(model: torch.nn.Module) -> int:
         if block is None or set(block.state_dict()) != set(trunk_layer):
             continue
         block.load_state_dict(trunk_layer)
-        if getattr(head, "final_norm", None) is not None:
-            head.final_norm.load_state_dict(model.trunk.final_norm.state_dict())
+        final_norm = getattr(head, "final_norm", None)
+        if final_norm is not None:
+            final_norm.load_state_dict(model.trunk.final_norm.state_dict())
         copied += 1
     return copied
 
 
-def load_pretrained(model: torch.nn.Module, init_from: str, head_init: str, log=print) -> None:
+def load_pretrained(model: MTPModel, init_from: str, head_init: str, log=print) -> None:
     """Load ``init_from``'s weights into the trunk of ``model`` (built from the resolved recipe,
     before the pipeline split) and initialise its MTP heads per ``head_init``."""
     from mtp_megatron.parallel import tensor_parallel_group

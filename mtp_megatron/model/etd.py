@@ -34,12 +34,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from megatron.core import parallel_state
 from torch import nn
 
 from mtp_megatron.config import ETDConfig
+from mtp_megatron.model.layers import TransformerLayer
 from mtp_megatron.model.lora import ExpertRouting, add_lora_experts
 from mtp_megatron.model.router import ExpertRouter, HaltingRouter
 from mtp_megatron.model.trunk import DecoderTrunk
@@ -96,9 +98,10 @@ class ETDTrunk(DecoderTrunk):
                 dp_group,
             )
             for i in self.think_layers:
-                add_lora_experts(self.layers[i], self.ctx, etd, self.routing)
+                layer = cast(TransformerLayer, self.layers[i])
+                add_lora_experts(layer, self.ctx, etd, self.routing)
                 # a checkpointed call's recomputation must see its own iteration's routing
-                self.layers[i].recompute_context = self.routing.replay
+                layer.recompute_context = self.routing.replay
         self.last_stats: ETDStats | None = None
 
     @property

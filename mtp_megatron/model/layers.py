@@ -12,6 +12,8 @@ then sliced, so the same seed gives the same model at every TP size and on eithe
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import torch
 import torch.nn.functional as F
@@ -104,6 +106,9 @@ class RotaryEmbedding(nn.Module):
     checkpoint would notice.
     """
 
+    cos: torch.Tensor
+    signed_sin: torch.Tensor  # buffers, [max_seq_len, d]
+
     def __init__(
         self,
         head_dim: int,
@@ -176,7 +181,8 @@ class SelfAttention(nn.Module):
         self.k_proj = column(cfg.kv_heads * d)
         self.v_proj = column(cfg.kv_heads * d)
         self.o_proj = ctx.row_linear(cfg.num_attention_heads * d, cfg.hidden_size)
-        self.q_norm = self.k_norm = None
+        self.q_norm: nn.Module | None = None
+        self.k_norm: nn.Module | None = None
         self.full_width_qk_norm = cfg.qk_norm and cfg.qk_norm_scope == "full"
         if self.full_width_qk_norm:  # over the whole projection (OLMo-2)
             self.q_norm = ShardedRMSNorm(cfg.num_attention_heads * d, cfg.norm_eps, ctx.tp_group)
@@ -195,12 +201,13 @@ class SelfAttention(nn.Module):
         b, s, _ = x.shape
         n, g, d = self.local_heads, self.local_kv_heads, self.head_dim
         q, k = self.q_proj(x), self.k_proj(x)  # [b, s, n d/p], [b, s, g d/p]
-        if self.full_width_qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
+        q_norm, k_norm = self.q_norm, self.k_norm
+        if q_norm is not None and k_norm is not None and self.full_width_qk_norm:
+            q, k = q_norm(q), k_norm(k)
         q, k = q.view(b, s, n, d), k.view(b, s, g, d)  # [b, s, n/p, d], [b, s, g/p, d]
         v = self.v_proj(x).view(b, s, g, d)
-        if self.q_norm is not None and not self.full_width_qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
+        if q_norm is not None and k_norm is not None and not self.full_width_qk_norm:
+            q, k = q_norm(q), k_norm(k)
         q = rope(q.transpose(1, 2), positions)  # [b, n/p, s, d]
         k = rope(k.transpose(1, 2), positions)  # [b, g/p, s, d]
         v = v.transpose(1, 2)
@@ -264,6 +271,10 @@ class Residual(nn.Module):
 
 class TransformerLayer(nn.Module):
     """Attention block then SwiGLU block, each residual. x: [b, s, h] -> [b, s, h]."""
+
+    recompute_context: Callable[[], AbstractContextManager] | None = None
+    """What a checkpointed call's recomputation runs inside (``model/recompute.py``; an ETD
+    think layer's reinstates its iteration's routing)."""
 
     def __init__(self, ctx: LayerContext):
         super().__init__()

@@ -26,7 +26,7 @@ attributes (checkpoint merging and the tests' gathers read them).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -90,14 +90,15 @@ class LoRAExperts(nn.Module):
         super().__init__()
         self.base = base
         self.routing = routing
-        self.kind: Literal["column", "row"] = base.parallel_mode
+        self.kind = cast(Literal["column", "row"], base.parallel_mode)
         self.tp_group = ctx.tp_group
         self.experts, self.rank = etd.num_lora_experts, etd.lora_rank
         self.scale = etd.lora_alpha / etd.lora_rank
         width = self.experts * self.rank
-        a = torch.empty(width, base.input_size, dtype=base.weight.dtype)
+        dtype = cast(torch.Tensor, base.weight).dtype
+        a = torch.empty(width, cast(int, base.input_size), dtype=dtype)
         ctx.init(a)
-        b = torch.zeros(base.output_size, width, dtype=base.weight.dtype)  # LoRA: starts at 0
+        b = torch.zeros(cast(int, base.output_size), width, dtype=dtype)  # LoRA: starts at 0
         if self.kind == "column":
             stride = getattr(base.weight, "partition_stride", 1)
             self.lora_a = nn.Parameter(a)  # [E r, i] replicated

@@ -22,6 +22,7 @@ applies one head module at every step.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import cast
 
 import torch
 from torch import nn
@@ -103,14 +104,14 @@ class MTPBlock(nn.Module):
 
     def head(self, k: int) -> MTPHead:
         """The module of step k (1-based)."""
-        return self.heads[0] if len(self.heads) == 1 else self.heads[k - 1]
+        return cast(MTPHead, self.heads[0] if len(self.heads) == 1 else self.heads[k - 1])
 
     def step(
         self,
         k: int,
         prev_hidden: torch.Tensor,
         token_embedding: torch.Tensor | None,
-        trunk_final_norm: nn.Module,
+        trunk_final_norm: Callable[[torch.Tensor], torch.Tensor],
         rope: RotaryEmbedding,
         positions: torch.Tensor,
         kv_cache: KVCacheLayer | None = None,
@@ -126,7 +127,7 @@ class MTPBlock(nn.Module):
         trunk_normed: torch.Tensor,
         input_ids: torch.Tensor,
         embed: Callable[[torch.Tensor], torch.Tensor],
-        trunk_final_norm: nn.Module,
+        trunk_final_norm: Callable[[torch.Tensor], torch.Tensor],
         rope: RotaryEmbedding,
         positions: torch.Tensor,
         checkpoint: bool = False,

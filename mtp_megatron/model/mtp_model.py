@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -81,11 +81,14 @@ class MTPModel(nn.Module):
         (``hidden``) and h^0 (``normed``). ``detach``: the steps read the trunk's tensors and
         weights without their gradients (so only the heads learn from what follows);
         ``checkpoint``: each step's head is recomputed in backward."""
-        trunk = self.trunk
-        embed, final_norm = trunk.embed, trunk.final_norm
+        trunk, mtp = self.trunk, self.mtp
+        assert mtp is not None, "a model without MTP heads has no MTP steps"
+        embed: Callable[[torch.Tensor], torch.Tensor] = trunk.embed
+        final_norm: Callable[[torch.Tensor], torch.Tensor] = trunk.final_norm
         if detach:
             hidden, normed = hidden.detach(), normed.detach()
             norm = trunk.final_norm
+            norm_weight = cast(torch.Tensor, norm.weight).detach()
 
             def embed(ids: torch.Tensor) -> torch.Tensor:
                 return trunk.embed(ids).detach()
@@ -93,10 +96,10 @@ class MTPModel(nn.Module):
             def final_norm(x: torch.Tensor) -> torch.Tensor:
                 # what parameter-free heads normalise with (recipes refuse them with
                 # detach_heads, a library caller may not): the trunk's norm, detached too
-                return F.rms_norm(x, (x.shape[-1],), norm.weight.detach(), norm.eps)
+                return F.rms_norm(x, (x.shape[-1],), norm_weight, norm.eps)
 
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        return self.mtp.iter_steps(
+        return mtp.iter_steps(
             hidden,
             normed,
             input_ids,

@@ -98,10 +98,11 @@ def sequential_mtp_loss(
         ce, hidden_grad, w_grad = _score(trunk, hidden_k, step_targets(labels, k), output_grad)
         mtp_loss = mtp_loss + alpha * _attach(hidden_k, ce, hidden_grad)
         step_losses[f"mtp_step_{k}"] = ce
-        if w_grad is not None and weight_grad is None:
-            weight_grad = w_grad.float() * alpha
-        elif w_grad is not None:
-            weight_grad.add_(w_grad, alpha=alpha)
+        if w_grad is not None:
+            if weight_grad is None:
+                weight_grad = w_grad.float() * alpha
+            else:
+                weight_grad.add_(w_grad, alpha=alpha)
     if weight_grad is not None:
         # + 0: the value stays the plain path's, bit for bit
         mtp_loss = mtp_loss + _attach_weight_grad(trunk, weight_grad, mtp_loss)

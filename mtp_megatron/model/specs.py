@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal, cast, get_args
 
 import torch
 import torch.nn.functional as F
@@ -115,7 +115,8 @@ class LocalLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         if weight is None:
-            y = x @ self.weight.t()  # [..., i] @ [i, o] (row-major unless re-laid out)
+            own = cast(nn.Parameter, self.weight)  # (not external: the layer's own)
+            y = x @ own.t()  # [..., i] @ [i, o] (row-major unless re-laid out)
         elif torch.is_grad_enabled() or x.device.type != "cpu":
             y = F.linear(x, weight)
         else:

@@ -9,6 +9,8 @@ the last one without rewriting the model.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -84,15 +86,16 @@ class DecoderTrunk(nn.Module):
     @property
     def output_weight(self) -> torch.nn.Parameter:
         """W [V/p, h] of the output layer: the embedding's when they are tied."""
-        return self.embedding.weight if self.cfg.tie_embeddings else self.output_layer.weight
+        owner = self.embedding if self.cfg.tie_embeddings else self.output_layer
+        return cast(torch.nn.Parameter, owner.weight)
 
     def logits(self, normed: torch.Tensor, detach_weight: bool = False) -> torch.Tensor:
         """Normalised states [b, s, h] -> vocab-parallel logits [b, s, V/p] (shared by heads);
         ``detach_weight``: no gradient reaches the output weight (heads that must not train
         the trunk)."""
-        weight = self.output_weight.detach() if detach_weight else None
+        weight: torch.Tensor | None = self.output_weight.detach() if detach_weight else None
         if weight is None and self.cfg.tie_embeddings:
-            weight = self.embedding.weight
+            weight = self.output_weight
         return self.output_layer(normed, weight)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None):

@@ -9,7 +9,7 @@ replicated. Used by the checkpoint consolidation and loading, the LoRA experts a
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +30,8 @@ def partition_of(param: torch.Tensor) -> Partition | None:
     """The parameter's partition, or None when it is replicated over TP ranks."""
     if not getattr(param, "tensor_model_parallel", False):
         return None
-    return Partition(param.partition_dim, getattr(param, "partition_stride", 1))
+    dim = param.partition_dim  # type: ignore[attr-defined]  # set by megatron on TP parameters
+    return Partition(dim, getattr(param, "partition_stride", 1))
 
 
 def partitions(module: nn.Module) -> dict[str, Partition | None]:
@@ -56,7 +57,7 @@ def unshard(shards: list[torch.Tensor], part: Partition | None) -> torch.Tensor:
 
 
 def unshard_state_dicts(
-    shards: list[Mapping[str, torch.Tensor]], parts: Mapping[str, Partition | None]
+    shards: Sequence[Mapping[str, torch.Tensor]], parts: Mapping[str, Partition | None]
 ) -> dict[str, torch.Tensor]:
     """Per-TP-rank state dicts -> one master (TP=1) state dict; names not in ``parts``
     (buffers) are taken from rank 0, non-tensor entries dropped."""

@@ -71,7 +71,7 @@ def _markdown(
     ]
     bests = {}
     for key, how in best.items():
-        values = [row[key] for row in table if isinstance(row.get(key), float)]
+        values = [v for row in table if isinstance(v := row.get(key), float)]
         if len(values) > 1:
             bests[key] = min(values) if how == "min" else max(values)
     for row in table:

@@ -4,6 +4,8 @@ against fixed K: next-token quality, and tokens per trunk forward of self-specul
 
 from __future__ import annotations
 
+from typing import Any
+
 from mtp_megatron.research.common import Study, decoding_stats, final_eval, percent, pyplot
 
 NAME = "curriculum"
@@ -27,7 +29,10 @@ def run(study: Study) -> dict:
     rows, results = [], {}
     for label, run_dir in runs.items():
         ev = final_eval(run_dir)
-        r = {"val_loss_main": ev["val/loss_main"], "val_acc_main": ev["val/acc_main"]}
+        r: dict[str, Any] = {
+            "val_loss_main": ev["val/loss_main"],
+            "val_acc_main": ev["val/acc_main"],
+        }
         if label != "NTP":
             r |= decoding_stats(run_dir, K, prompts, new)
             speculative = f"{percent(r['acceptance_per_position'])} | {r['tokens_per_forward']:.2f}"

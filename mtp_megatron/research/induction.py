@@ -176,8 +176,8 @@ def run(study: Study) -> dict:
             r = results[f"d{hidden} x {layers}, {'n=2' if mtp else 'NTP'}"]
             for i, curve in enumerate(r["curve_per_seed"]):
                 xs = sorted(curve)
-                label = ("n=2" if mtp else "NTP") if i == 0 else None
-                ax.plot(xs, [curve[x] for x in xs], color=color, alpha=0.8, label=label)
+                name = ("n=2" if mtp else "NTP") if i == 0 else None
+                ax.plot(xs, [curve[x] for x in xs], color=color, alpha=0.8, label=name)
         ax.set(title=f"d{hidden} x {layers}", xlabel="step", ylim=(0, 1))
         ax.set_ylabel("induction accuracy")
         ax.legend()

@@ -97,6 +97,7 @@ def reference_losses(sd: dict, cfg: ModelConfig, input_ids: torch.Tensor, labels
     steps = []
     b, s = input_ids.shape
     prev = h0
+    assert mtp is not None, "the reference computes MTP steps"
     for k in range(1, mtp.num_predict_tokens + 1):
         p = "mtp.heads.0." if mtp.share_weights_across_steps else f"mtp.heads.{k - 1}."
         # token t_{i+k} at position i (0 past the end; those positions have no target)

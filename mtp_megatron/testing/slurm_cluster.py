@@ -203,6 +203,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP LLN=YES
         self._write_munge()
         self._write_slurm_conf()
         munge = self.munge_dir
+        assert munge is not None  # (written just above)
         self._start(
             "munged",
             [
@@ -247,10 +248,11 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP LLN=YES
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         self.procs.clear()
-        if getattr(self, "munge_dir", None) is not None:
-            if (self.munge_dir / "munged.log").is_file():
-                shutil.copy(self.munge_dir / "munged.log", self.root / "log" / "munged.log")
-            shutil.rmtree(self.munge_dir, ignore_errors=True)
+        munge = getattr(self, "munge_dir", None)
+        if munge is not None:
+            if (munge / "munged.log").is_file():
+                shutil.copy(munge / "munged.log", self.root / "log" / "munged.log")
+            shutil.rmtree(munge, ignore_errors=True)
             self.munge_dir = None
 
     def __enter__(self) -> SlurmCluster:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import itertools
+from typing import Any, cast
 
 from mtp_megatron.config import HEAD_TYPES, ConfigError, ModelConfig, MTPConfig
+from mtp_megatron.config.mtp import HeadArrangement, HeadTypeName
 
 
 def all_combinations() -> list[tuple[str, bool, str]]:
@@ -26,16 +28,16 @@ def valid_combinations(k: int = 3) -> list[tuple[str, bool, str]]:
 def mtp_config(head_type: str, shared: bool, arrangement: str, k: int = 3) -> MTPConfig:
     return MTPConfig(
         num_predict_tokens=k,
-        mtp_head_type=head_type,
+        mtp_head_type=cast(HeadTypeName, head_type),
         share_weights_across_steps=shared,
-        head_arrangement=arrangement,
+        head_arrangement=cast(HeadArrangement, arrangement),
         speculation_lookahead=min(3, k),
     )
 
 
 def tiny_model_config(mtp: MTPConfig | None, **overrides) -> ModelConfig:
     """Small enough for 4 gloo processes on 2 cores; every size divides by TP = 4 (and GQA 2:1)."""
-    base = dict(
+    base: dict[str, Any] = dict(
         vocab_size=200,  # padded to 256: padded rows are part of the softmax, as in megatron
         vocab_pad_multiple=128,
         hidden_size=64,

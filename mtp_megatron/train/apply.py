@@ -22,10 +22,9 @@ scale is applied here, in this order, each step needing what the one before left
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from mtp_megatron.config import MTPTrainingConfig, TrainConfig
 from mtp_megatron.model import MTPModel
@@ -41,12 +40,12 @@ if TYPE_CHECKING:
 class TrainingSetup:
     """What :func:`apply_training` made."""
 
-    engine: object
+    engine: Any
     """The DeepSpeed engine (a PipelineEngine at PP > 1)."""
     runner: StepRunner
     """Runs one optimizer step on it (``train/steps.py``)."""
-    module: nn.Module
-    """This rank's modules: the whole model, or its pipeline stage."""
+    module: Any
+    """This rank's modules: the whole model, or its pipeline stage (an MTPPipelineModule)."""
 
 
 def apply_mtp_training(

@@ -39,6 +39,14 @@ def tag_for(step: int) -> str:
     return f"step_{step:06d}"
 
 
+def _step_of(tag: str) -> int:
+    """The step of a ``step_NNNNNN`` tag."""
+    match = _TAG.match(tag)
+    if match is None:
+        raise ValueError(f"{tag!r} is not a step_NNNNNN checkpoint tag")
+    return int(match.group(1))
+
+
 def step_folders(ckpt_dir: Path) -> list[Path]:
     """Every ``step_*`` folder under ``ckpt_dir``, newest (highest step) first."""
     if not ckpt_dir.is_dir():
@@ -118,10 +126,10 @@ def _write_synced(path: Path, text: str) -> None:
 def _prune(ckpt_dir: Path, keep_last: int, current: str) -> None:
     """Keep the newest ``keep_last`` complete checkpoints up to ``current``; delete older step
     folders (complete or not). A newer folder (a save in progress elsewhere) is left alone."""
-    current_step = int(_TAG.match(current).group(1))
+    current_step = _step_of(current)
     kept = 0
     for folder in step_folders(ckpt_dir):
-        step = int(_TAG.match(folder.name).group(1))
+        step = _step_of(folder.name)
         if step > current_step:
             continue
         if kept < keep_last and verify(folder) is None:

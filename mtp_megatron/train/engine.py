@@ -104,7 +104,8 @@ def lr_lambda(cfg: TrainConfig):
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Matrices decay; norm weights and other vectors do not."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)

@@ -61,6 +61,11 @@ class _Source:
     def __init__(self, model: MTPModel):
         self.model: MTPModel | None = model
 
+    def built(self) -> MTPModel:
+        """The model, while the stages take their pieces (freed once they have)."""
+        assert self.model is not None, "the stage modules are built once, from the model"
+        return self.model
+
     def __repr__(self) -> str:  # DeepSpeed prints LayerSpec arguments
         return "MTPModel"
 
@@ -70,7 +75,7 @@ class EmbeddingPipe(nn.Module):
 
     def __init__(self, source: _Source):
         super().__init__()
-        self.embedding = source.model.trunk.embedding
+        self.embedding = source.built().trunk.embedding
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embedding(input_ids)  # [b, s] -> [b, s, h]
@@ -86,7 +91,7 @@ class DecoderLayerPipe(nn.Module):
 
     def __init__(self, source: _Source, index: int):
         super().__init__()
-        trunk = source.model.trunk
+        trunk = source.built().trunk
         self.layer = trunk.layers[index]
         self.rope = trunk.rope  # no persistent state: shared by every stage module
 
@@ -106,7 +111,7 @@ class FinalStagePipe(nn.Module):
 
     def __init__(self, source: _Source):
         super().__init__()
-        model = source.model
+        model = source.built()
         self.final_norm = model.trunk.final_norm
         self.output_layer = model.trunk.output_layer
         self.rope = model.trunk.rope
@@ -246,7 +251,7 @@ class MTPPipelineModule(PipelineModule):
         if self.final_stage is not None:  # keep only the last stage's pieces in the model object
             model.trunk.layers = nn.ModuleList()
             if not tie:
-                model.trunk.embedding = None
+                model.trunk.embedding = None  # type: ignore[assignment]  # (freed here)
         source.model = None  # the other stages' modules are freed with it
 
     def describe(self) -> str:

@@ -97,10 +97,11 @@ class PipelineSteps:
         # bcast_loss=False: DeepSpeed's own broadcast assumes a scalar; ours sends the dict
         self.engine.eval_batch(iter(items), num_micro_batches=len(items), bcast_loss=False)
         self.engine.reset_activation_shape()
-        metrics = [None]
+        metrics: list[dict[str, float] | None] = [None]
         final = self.module.final_stage
         if final is not None:  # every rank of this DP group is on the last stage too
             metrics[0] = reduce_stats(final.eval_sums, self._dp_group)
             final.eval_sums = {}
         dist.broadcast_object_list(metrics, src=self._last_rank, group=self._pp_group)
+        assert metrics[0] is not None  # (the last stage's, broadcast)
         return metrics[0]

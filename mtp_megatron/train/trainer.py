@@ -139,9 +139,10 @@ def train(
 
 def _plan_resume(ckpt_dir: Path, resume: ResumeMode) -> ResumePlan:
     """Rank 0 inspects ``ckpt_dir``; every rank gets its plan (or the same ConfigError)."""
-    plan = [resume_candidates(ckpt_dir) if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(plan, src=0)
-    plan = plan[0]
+    shared = [resume_candidates(ckpt_dir) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(shared, src=0)
+    plan = shared[0]
+    assert plan is not None  # (rank 0's, broadcast)
     found = "; ".join(plan.notes)
     if resume == "never" and plan.any_checkpoint:
         raise ConfigError(
@@ -284,10 +285,10 @@ class _Trainer:
                 f"[mtp] note: the MTP weight switch is at step {switch}, at or past "
                 f"train.steps={tcfg.steps}: this run never reaches final_loss_weight"
             )
-        self.engine, self.runner, model = setup.engine, setup.runner, setup.module
+        self.engine, self.runner, module = setup.engine, setup.runner, setup.module
         if par.pipeline_parallel_size > 1:
-            self.say(f"[setup] pipeline ({par.pipeline_partition}): {model.describe()}")
-        n_params = sum(p.numel() for p in model.parameters())
+            self.say(f"[setup] pipeline ({par.pipeline_partition}): {module.describe()}")
+        n_params = sum(p.numel() for p in module.parameters())
         self.say(
             f"[setup] model: {n_params / 1e6:.2f}M parameters on this rank, "
             f"seq_len {recipe.seq_len}"

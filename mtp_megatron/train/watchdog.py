@@ -34,7 +34,7 @@ class StallWatchdog:
         self.step, self.phase = 0, "setup"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._store = None
+        self._store: dist.Store | None = None
 
     def start(self) -> bool:
         """Start beating and watching; False (and nothing started) when there is no peer or no
@@ -72,9 +72,12 @@ class StallWatchdog:
     def _beat(self, count: int) -> None:
         beat = {"n": count, "step": self.step, "phase": self.phase}
         beat.update(host=socket.gethostname(), pid=os.getpid())
+        assert self._store is not None  # (started)
         self._store.set(f"beat/{self.rank}", json.dumps(beat))
 
     def _run(self) -> None:
+        store = self._store
+        assert store is not None  # (started)
         interval = max(0.5, self.bound / 10)
         seen: dict[int, tuple[int, float, dict]] = {}  # rank -> (count, when it moved, beat)
         count = 0
@@ -87,11 +90,11 @@ class StallWatchdog:
                     if r == self.rank:
                         continue
                     key = f"beat/{r}"
-                    if not self._store.check([key]):
+                    if not store.check([key]):
                         seen.setdefault(r, (-1, now, {}))  # not started yet: the clock runs
                         beat = None
                     else:
-                        beat = json.loads(self._store.get(key))
+                        beat = json.loads(store.get(key))
                     last = seen.get(r)
                     if beat is not None and (last is None or beat["n"] != last[0]):
                         seen[r] = (beat["n"], now, beat)
