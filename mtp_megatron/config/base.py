@@ -123,7 +123,7 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
 def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
     """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError."""
     hints = get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]  # (T: a dataclass)
     kwargs = {}
     for key, value in data.items():
         full = f"{path}.{key}" if path else key
