@@ -41,7 +41,7 @@ def test_tensor_parallel_with_experts_and_router_matches_tp1():
         # the threshold / ties compared to that rounding)
         assert torch.equal(got["iterations"], ref["iterations"])
         assert torch.equal(got["bias"], ref["bias"])
-        # (tolerances relative to each tensor's scale: tests/tolerance.py says why)
+        # (tolerances relative to each tensor's scale: testing/tolerance.py says why)
         assert_close_to_scale(got["loss"], ref["loss"], VALUE_RTOL)
         for k, v in ref["steps"].items():
             assert_close_to_scale(got["steps"][k], v, VALUE_RTOL)

@@ -56,7 +56,7 @@ def test_tensor_parallel_matches_tp1(tp1, tp):
             got = result[variant]
             # TP changes only the order of fp32 reductions (row-parallel partial sums, the
             # vocab-parallel softmax's split sum-exp): agreement to rounding, not bitwise.
-            # (tolerances relative to each tensor's scale: tests/tolerance.py says why)
+            # (tolerances relative to each tensor's scale: testing/tolerance.py says why)
             assert_close_to_scale(got["loss"], ref["loss"], VALUE_RTOL)
             for k, v in ref["steps"].items():
                 assert_close_to_scale(got["steps"][k], v, VALUE_RTOL)
