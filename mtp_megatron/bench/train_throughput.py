@@ -301,8 +301,13 @@ def run_benchmark(
 
 def _recipe_shape(recipe: Any) -> tuple[ModelConfig, int, int]:
     """(model, batch, seq_len) of a recipe; a recipe without a ``train`` section gives batch
-    DEFAULT_BATCH and seq_len model.max_seq_len."""
+    DEFAULT_BATCH and seq_len model.max_seq_len. ``model.vocab_size: null`` (the recipes'
+    default) becomes the data's tokenizer's, as a run would take it (nothing is prepared)."""
     model: ModelConfig = recipe.model
+    if model.vocab_size is None and getattr(recipe, "data", None) is not None:
+        from mtp_megatron.data.loader import data_vocab_size
+
+        model = dataclasses.replace(model, vocab_size=data_vocab_size(recipe.data))
     train = getattr(recipe, "train", None)
     batch = getattr(train, "micro_batch_size", None) or DEFAULT_BATCH
     seq_len = getattr(recipe, "seq_len", None) or model.max_seq_len

@@ -47,6 +47,11 @@ def test_cli_subset_and_errors(single_process, capsys):
     assert "max_seq_len" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="cases"):
         run_benchmark(ModelConfig(**TINY), batch=1, seq_len=8, cases=["moe"])
+    # the recipes leave model.vocab_size null: the tokenizer's (bpe:1000 here), as a run takes it
+    shape = [f"model.{k}={v}" for k, v in TINY.items() if k != "vocab_size"]
+    argv = [*shape, "data.tokenizer=bpe:1000", "--cases", "ntp", "--rounds", "1"]
+    assert main_bench_train([*argv, "--steps-per-round", "1", "--warmup", "0"]) == 0
+    assert "vocab 1000" in capsys.readouterr().out
 
 
 @pytest.mark.slow  # trains and decodes in subprocesses: about 80 s here
