@@ -16,6 +16,8 @@ from typing import Any
 import yaml
 
 from mtp_megatron.config import ConfigError, DataConfig, ModelConfig, TrainConfig, from_dict
+from mtp_megatron.config.base import check_choice
+from mtp_megatron.config.mtp import HeadInit
 from mtp_megatron.parallel.dims import ParallelConfig, ParallelDims, check_model_layout
 
 
@@ -40,7 +42,7 @@ class Recipe:
     Exaone4). Its config.json sets the trunk's architecture (the model section keeps the MTP
     heads, ETD, max_seq_len and padding), its weights the trunk's, its tokenizer the data's
     (unless data.tokenizer or a data.train blend is set). None: train from scratch."""
-    mtp_head_init: str = "random"
+    mtp_head_init: HeadInit = "random"
     """With init_from: the MTP heads' blocks 'random', or 'last_layer' (copies of the trunk's
     last layer and final norm, the usual start of MTP fine-tuning; transformer heads)."""
 
@@ -105,12 +107,7 @@ class Recipe:
         return self.train.seq_len or self.model.max_seq_len
 
     def validate(self) -> None:
-        from mtp_megatron.hf.importer import HEAD_INITS
-
-        if self.mtp_head_init not in HEAD_INITS:
-            raise ConfigError(
-                f"mtp_head_init={self.mtp_head_init!r} is invalid: one of {HEAD_INITS}"
-            )
+        check_choice("mtp_head_init", self.mtp_head_init, HeadInit)
         if self.mtp_head_init != "random" and self.init_from is None:
             raise ConfigError("mtp_head_init='last_layer' needs init_from (a pretrained trunk)")
         mtp = self.model.mtp

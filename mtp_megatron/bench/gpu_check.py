@@ -90,7 +90,7 @@ def _tiny() -> list[str]:
 
 
 def stage_train(ctx: Context) -> dict:
-    from mtp_megatron.recipe import load_recipe
+    from mtp_megatron.recipe import DEMO_RECIPE, load_recipe
     from mtp_megatron.train.trainer import train
 
     steps = 20 if ctx.quick else 100
@@ -105,7 +105,7 @@ def stage_train(ctx: Context) -> dict:
     ]
     if ctx.quick:
         overrides += _tiny()
-    recipe = load_recipe(REPO / "recipes" / "demo.yaml", overrides)
+    recipe = load_recipe(DEMO_RECIPE, overrides)
     t0 = time.perf_counter()
     first = train(recipe, resume="never", stop_after_steps=steps // 2)
     second = train(recipe, resume="require")

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import get_args
 
 import torch
 
@@ -40,6 +41,7 @@ from mtp_megatron.config import (
     MTPConfig,
     MTPTrainingConfig,
 )
+from mtp_megatron.config.mtp import HeadArrangement
 from mtp_megatron.parallel.state import uses_cuda
 
 CASES = {
@@ -275,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--batch", type=int, default=4, help="sequences per step")
     add("--k", type=int, default=4, help="MTP steps K")
     add("--head-type", default="transformer", choices=tuple(HEAD_TYPES))
-    add("--arrangement", default="chained", choices=("chained", "independent"))
+    add("--arrangement", default="chained", choices=get_args(HeadArrangement))
     add("--warmup", type=int, default=1, help="untimed steps per case first")
     add("--steps", type=int, default=1, help="timed steps per case")
     add("--cases", nargs="+", choices=list(CASES), default=list(CASES), help="subset to run")

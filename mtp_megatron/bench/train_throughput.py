@@ -22,7 +22,6 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -30,8 +29,9 @@ from torch import nn
 
 from mtp_megatron.config import HEAD_TYPES, ConfigError, ModelConfig, MTPConfig
 from mtp_megatron.config.mtp import HeadTypeName
+from mtp_megatron.recipe import RECIPES
 
-SMALL_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "small.yaml"
+SMALL_RECIPE = RECIPES / "small.yaml"
 DEFAULT_BATCH = 8
 """Sequences per step when the recipe has no ``train.micro_batch_size``."""
 MTP_STEPS = 4

@@ -7,6 +7,7 @@ from __future__ import annotations
 from mtp_megatron.cli import command_parser
 from mtp_megatron.config import ConfigError
 from mtp_megatron.config.data import PrepareConfig
+from mtp_megatron.data.importers import FLAT_DTYPES
 
 
 def _parser():
@@ -31,7 +32,7 @@ def _parser():
     imports = parser.add_argument_group("importing token data made elsewhere (not copied)")
     imports.add_argument("--from-megatron", nargs="+", metavar="PREFIX", help=".bin/.idx prefixes")
     imports.add_argument("--from-numpy", nargs="+", metavar="GLOB", help="flat token files")
-    imports.add_argument("--dtype", choices=["uint16", "uint32", "int32"], help="--from-numpy ids")
+    imports.add_argument("--dtype", choices=list(FLAT_DTYPES), help="--from-numpy ids")
     imports.add_argument("--eod", type=int, help="end-of-document id (--from-numpy: required)")
     imports.add_argument(
         "--validation",
@@ -66,6 +67,7 @@ def _import(args) -> int:
 
 
 def main_prepare(argv: list[str]) -> int:
+    """Tokenize files into Megatron indexed datasets, or record token data made elsewhere."""
     args = _parser().parse_args(argv)
     if args.from_megatron or args.from_numpy:
         return _import(args)

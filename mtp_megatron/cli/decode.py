@@ -17,6 +17,7 @@ def _int_list(value: str) -> list[int]:
 def main_bench_decode(argv: list[str]) -> int:
     """Plain vs speculative decoding (lookahead 1..K) on held-out prompts of a trained run."""
     from mtp_megatron.bench.decode import BenchDecodeOptions, run_bench_decode
+    from mtp_megatron.decoding.load import DTYPES
     from mtp_megatron.train.consolidate import consolidated_folder
 
     p = command_parser("bench-decode", main_bench_decode.__doc__)
@@ -25,7 +26,7 @@ def main_bench_decode(argv: list[str]) -> int:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: faster on GPU")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="bf16: faster on GPU")
     p.add_argument(
         "--draft-vocab",
         type=int,
@@ -77,6 +78,8 @@ def main_bench_decode(argv: list[str]) -> int:
 
 def main_generate(argv: list[str]) -> int:
     """Generate from a trained run with self-speculative decoding (or plain, --plain)."""
+    from mtp_megatron.decoding.load import DTYPES
+
     p = command_parser("generate", main_generate.__doc__)
     p.add_argument("--checkpoint", required=True, help="run dir, checkpoints/ or step folder")
     p.add_argument("--prompt", required=True)
@@ -88,7 +91,7 @@ def main_generate(argv: list[str]) -> int:
     p.add_argument("--acceptance-threshold", type=float, default=1.0, help="< 1 is lossy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plain", action="store_true", help="plain decoding, no drafts")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: faster on GPU")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="bf16: faster on GPU")
     args = p.parse_args(argv)
     from mtp_megatron.decoding import SamplingConfig
 

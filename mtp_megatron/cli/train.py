@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import asdict, replace
+from typing import get_args
 
 from mtp_megatron.cli import command_parser
 from mtp_megatron.config import ConfigError
@@ -101,12 +102,12 @@ def main_train(argv: list[str]) -> int:
     from mtp_megatron.recipe import load_recipe
     from mtp_megatron.train.checkpoint import CheckpointError
     from mtp_megatron.train.guard import NonFiniteError
-    from mtp_megatron.train.trainer import train
+    from mtp_megatron.train.trainer import ResumeMode, train
 
     p = _recipe_parser("train", main_train.__doc__)
     p.add_argument(
         "--resume",
-        choices=["auto", "require", "never"],
+        choices=get_args(ResumeMode),
         default="auto",
         help="auto: continue from the run directory's latest checkpoint when there is one",
     )

@@ -11,7 +11,16 @@ import dataclasses
 import math
 import types
 import typing
-from typing import Any, Literal, NoReturn, TypeVar, get_args, get_origin, get_type_hints
+from typing import (
+    Any,
+    Literal,
+    NoReturn,
+    TypeGuard,
+    TypeVar,
+    get_args,
+    get_origin,
+    get_type_hints,
+)
 
 
 class ConfigError(ValueError):
@@ -24,12 +33,12 @@ def fail(path: str, value: Any, allowed: str) -> NoReturn:
     raise ConfigError(f"{path}={value!r} is invalid: {allowed}")
 
 
-def is_int(value: Any) -> bool:
+def is_int(value: Any) -> TypeGuard[int]:
     """An integer, and not a bool (YAML's ``true`` is an int to Python)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def is_number(value: Any) -> bool:
+def is_number(value: Any) -> TypeGuard[int | float]:
     """An int or a float, and not a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 

@@ -33,6 +33,10 @@ CurriculumName = Literal["none", "forward", "reverse"]
 """``train.mtp.curriculum``: how many MTP steps train at each point of training."""
 TrunkTraining = Literal["joint", "freeze_trunk", "detach_heads"]
 """``train.mtp.trunk``: what trains the trunk of a model with MTP heads."""
+HeadInit = Literal["random", "last_layer"]
+"""A recipe's ``mtp_head_init`` (with ``init_from``): the heads' transformer blocks drawn at
+random, or copies of the trunk's last layer (the usual start of MTP fine-tuning: the head begins
+as one more trunk layer)."""
 
 
 @dataclass(kw_only=True)

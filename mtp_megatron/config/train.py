@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from mtp_megatron.config.base import ConfigError, check_choice, is_int
+from mtp_megatron.config.base import ConfigError, check_choice, check_int
 from mtp_megatron.config.mtp import MTPTrainingConfig
 
 Precision = Literal["auto", "fp32", "bf16"]
@@ -73,19 +73,16 @@ class TrainConfig:
     """Settings a resume may change against its checkpoint, applied for real: any of
     RESUME_OVERRIDABLE (e.g. [lr]); every other difference from the checkpoint is refused."""
     mtp: MTPTrainingConfig = field(default_factory=MTPTrainingConfig)
-    """Memory-saving execution of the model (the guide's MTPTrainingConfig): sequential MTP
-    forward/backward and activation checkpointing; the losses and gradients do not change."""
+    """How the model with MTP heads trains (the guide's MTPTrainingConfig): memory-saving
+    schedules that leave losses and gradients unchanged (sequential forward / backward,
+    activation checkpointing), what trains the trunk, self-distillation and head curricula."""
 
     def validate(self, path: str = "train") -> None:
         positive = ("steps", "micro_batch_size", "grad_accum", "eval_batches", "keep_last")
         for name in positive:
-            value = getattr(self, name)
-            if not is_int(value) or value < 1:
-                raise ConfigError(f"{path}.{name}={value!r} is invalid: must be an integer >= 1")
+            check_int(f"{path}.{name}", getattr(self, name), 1)
         for name in ("lr_warmup_steps", "eval_every", "checkpoint_every", "log_every"):
-            value = getattr(self, name)
-            if not is_int(value) or value < 0:
-                raise ConfigError(f"{path}.{name}={value!r} is invalid: must be an integer >= 0")
+            check_int(f"{path}.{name}", getattr(self, name), 0)
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"{path}.zero_stage={self.zero_stage!r} is invalid: must be 0-3")
         if not self.lr > 0:
@@ -114,10 +111,7 @@ class TrainConfig:
                 "DeepSpeed applies a non-finite update instead of dropping it; use zero_stage "
                 "1-3 to skip such steps, or on_nonfinite='stop'"
             )
-        if not is_int(self.max_skipped_steps) or self.max_skipped_steps < 0:
-            raise ConfigError(
-                f"{path}.max_skipped_steps={self.max_skipped_steps!r} is invalid: an integer >= 0"
-            )
+        check_int(f"{path}.max_skipped_steps", self.max_skipped_steps, 0, "an integer >= 0")
         if not self.collective_timeout_s >= 10:
             raise ConfigError(
                 f"{path}.collective_timeout_s={self.collective_timeout_s!r} is invalid: must be "

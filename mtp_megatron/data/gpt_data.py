@@ -34,6 +34,7 @@ from typing import Any
 import torch.distributed as dist
 
 from mtp_megatron.config import ConfigError
+from mtp_megatron.config.base import is_number
 from mtp_megatron.data.cache import atomic_write_json, file_lock, file_sha256
 
 MARKER = "complete.json"
@@ -87,7 +88,7 @@ def _check_parts(parts: list[BlendPart], name: str) -> None:
                 f"data.{name}: {part.prefix} is no indexed dataset (no {' / '.join(missing)}); "
                 "write one with `python -m mtp_megatron prepare`"
             )
-        if not (isinstance(part.weight, (int, float)) and part.weight > 0):
+        if not (is_number(part.weight) and part.weight > 0):
             raise ConfigError(f"data.{name}: weight {part.weight!r} of {part.prefix} must be > 0")
 
 

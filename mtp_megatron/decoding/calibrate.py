@@ -9,7 +9,9 @@ Calibrating costs about 2 (K + 1) times one request of the calibration length.
 
 :class:`AutoLookahead` is the policy a decoder asks for L: the calibration of the request's batch
 size, made on the request's prompt the first time that size is seen. It drives the decoder through
-its public ``generate`` only, so any decoder with a ``model``, ``mtp`` and ``runner`` can use it.
+its public ``generate`` only (any decoder with a ``model``, ``mtp``, ``runner`` and this policy as
+``auto``: :func:`calibrate` records into ``decoder.auto``, so a calibration made ahead of the
+requests, as bench-decode makes it, is the one they use).
 """
 
 from __future__ import annotations

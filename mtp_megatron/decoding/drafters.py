@@ -66,10 +66,10 @@ class HeadDrafter:
             runner.new_caches(b, capacity, 1, ref) if self.mtp.head(k).has_attention else None
             for k in range(1, L + 1)
         ]
-        # valid[k]: the prefix of positions whose head-k state is cached (committed inputs), on
+        # valid[k - 1]: the prefix of positions whose head-k state is cached (committed inputs), on
         # the device and, for sizing the blocks without a device read, on the host
-        self.valid = torch.zeros(L + 1, b, dtype=torch.long, device=ref.device)
-        self.valid_host = [[0] * b for _ in range(L + 1)]
+        self.valid = torch.zeros(L, b, dtype=torch.long, device=ref.device)
+        self.valid_host = [[0] * b for _ in range(L)]
 
     def observe(self, state: RoundState, fwd: Forward, positions: torch.Tensor | None) -> None:
         if positions is None:  # the prompt
@@ -94,8 +94,8 @@ class HeadDrafter:
             # inputs of positions j <= p + 1 - k are committed: those states stay cached
             p, p_host = state.p, state.p_host
             chained = self.mtp.chained
-            self.valid[k] = (p + 2 - k).clamp_min(0) if chained else p + 1
-            self.valid_host[k] = [max(pp + 2 - k, 0) if chained else pp + 1 for pp in p_host]
+            self.valid[k - 1] = (p + 2 - k).clamp_min(0) if chained else p + 1
+            self.valid_host[k - 1] = [max(pp + 2 - k, 0) if chained else pp + 1 for pp in p_host]
         q = None if qs[0] is None else torch.stack(cast(list[torch.Tensor], qs), dim=1)
         return Draft(torch.stack(drafts, dim=1), q)
 
@@ -105,8 +105,8 @@ class HeadDrafter:
         trunk, mtp = self.runner.trunk, self.mtp
         p, p_host, seq = state.p, state.p_host, state.seq
         rows = state.rows[:, None]
-        start = torch.minimum(self.valid[k], p)  # a finished row (p frozen) recomputes p only
-        start_host = [min(v, pp) for v, pp in zip(self.valid_host[k], p_host)]
+        start = torch.minimum(self.valid[k - 1], p)  # a finished row (p frozen): p only
+        start_host = [min(v, pp) for v, pp in zip(self.valid_host[k - 1], p_host)]
         width = max(pp - st for pp, st in zip(p_host, start_host)) + 1
         pos = start[:, None] + torch.arange(width, device=p.device)  # [b, w]; past p: padding
         pos = pos.clamp(max=seq.shape[1] - 1 - k)

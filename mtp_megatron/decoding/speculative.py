@@ -22,9 +22,10 @@ import time
 import torch
 
 from mtp_megatron.config import ConfigError
+from mtp_megatron.config.base import is_int
 from mtp_megatron.decoding.calibrate import AutoLookahead
 from mtp_megatron.decoding.draft_vocab import DraftVocab
-from mtp_megatron.decoding.drafters import HeadDrafter
+from mtp_megatron.decoding.drafters import Drafter, HeadDrafter
 from mtp_megatron.decoding.host import host_read
 from mtp_megatron.decoding.plain import generate_plain
 from mtp_megatron.decoding.rounds import Draft, RoundState
@@ -54,6 +55,11 @@ class SpeculativeDecoder:
         self.auto = auto or AutoLookahead()
         """``lookahead="auto"``: the L it measured per batch size (kept with the decoder)."""
         self._vocab_cache: tuple | None = None  # (ids asked for, weight version, DraftVocab)
+
+    @property
+    def calibrations(self) -> dict:
+        """Batch size -> what ``lookahead="auto"`` measured (``calibrate.Calibration``)."""
+        return self.auto.calibrations
 
     @torch.no_grad()
     def generate(
@@ -109,8 +115,9 @@ class SpeculativeDecoder:
                 return out, stats | {"speedup": 1.0, "avg_acceptance_rate": 0.0}
         input_ids, generator = on_model_device(self.model, input_ids, generator)
         capacity = validate_request(self.model, input_ids, max_new_tokens, 2 * L + 2)
+        t0 = time.perf_counter()  # the request's buffers and the draft vocabulary are timed too
         state = RoundState.start(input_ids, capacity, max_new_tokens, eos_token_id)
-        return self._run(state, L, sampling, generator, record_drafts, draft_vocab)
+        return self._run(state, L, sampling, generator, record_drafts, draft_vocab, t0)
 
     def _check_lookahead(self, lookahead: int | str | None) -> int | str:
         """The request's L (default: the config's ``speculation_lookahead``) or 'auto'."""
@@ -119,7 +126,7 @@ class SpeculativeDecoder:
         if L == "auto":
             return L
         recursive = self.mtp.cfg.recursive_drafts
-        if isinstance(L, bool) or not isinstance(L, int) or L < 1 or (L > K and not recursive):
+        if not is_int(L) or L < 1 or (L > K and not recursive):
             allowed = (
                 f">= 1 (one chained head drafts past K={K} by recursion)"
                 if recursive
@@ -132,14 +139,13 @@ class SpeculativeDecoder:
         return L
 
     def _run(
-        self, state, L, sampling, generator, record_drafts, vocab
+        self, state, L, sampling, generator, record_drafts, vocab, t0: float
     ) -> tuple[torch.Tensor, dict]:
         """Prefill, then rounds until every row has its tokens (module doc)."""
         runner, seq = self.runner, state.seq
-        t0 = time.perf_counter()
         vocab = self._draft_vocab(vocab) if vocab is not None else None  # inside the timed part
         caches = runner.trunk_caches(*seq.shape)  # ETD: one per think iteration
-        drafter = HeadDrafter(runner, L, state, sampling, generator, vocab)
+        drafter: Drafter = HeadDrafter(runner, L, state, sampling, generator, vocab)
         verify = Verifier(sampling, generator)
         prompt = seq[:, : state.prompt_len]
         fwd = runner.forward(prompt, caches, last_only=True)  # prefill

@@ -26,9 +26,6 @@ if TYPE_CHECKING:
     from mtp_megatron.model import MTPModel
 
 PREFIX = "hf:"
-HEAD_INITS = ("random", "last_layer")
-"""``mtp_head_init``: the heads' transformer blocks drawn at random, or copies of the trunk's
-last layer (the usual start of MTP fine-tuning: the head begins as one more trunk layer)."""
 
 
 def hf_directory(init_from: str) -> Path:

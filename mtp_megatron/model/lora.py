@@ -26,7 +26,7 @@ attributes (checkpoint merging and the tests' gathers read them).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Literal, cast
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,7 @@ from torch import nn
 
 from mtp_megatron.config import ETDConfig
 from mtp_megatron.model.layers import TransformerLayer
-from mtp_megatron.model.specs import LayerContext
+from mtp_megatron.model.specs import LayerContext, ParallelMode
 from mtp_megatron.parallel.sharding import Partition, shard
 
 
@@ -90,7 +90,7 @@ class LoRAExperts(nn.Module):
         super().__init__()
         self.base = base
         self.routing = routing
-        self.kind = cast(Literal["column", "row"], base.parallel_mode)
+        self.kind = cast(ParallelMode, base.parallel_mode)
         self.tp_group = ctx.tp_group
         self.experts, self.rank = etd.num_lora_experts, etd.lora_rank
         self.scale = etd.lora_alpha / etd.lora_rank

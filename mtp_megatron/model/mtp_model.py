@@ -33,15 +33,13 @@ __all__ = ["MTPModel", "MTPOutput", "build_model", "wrap_model_with_mtp"]
 class MTPModel(nn.Module):
     """A decoder trunk with K MTP heads on its final stage (none: plain next-token model)."""
 
-    def __init__(
-        self, trunk: DecoderTrunk, mtp: MTPConfig | None, objective: MTPObjective | None = None
-    ):
+    def __init__(self, trunk: DecoderTrunk, mtp: MTPConfig | None):
         super().__init__()
         if trunk.cfg.mtp is not mtp:  # one MTP config per model: the model config's
             trunk.cfg = replace(trunk.cfg, mtp=mtp)
         self.trunk = trunk
         self.mtp = MTPBlock(trunk.ctx, mtp) if mtp is not None else None
-        self.objective = objective or MTPObjective(mtp)
+        self.objective = MTPObjective(mtp)
         """What a forward's loss is (``train/apply.py`` sets the run's: schedule, curriculum,
         distillation, detached heads, sequential schedule)."""
 
@@ -173,8 +171,9 @@ def wrap_model_with_mtp(model: DecoderTrunk, cfg: MTPConfig) -> MTPModel:
     """Add MTP heads (on the model's final stage) to a trunk: the guide's entry point.
 
     Trained as it is, the loss is the config's (full weight without a step, w(step) with one);
-    ``mtp_megatron.train.apply_mtp_training`` sets how it trains (sequential forward,
-    activation checkpointing, curricula, distillation, a frozen trunk or detached heads).
+    ``mtp_megatron.train.apply.apply_mtp_training`` sets how it trains (sequential forward,
+    activation checkpointing, curricula, distillation, a frozen trunk or detached heads). The
+    trunk becomes the model's: its ``cfg.mtp`` is set to ``cfg`` (the model's one MTP config).
     """
     if isinstance(model, MTPModel):
         raise TypeError("the model already has MTP heads; wrap the trunk (model.trunk) instead")

@@ -266,7 +266,7 @@ class MTPObjective:
         detach = self.trunk_training == "detach_heads" and training
         # the sequential schedule prepares a backward; evaluation takes the plain path
         sequential = self.sequential and training and not return_mtp_logits
-        active = self.active_steps(step)
+        active = self.active_steps(step) if self.num_steps else 0
         weights = self.step_weights(active)
         steps: Iterable[tuple[int, torch.Tensor]] = ()
         if self.num_steps:

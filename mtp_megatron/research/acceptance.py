@@ -6,11 +6,12 @@ here as its README figures were (2 processes) with an evaluation every 100 steps
 
 from __future__ import annotations
 
-from mtp_megatron.research.common import REPO, Study, pyplot
+from mtp_megatron.recipe import RECIPES
+from mtp_megatron.research.common import Study, pyplot
 
 NAME = "acceptance"
 EVAL_EVERY = 100
-REFERENCE = REPO / "recipes" / "reference.yaml"
+REFERENCE = RECIPES / "reference.yaml"
 
 
 def run(study: Study) -> dict:

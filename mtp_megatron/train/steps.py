@@ -44,7 +44,7 @@ class SingleStageSteps:
         self._dp_group = parallel_state.get_data_parallel_group()
 
     def train_step(self, batches: Batches, step: int, grad_accum: int) -> dict[str, float]:
-        engine, sums = self.engine, torch.zeros(())
+        engine, sums = self.engine, None
         for micro in range(grad_accum):
             input_ids, labels = batches.batch(step, micro, grad_accum)
             out = engine(
@@ -56,9 +56,10 @@ class SingleStageSteps:
             engine.backward(out.loss)
             engine.step()  # DeepSpeed applies the update at the accumulation boundary
             values = StepMetrics.pack(out)
-            sums = values if micro == 0 else sums + values
+            sums = values if sums is None else sums + values
         engine.module.after_optimizer_step()  # once per step: ETD's routing bias
         # mean over micro-batches and data-parallel ranks, in one all-reduce
+        assert sums is not None  # (grad_accum >= 1)
         sums = sums / (grad_accum * dist.get_world_size(self._dp_group))
         dist.all_reduce(sums, group=self._dp_group)
         metrics = StepMetrics.names(sums)

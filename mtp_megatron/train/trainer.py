@@ -28,6 +28,7 @@ import yaml
 from mtp_megatron.config import ConfigError
 from mtp_megatron.data.loader import Batches, eval_batches, prepare_training_data
 from mtp_megatron.model import build_model
+from mtp_megatron.model.objective import WeightSchedule
 from mtp_megatron.parallel import initialize_parallel
 from mtp_megatron.recipe import Recipe
 from mtp_megatron.train.apply import apply_training
@@ -272,19 +273,21 @@ class _Trainer:
     def _build(self, fresh: bool) -> None:
         recipe, tcfg, par = self.recipe, self.tcfg, self.recipe.parallel
         torch.manual_seed(tcfg.seed)  # same master weights on every rank, sliced per TP rank
+        sequences = tcfg.micro_batch_size * tcfg.grad_accum * self.layout.data_parallel_size
+        tokens_per_step = sequences * recipe.seq_len
+        if recipe.model.mtp is not None:  # a switch in tokens, now in steps (or refused)
+            switch = WeightSchedule.from_config(recipe.model.mtp, tokens_per_step).switch_step
+            if switch is not None and switch >= tcfg.steps:
+                self.say(
+                    f"[mtp] note: the MTP weight switch is at step {switch}, at or past "
+                    f"train.steps={tcfg.steps}: this run never reaches final_loss_weight"
+                )
         model = build_model(recipe.model)
         if recipe.init_from is not None and fresh:  # a resume loads the checkpoint instead
             from mtp_megatron.hf.importer import load_pretrained
 
             load_pretrained(model, recipe.init_from, recipe.mtp_head_init, log=self.say)
-        sequences = tcfg.micro_batch_size * tcfg.grad_accum * self.layout.data_parallel_size
-        setup = apply_training(model, tcfg, par, self.device, sequences * recipe.seq_len)
-        switch = model.objective.schedule.switch_step  # a switch in tokens, now in steps
-        if model.cfg.mtp is not None and switch is not None and switch >= tcfg.steps:
-            self.say(
-                f"[mtp] note: the MTP weight switch is at step {switch}, at or past "
-                f"train.steps={tcfg.steps}: this run never reaches final_loss_weight"
-            )
+        setup = apply_training(model, tcfg, par, self.device, tokens_per_step)
         self.engine, self.runner, module = setup.engine, setup.runner, setup.module
         if par.pipeline_parallel_size > 1:
             self.say(f"[setup] pipeline ({par.pipeline_partition}): {module.describe()}")

@@ -94,12 +94,12 @@ def test_lookahead_auto_calibrates_per_batch_size_and_keeps_greedy_output(traine
     out, stats = decoder.generate(prompt, 12, lookahead="auto")
     assert torch.equal(out, plain) and stats["lookahead"] == found.lookahead
     for chosen in (0, 2):  # plain decoding won, or the deepest lookahead did
-        decoder.auto.calibrations[1] = Calibration(1, chosen)
+        decoder.calibrations[1] = Calibration(1, chosen)
         out, stats = decoder.generate(prompt, 12, lookahead="auto")
         assert torch.equal(out, plain) and stats["lookahead"] == chosen
     batch = torch.randint(0, 400, (2, 8), generator=gen)  # a new batch size calibrates anew
     out, _ = decoder.generate(batch, 6, lookahead="auto")
-    assert 2 in decoder.auto.calibrations and torch.equal(
+    assert 2 in decoder.calibrations and torch.equal(
         out, generate_plain(trained.model, batch, 6)[0]
     )
     with pytest.raises(ConfigError, match="or 'auto'"):
