@@ -90,6 +90,7 @@ def _train_on_cuda(rank, world, overrides):
     return train_run(rank, world, overrides)
 
 
+@pytest.mark.distributed  # spawns its training process (run_distributed refuses unmarked tests)
 def test_bf16_zero1_training_on_one_gpu(tmp_path):
     extra = {"train.steps": 20, "train.zero_stage": 1, "train.precision": "bf16"}
     out = run_distributed(

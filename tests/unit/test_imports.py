@@ -185,12 +185,3 @@ def test_the_walker_sees_what_it_should():
     assert "model.objective" in modules["model.mtp_model"]  # a `from ... import` of a module
     assert "decoding.plain" in modules["decoding.calibrate"]
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
-
-
-def test_spawning_tests_must_be_marked_distributed():
-    import pytest
-
-    from mtp_megatron.testing.distributed import run_distributed
-
-    with pytest.raises(RuntimeError, match="mark it @pytest.mark.distributed"):
-        run_distributed(print, 2)  # this test is not marked: refused before any spawn
