@@ -1,5 +1,6 @@
 """Checks before step 1 of what would otherwise fail after N steps: the checkpoint directory is
-writable by every rank, its disk has room for two checkpoints, validation has a batch per rank.
+writable by every rank, its disk has room for the checkpoints a run keeps plus the one it writes
+before pruning, validation has a batch per rank.
 """
 
 from __future__ import annotations
@@ -63,13 +64,16 @@ def estimate_checkpoint_bytes(module: torch.nn.Module, bf16: bool) -> int:
     return int(unique * per_param)
 
 
-def check_free_space(folder: Path, checkpoint_bytes: int, count: int = 2) -> None:
-    """Refuse to start when ``folder``'s disk has less room than ``count`` checkpoints."""
+def check_free_space(folder: Path, checkpoint_bytes: int, keep_last: int) -> None:
+    """Refuse to start when ``folder``'s disk has less room than ``keep_last + 1`` checkpoints:
+    the ``keep_last`` kept ones, and the next, written before the oldest is pruned."""
+    count = keep_last + 1
     free = shutil.disk_usage(folder).free
     need = count * checkpoint_bytes
     if free < need:
         raise ConfigError(
             f"the disk of {folder} has {free / MiB:,.0f} MiB free, less than {count} checkpoints "
-            f"of about {checkpoint_bytes / MiB:,.0f} MiB each ({need / MiB:,.0f} MiB): free "
-            "space, or set train.run_dir to a larger disk"
+            f"of about {checkpoint_bytes / MiB:,.0f} MiB each ({need / MiB:,.0f} MiB: "
+            f"train.keep_last={keep_last}, and the next one is written before the oldest is "
+            "deleted): free space, lower train.keep_last, or set train.run_dir to a larger disk"
         )

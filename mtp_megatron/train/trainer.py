@@ -304,7 +304,7 @@ class _Trainer:
             size = checkpoint_bytes(plan.candidates[0])
         else:
             size = estimate_checkpoint_bytes(engine.module, use_bf16(self.tcfg, self.device))
-        check_free_space(self.ckpt_dir, size)
+        check_free_space(self.ckpt_dir, size, self.tcfg.keep_last)
         self.start_step, tb_dir, self.latest = 0, None, ""
         if plan.candidates:
             state, folder = _resume(engine, recipe, plan, self.layout.world_size, self.say)

@@ -119,6 +119,10 @@ def test_free_space_check_names_the_sizes(tmp_path):
     from mtp_megatron.train.preflight import check_free_space
 
     free = shutil.disk_usage(tmp_path).free
-    check_free_space(tmp_path, free // 4)  # two fit
+    check_free_space(tmp_path, free // 4, keep_last=1)  # two fit
     with pytest.raises(ConfigError, match=r"less than 2 checkpoints of about .* MiB"):
-        check_free_space(tmp_path, free)
+        check_free_space(tmp_path, free, keep_last=1)
+    # keep_last=2 keeps two and writes a third before pruning the oldest: three must fit
+    check_free_space(tmp_path, free // 4, keep_last=2)
+    with pytest.raises(ConfigError, match=r"less than 3 checkpoints .* train.keep_last=2"):
+        check_free_space(tmp_path, free // 2, keep_last=2)
