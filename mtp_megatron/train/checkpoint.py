@@ -2,9 +2,11 @@
 
 Layout of ``<run_dir>/checkpoints``: one folder per tag (``step_000100``) written by DeepSpeed,
 and ``latest`` (the tag of the newest complete checkpoint). A save goes: every rank writes its
-shards and fsyncs them; at a barrier rank 0 writes ``run_state.json`` (step, world size, the
-recipe the run used) and then ``complete.json`` (every file's size) into the folder, fsynced;
-only then does it move ``latest`` (atomic rename) and prune checkpoints beyond ``keep_last``.
+shards and fsyncs them (its own only: ranks x files fsyncs would crawl on Lustre / GPFS); at a
+barrier rank 0 fsyncs what no rank wrote through DeepSpeed's checkpoint engine (its helper
+script), writes ``run_state.json`` (step, world size, the recipe the run used) and then
+``complete.json`` (every file's size) into the folder, fsynced; only then does it move ``latest``
+(atomic rename) and prune checkpoints beyond ``keep_last``.
 
 So a folder without ``complete.json``, or whose files no longer have the recorded sizes, is not
 a checkpoint: a crash, preemption or full disk during a save leaves the previous one usable, and
@@ -15,10 +17,12 @@ pruning cannot delete the last good checkpoint in favour of a diverged one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,6 +127,26 @@ def _write_synced(path: Path, text: str) -> None:
     _fsync_file(path.parent)
 
 
+@contextlib.contextmanager
+def _recorded_saves(engine) -> Iterator[list[Path]]:
+    """The files this rank's ``engine`` writes through its checkpoint engine (DeepSpeed's engine
+    and pipeline module both save through it) while the block runs."""
+    checkpoint_engine = engine.checkpoint_engine
+    save = checkpoint_engine.save
+    written: list[Path] = []
+
+    def recording(state_dict, path, *args, **kwargs):
+        result = save(state_dict, path, *args, **kwargs)
+        written.append(Path(path))
+        return result
+
+    checkpoint_engine.save = recording
+    try:
+        yield written
+    finally:
+        checkpoint_engine.save = save
+
+
 def _prune(ckpt_dir: Path, keep_last: int, current: str) -> None:
     """Keep the newest ``keep_last`` complete checkpoints up to ``current``; delete older step
     folders (complete or not). A newer folder (a save in progress elsewhere) is left alone."""
@@ -158,17 +182,20 @@ def save_checkpoint(
         # complete: cleared, so that the marker lists only this save's files
         shutil.rmtree(folder, ignore_errors=True)
     dist.barrier()
-    error = ""
+    error, written = "", []
     try:
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-        for path in folder.rglob("*"):  # this rank's shards are durable before the marker
-            if path.is_file():
-                _fsync_file(path)
+        with _recorded_saves(engine) as written:
+            engine.save_checkpoint(
+                str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False
+            )
+        for path in written:  # this rank's shards are durable before the marker
+            _fsync_file(path)
     except (OSError, RuntimeError) as e:  # torch reports ENOSPC as "unexpected pos ..."
         error = f"rank {rank}: {type(e).__name__}: {e}"
-    errors: list[str] = [""] * dist.get_world_size()
-    dist.all_gather_object(errors, error)  # every shard on disk, or everyone learns who failed
-    failed = [e for e in errors if e]
+    reports: list[Any] = [None] * dist.get_world_size()
+    # every shard on disk, or everyone learns who failed
+    dist.all_gather_object(reports, (error, [str(p) for p in written]))
+    failed = [e for e, _ in reports if e]
     if failed:
         if rank == 0:
             shutil.rmtree(folder, ignore_errors=True)
@@ -181,6 +208,10 @@ def save_checkpoint(
             "or move train.run_dir, then resume"
         )
     if rank == 0:
+        claimed = {path for _, paths in reports for path in paths}
+        for path in sorted(folder.rglob("*")):  # what no rank saved (DeepSpeed's script copy)
+            if path.is_file() and str(path) not in claimed:
+                _fsync_file(path)
         _write_synced(folder / RUN_STATE, json.dumps(run_state, indent=1))
         files = {
             str(p.relative_to(folder)): p.stat().st_size

@@ -429,3 +429,40 @@ def test_sigterm_to_the_launcher_checkpoints_and_exits_zero(tmp_path, data_cache
     full = run_distributed(train_run, 2, reference, stopped + 2)[0]["losses"]
     assert sorted(resumed) == [stopped, stopped + 1]
     assert all(resumed[s] == full[s] for s in resumed), (resumed, full)
+
+
+def _record_fsyncs(rank: int, world: int, overrides: list[str]) -> list[str]:
+    """A short run on this rank; the paths checkpoint saving fsynced here."""
+    from mtp_megatron.testing.runs import train_run
+    from mtp_megatron.train import checkpoint
+
+    synced: list[str] = []
+    real = checkpoint._fsync_file
+
+    def recorded(path):
+        synced.append(str(path))
+        real(path)
+
+    checkpoint._fsync_file = recorded
+    train_run(rank, world, overrides)
+    return synced
+
+
+@pytest.mark.distributed
+def test_each_rank_fsyncs_only_the_checkpoint_files_it_wrote(tmp_path, data_cache):
+    """ranks x files fsyncs would crawl on a parallel file system: each file is synced once, by
+    the rank that wrote it (rank 0 also syncs DeepSpeed's helper script, written by no rank's
+    checkpoint engine); the markers are synced as they are written."""
+    from mtp_megatron.train.checkpoint import COMPLETE, RUN_STATE
+
+    extra = {"train.steps": 2, "train.checkpoint_every": 2, "train.zero_stage": 1}
+    out = run_distributed(
+        _record_fsyncs, 2, tiny_run_overrides(tmp_path / "run", data_cache, **extra)
+    )
+    folder = tmp_path / "run" / "checkpoints" / "step_000002"
+    inside = [[p for p in synced if p.startswith(f"{folder}/")] for synced in out]
+    assert all(len(paths) == len(set(paths)) for paths in inside)  # once per rank
+    rank0, rank1 = map(set, inside)
+    assert rank0.isdisjoint(rank1) and rank1  # rank 1 synced its own shard, nothing of rank 0's
+    files = {str(p) for p in folder.rglob("*") if p.is_file()}
+    assert rank0 | rank1 == files - {str(folder / RUN_STATE), str(folder / COMPLETE)}
