@@ -2,7 +2,9 @@
 # Train a recipe on one node (or, with NNODES/NODE_RANK/MASTER_ADDR set, one node of several).
 #   launch/train.sh RECIPE [key=value ...]
 #   NPROC=4 launch/train.sh recipes/demo.yaml parallel.tensor_parallel_size=2 train.zero_stage=2
-# NPROC defaults to the node's GPUs (2 without one); MTP_DEVICE=cpu trains on the CPU anyway.
+# NPROC defaults to the node's GPUs (2 without one); MTP_DEVICE=cpu trains on the CPU anyway. Where
+# nvidia-smi lists GPUs, MTP_DEVICE=cuda is exported: a torch that cannot use them is refused
+# before any process starts (instead of N gloo processes training on the CPU).
 # The recipe is validated for the whole world before any process starts.
 set -euo pipefail
 if [[ $# -lt 1 ]]; then
@@ -20,8 +22,11 @@ if [[ ${MTP_DEVICE:-} != cpu ]] && command -v nvidia-smi >/dev/null; then
 fi
 if ((gpus > 0)); then default_nproc=$gpus; else default_nproc=2; fi
 nproc=${NPROC:-$default_nproc}
-# megatron's TP layers order their kernels on one CUDA queue (it warns otherwise)
-if ((gpus > 0)); then export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}; fi
+if ((gpus > 0)); then
+  export MTP_DEVICE=${MTP_DEVICE:-cuda}
+  # megatron's TP layers order their kernels on one CUDA queue (it warns otherwise)
+  export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+fi
 nnodes=${NNODES:-1}
 
 "$py" -m mtp_megatron check "$recipe" "$@" --nproc "$nproc" --nnodes "$nnodes"

@@ -87,6 +87,10 @@ def main_check(argv: list[str]) -> int:
     p.add_argument("--nnodes", type=int, default=1, help="nodes")
     args = p.parse_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
+    if os.environ.get("MTP_DEVICE", "").strip():  # launch/train.sh sets it where GPUs are listed
+        from mtp_megatron.parallel.state import uses_cuda
+
+        uses_cuda()  # the device the workers would train on exists
     if args.nproc is not None:
         for flag, value in (("--nproc (NPROC)", args.nproc), ("--nnodes (NNODES)", args.nnodes)):
             if value < 1:

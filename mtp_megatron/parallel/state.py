@@ -69,7 +69,11 @@ def uses_cuda() -> bool:
     if forced not in ("", "cpu", "cuda"):
         raise ConfigError(f"{DEVICE_ENV}={forced!r} is invalid: 'cpu', 'cuda' or unset")
     if forced == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"{DEVICE_ENV}=cuda, but torch sees no CUDA device")
+        raise ConfigError(
+            f"{DEVICE_ENV}=cuda, but torch {torch.__version__} sees no CUDA device (a CPU build, "
+            "or no driver): install the node's CUDA build of torch, or set "
+            f"{DEVICE_ENV}=cpu to train on the CPU"
+        )
     return forced != "cpu" and torch.cuda.is_available()
 
 

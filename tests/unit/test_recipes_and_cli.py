@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from mtp_megatron import ConfigError, build_model
 from mtp_megatron.__main__ import main
@@ -145,13 +146,13 @@ def test_each_invalid_field_fails_with_its_name(override, message):
         load_recipe(RECIPES_DIR / "demo.yaml", override.split())
 
 
-def _launch(override: str, cwd: Path) -> subprocess.CompletedProcess:
+def _launch(override: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
     launcher = RECIPES_DIR.parent / "launch" / "train.sh"
     return subprocess.run(
         ["bash", str(launcher), str(RECIPES_DIR / "demo.yaml"), override],
         capture_output=True,
         text=True,
-        env=dict(os.environ, PYTHON=sys.executable, NPROC="2"),
+        env=dict(os.environ, PYTHON=sys.executable, NPROC="2", **env),
         cwd=cwd,
         timeout=120,
     )
@@ -164,6 +165,30 @@ def test_launcher_rejects_a_bad_recipe_before_starting_processes(tmp_path):
     assert "torch.distributed" not in bad.stdout + bad.stderr  # torchrun never started
     layout = _launch("parallel.tensor_parallel_size=4", tmp_path)
     assert layout.returncode == 2 and "cannot be split" in layout.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch that cannot use CUDA")
+def test_launcher_refuses_gpus_its_torch_cannot_use(tmp_path):
+    """nvidia-smi lists a GPU but this torch has no CUDA: refused before torchrun, not N gloo
+    processes silently training on the CPU."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)'\n")
+    fake.chmod(0o755)
+    path = f"{bin_dir}:{os.environ['PATH']}"
+    env = {k: v for k, v in os.environ.items() if k != "MTP_DEVICE"}  # the suite sets cpu
+    result = subprocess.run(
+        ["bash", str(RECIPES_DIR.parent / "launch" / "train.sh"), str(RECIPES_DIR / "demo.yaml")],
+        capture_output=True,
+        text=True,
+        env=dict(env, PYTHON=sys.executable, PATH=path),
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "MTP_DEVICE=cuda, but torch" in result.stderr and "MTP_DEVICE=cpu" in result.stderr
+    assert "torch.distributed" not in result.stdout + result.stderr  # torchrun never started
 
 
 def test_every_command_of_the_table_resolves_and_main_lists_them(capsys):
