@@ -2,7 +2,8 @@
 agrees with the main head's at the position it drafts for, teacher-forced on validation data:
 ``val/acceptance_pos_k``) against the optimizer step, read from the TensorBoard logs of the
 reference recipe (``recipes/reference.yaml``: the demo model trained for 1600 steps), trained
-here as its README figures were (2 processes) with an evaluation every 100 steps."""
+here on this machine's processes (one per GPU, 2 on a CPU) with its figures' global batch (2
+processes x 4 sequences) and an evaluation every 100 steps."""
 
 from __future__ import annotations
 
@@ -12,6 +13,22 @@ from mtp_megatron.research.common import Study, pyplot
 NAME = "acceptance"
 EVAL_EVERY = 100
 REFERENCE = RECIPES / "reference.yaml"
+REFERENCE_PROCESSES, REFERENCE_SEQUENCES = 2, 8
+"""The reference figures' layout: 2 processes x micro-batch 4 sequences per optimizer step."""
+
+
+def same_global_batch(nproc: int) -> dict:
+    """Overrides that keep REFERENCE_SEQUENCES per step on ``nproc`` processes (none on the
+    reference's 2, so its finished runs stay reusable)."""
+    if nproc == REFERENCE_PROCESSES:
+        return {}
+    per_process, rest = divmod(REFERENCE_SEQUENCES, nproc)
+    if per_process == 0 or rest:
+        raise ValueError(
+            f"{nproc} processes cannot share {REFERENCE_SEQUENCES} sequences per step evenly: "
+            "run the study with a process count that divides it"
+        )
+    return {"train.micro_batch_size": per_process, "train.grad_accum": 1}
 
 
 def run(study: Study) -> dict:
@@ -20,8 +37,11 @@ def run(study: Study) -> dict:
     if study.quick:
         run_dir = study.train("acceptance", {"train.eval_every": 4})
     else:
-        overrides = {"train.eval_every": EVAL_EVERY}
-        run_dir = study.train("reference", overrides, REFERENCE, shape=False, nproc=2)
+        from mtp_megatron.parallel import default_process_count
+
+        nproc = default_process_count()
+        overrides = {"train.eval_every": EVAL_EVERY, **same_global_batch(nproc)}
+        run_dir = study.train("reference", overrides, REFERENCE, shape=False, nproc=nproc)
     logged = load_run(run_dir, "reference")
     k = logged.num_predict_tokens
     curves = {j: logged.curve(f"val/acceptance_pos_{j}") for j in range(1, k + 1)}

@@ -1,7 +1,9 @@
-"""The induction study's synthetic task and its metric (``research induction``)."""
+"""The induction study's synthetic task and its metric (``research induction``); the acceptance
+study's batch layout on any process count."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mtp_megatron.research.induction import SEQ, SPAN, VOCAB, induction_accuracy, induction_batch
@@ -28,3 +30,13 @@ def test_induction_accuracy_counts_only_the_masked_next_tokens():
     wrong = perfect.clone()
     wrong[mask] = -perfect[mask]  # wrong exactly where induction is scored
     assert induction_accuracy(wrong, ids, mask) == 0.0
+
+
+def test_the_acceptance_study_keeps_its_global_batch_on_any_process_count():
+    from mtp_megatron.research.acceptance import same_global_batch
+
+    assert same_global_batch(2) == {}  # the reference's own layout: its runs stay reusable
+    assert same_global_batch(1) == {"train.micro_batch_size": 8, "train.grad_accum": 1}
+    assert same_global_batch(8) == {"train.micro_batch_size": 1, "train.grad_accum": 1}
+    with pytest.raises(ValueError, match="cannot share 8 sequences"):
+        same_global_batch(3)
