@@ -377,8 +377,9 @@ class StepMetrics:
         zero = torch.zeros((), device=device)
         mtp = out.mtp_loss.detach() if out.mtp_loss is not None else zero
         parts = [out.loss.detach(), out.main_loss.detach(), mtp]
-        parts += [torch.tensor(float(out.mtp_weight), device=device)]
-        parts += [torch.tensor(float(out.mtp_active_steps), device=device)]
+        # host numbers filled in on the device (torch.tensor(x, device) would copy and wait)
+        parts += [torch.full((), float(out.mtp_weight), device=device)]
+        parts += [torch.full((), float(out.mtp_active_steps), device=device)]
         parts += [v.detach() for v in out.mtp_step_losses.values()]
         return torch.stack([p.float().reshape(()) for p in parts])
 

@@ -18,6 +18,7 @@ _LAZY = {
     "ensure_parallel_initialized": "state",
     "initialize_parallel": "state",
     "tensor_parallel_group": "state",
+    "to_device": "state",
 }
 
 

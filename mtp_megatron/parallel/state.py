@@ -98,6 +98,14 @@ def default_process_count() -> int:
     return torch.cuda.device_count() if uses_cuda() and torch.cuda.device_count() > 0 else 2
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host batch tensor on ``device`` without waiting for it: pinned, then copied
+    asynchronously (a copy from pageable memory makes the host wait for the device's queue)."""
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def process_group_backend(device: torch.device) -> str:
     """gloo on the CPU; on a GPU NCCL for CUDA tensors *and* gloo for CPU ones, so that a CPU
     tensor reduced anywhere (megatron's groups inherit the default backend) still works."""

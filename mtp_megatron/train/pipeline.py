@@ -9,10 +9,12 @@ layer (split over the stages by ``parallel.pipeline_partition``), [L+1] FinalSta
 stage: final norm, output layer, every MTP head), [L+2] the tie marker (last stage; TiedLayerSpec
 'embed', only when the last stage reads the embedding).
 
-- **Between stages only z travels** (one float tensor). The last stage loads the input ids,
-  labels and the step itself from the same deterministic batch as the first stage (DeepSpeed
-  hands the first stage ``batch[0]`` and the last ``batch[1]``): the chained heads' future tokens
-  t_{i+k} and the warm-up weight w(step) need no extra p2p traffic. RoPE positions are 0..s-1.
+- **Between stages only z travels** (one float tensor). The last stage loads the input ids and
+  labels from the same deterministic batch as the first stage (DeepSpeed hands the first stage
+  ``batch[0]`` and the last ``batch[1]``): the chained heads' future tokens t_{i+k} need no extra
+  p2p traffic. The optimizer step (for w(step) and a curriculum) is set on the last stage's
+  module by the step runner, a host number: nothing is read back from the device for it. RoPE
+  positions are 0..s-1.
 - **The loss** is the module's ``loss_fn`` on the last stage: ``MTPModel.final_stage`` (final norm,
   main head, the K steps and the objective), the code a PP=1 forward runs.
 - **The tie**: the last stage needs the token embedding when the heads are chained (e_{i+k}) or
@@ -52,7 +54,6 @@ from mtp_megatron.train.pipeline_layout import (
 
 TIE_KEY = "embed"
 _TIED = {"tied_weight_attr": ["embedding.weight"]}  # what DeepSpeed syncs and all-reduces
-NO_STEP = -1  # the step a batch carries when the MTP weight should not warm up (evaluation)
 
 
 class _Source:
@@ -117,6 +118,8 @@ class FinalStagePipe(nn.Module):
         self.rope = model.trunk.rope
         self.mtp = model.mtp
         self._model = (model,)  # a tuple: not registered, so its modules are not listed twice
+        self.step: int | None = None
+        """The optimizer step being trained (set by the step runner before each batch)."""
         self.records: list[torch.Tensor] = []
         self.eval_sums: dict[str, tuple[float, float]] = {}
         self.last_output: MTPOutput | None = None
@@ -129,12 +132,12 @@ class FinalStagePipe(nn.Module):
         return hidden
 
     def loss(self, hidden: torch.Tensor, batch: Sequence[torch.Tensor]) -> torch.Tensor:
-        """hidden: z [b, s, h]; batch: (labels [b, s], input_ids [b, s], step [])."""
-        labels, input_ids, step = batch
+        """hidden: z [b, s, h]; batch: (labels [b, s], input_ids [b, s])."""
+        labels, input_ids = batch
         if self.training:
             self.last_output = None
             out = self.model.final_stage(
-                hidden, input_ids, labels, step=int(step), return_logits=False
+                hidden, input_ids, labels, step=self.step, return_logits=False
             )
             self.records.append(StepMetrics.pack(out))
             return out.loss

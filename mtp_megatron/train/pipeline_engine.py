@@ -3,8 +3,9 @@
 One optimizer step is ``engine.train_batch``: DeepSpeed's 1F1B schedule runs ``grad_accum``
 micro-batches through the stages, all-reduces the tied embedding's gradient between the first
 and last stage, reduces gradients over data parallel (ZeRO 0/1) and steps. Every micro-batch is
-(input_ids, (labels, input_ids, step)) from the same (step, micro-step, DP rank) function as the
-PP=1 trainer, so PP changes neither the data order nor exact resume.
+(input_ids, (labels, input_ids)) from the same (step, micro-step, DP rank) function as the PP=1
+trainer, so PP changes neither the data order nor exact resume; the step itself is set on the
+last stage's module (``FinalStagePipe.step``).
 
 The logged values (loss, main, MTP, w, CE_k) and the validation metrics exist on the last stage
 only: they are averaged over its data-parallel group and broadcast over each pipeline group, so
@@ -24,11 +25,12 @@ from mtp_megatron.config.train import TrainConfig
 from mtp_megatron.data.loader import Batches
 from mtp_megatron.model import MTPModel
 from mtp_megatron.model.objective import StepMetrics
+from mtp_megatron.parallel import to_device
 from mtp_megatron.train.engine import deepspeed_config, lr_lambda, parameter_groups
 from mtp_megatron.train.evaluate import reduce_stats
-from mtp_megatron.train.pipeline import NO_STEP, MTPPipelineModule, pipeline_topology
+from mtp_megatron.train.pipeline import MTPPipelineModule, pipeline_topology
 
-Batch = tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+Batch = tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
 
 
 def build_pipeline_engine(
@@ -53,12 +55,14 @@ def build_pipeline_engine(
 
 
 def micro_batches(
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]], step: int
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device
 ) -> Iterator[Batch]:
-    """(input_ids, labels) pairs -> what the stages load: the first stage reads input_ids, the
-    last (labels, input_ids, step) (the heads' future tokens and the warm-up step)."""
+    """(input_ids, labels) pairs -> what the stages load, on ``device`` (copied without a host
+    wait; DeepSpeed's own copy is then a no-op): the first stage reads input_ids, the last
+    (labels, input_ids) (the heads' future tokens)."""
     for input_ids, labels in batches:
-        yield input_ids, (labels, input_ids, torch.tensor(step))
+        input_ids = to_device(input_ids, device)
+        yield input_ids, (to_device(labels, device), input_ids)
 
 
 class PipelineSteps:
@@ -75,9 +79,11 @@ class PipelineSteps:
     def train_step(self, batches: Batches, step: int, grad_accum: int) -> dict[str, float]:
         """One optimizer step; the logged values (DP mean over the step's micro-batches)."""
         pairs = (batches.batch(step, micro, grad_accum) for micro in range(grad_accum))
-        self.engine.train_batch(micro_batches(pairs, step))
-        values = torch.zeros(self.num_values)
         final = self.module.final_stage
+        if final is not None:
+            final.step = step
+        self.engine.train_batch(micro_batches(pairs, self.engine.device))
+        values = torch.zeros(self.num_values)
         if final is not None:
             values = torch.stack(final.records).mean(dim=0)
             final.records.clear()
@@ -90,7 +96,7 @@ class PipelineSteps:
 
     def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
         """Validation metrics (as ``train/evaluate.py``) over this DP rank's ``batches``."""
-        items = list(micro_batches(batches, NO_STEP))
+        items = list(micro_batches(batches, self.engine.device))
         # the stages agree on activation shapes once and cache them: renegotiate around
         # evaluation, whose batches may be shaped unlike the training ones
         self.engine.reset_activation_shape()

@@ -19,6 +19,7 @@ from megatron.core import parallel_state
 from mtp_megatron.data.loader import Batches
 from mtp_megatron.model.etd import etd_metrics
 from mtp_megatron.model.objective import StepMetrics
+from mtp_megatron.parallel import to_device
 from mtp_megatron.train.evaluate import evaluate
 
 
@@ -48,8 +49,8 @@ class SingleStageSteps:
         for micro in range(grad_accum):
             input_ids, labels = batches.batch(step, micro, grad_accum)
             out = engine(
-                input_ids.to(self.device),
-                labels=labels.to(self.device),
+                to_device(input_ids, self.device),
+                labels=to_device(labels, self.device),
                 step=step,
                 return_logits=False,
             )
@@ -67,5 +68,5 @@ class SingleStageSteps:
         return metrics
 
     def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-        on_device = ((i.to(self.device), lab.to(self.device)) for i, lab in batches)
+        on_device = ((to_device(i, self.device), to_device(y, self.device)) for i, y in batches)
         return evaluate(self.engine.module, on_device)

@@ -98,8 +98,10 @@ def _pipeline_run(rank: int, world: int, tp: int, variants):
                 _out[module_key(name, _layers)] = full
 
         engine._INSTRUCTION_MAP = {**engine._INSTRUCTION_MAP, schedule.ReduceTiedGrads: capture}
-        engine.train_batch(micro_batches(_batches(cfg), STEP))
         final = module.final_stage
+        if final is not None:  # the step runner's job: w(STEP) on the last stage
+            final.step = STEP
+        engine.train_batch(micro_batches(_batches(cfg), torch.device("cpu")))
         results[variant] = {
             "stage": engine.stage_id,
             "grads": captured,

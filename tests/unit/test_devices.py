@@ -126,3 +126,96 @@ def test_decoding_reads_the_device_at_most_twice_per_token_or_round(single_proce
         assert reads <= 2 * (stats["rounds"] + 1), (reads, stats["rounds"])
     greedy, _ = model.mtp_decoder.generate(ids, max_new_tokens=64, eos_token_id=eos_id)
     assert torch.equal(greedy, out)  # the bookkeeping on the host changed no token
+
+
+class _HostSyncs:
+    """What would make the host wait for a GPU, counted on the CPU: device -> host reads
+    (``aten._local_scalar_dense``: ``.item()``, ``int()``, ``float()`` of a tensor) and host
+    numbers copied to a device (``torch.tensor(x, device=...)``)."""
+
+    def __init__(self, monkeypatch):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        self.reads = self.copies = 0
+        counter = self
+
+        class Reads(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func is torch.ops.aten._local_scalar_dense.default:
+                    counter.reads += 1
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Reads
+        real = torch.tensor
+
+        def tensor(*args, **kwargs):
+            if kwargs.get("device") is not None:
+                counter.copies += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(torch, "tensor", tensor)
+
+    def count(self, fn) -> tuple[int, int]:
+        reads, copies = self.reads, self.copies
+        with self.mode():
+            fn()
+        return self.reads - reads, self.copies - copies
+
+
+class _Batches:
+    def __init__(self, vocab: int):
+        self.vocab = vocab
+
+    def batch(self, step: int, micro: int, grad_accum: int):
+        g = torch.Generator().manual_seed(step * 10 + micro)
+        ids = torch.randint(0, self.vocab, (2, 17), generator=g)
+        return ids[:, :-1], ids[:, 1:]
+
+
+def test_a_training_micro_batch_makes_the_host_wait_for_nothing(single_process, monkeypatch):
+    """A step's micro-batches copy no host number to the device and read nothing back: 4
+    micro-batches make the same host syncs as 1 (DeepSpeed's optimizer step and the step's
+    metrics, read once, make the rest)."""
+    from mtp_megatron import build_model
+    from mtp_megatron.parallel.dims import ParallelConfig
+    from mtp_megatron.train.apply import apply_training
+
+    syncs = _HostSyncs(monkeypatch)
+    counts = {}
+    for accum in (1, 4):
+        torch.manual_seed(0)
+        model = build_model(tiny_model_config(mtp_config("transformer", False, "chained", k=2)))
+        tcfg = TrainConfig(zero_stage=1, grad_accum=accum, micro_batch_size=2)
+        setup = apply_training(model, tcfg, ParallelConfig(), torch.device("cpu"))
+        setup.runner.train_step(_Batches(200), 0, accum)  # DeepSpeed's first step allocates
+        counts[accum] = syncs.count(
+            lambda r=setup.runner, a=accum: r.train_step(_Batches(200), 1, a)
+        )
+    assert counts[4] == counts[1], counts
+
+
+def test_the_last_pipeline_stage_reads_no_step_from_the_device(single_process, monkeypatch):
+    from mtp_megatron import build_model
+    from mtp_megatron.model.loss import labels_from_input_ids
+    from mtp_megatron.train.pipeline import FinalStagePipe, _Source
+
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config(mtp_config("transformer", False, "chained", k=2)))
+    final = FinalStagePipe(_Source(model)).train()
+    final.step = 3
+    ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+    hidden = model.trunk.run_layers(model.trunk.embed(ids), torch.arange(16))
+    syncs = _HostSyncs(monkeypatch)
+    assert syncs.count(lambda: final.loss(hidden, (labels_from_input_ids(ids), ids))) == (0, 0)
+    assert len(final.records) == 1
+
+
+def test_batches_reach_a_device_pinned_and_without_a_wait(monkeypatch):
+    from mtp_megatron.parallel import to_device
+
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: pinned.append(t) or t)
+    ids = torch.arange(6).view(2, 3)
+    assert to_device(ids, torch.device("cpu")) is ids and not pinned  # nothing to copy
+    moved = to_device(ids, torch.device("meta"))  # any device but the host's
+    assert moved.device.type == "meta" and pinned == [ids]
