@@ -1,5 +1,6 @@
-"""Peak memory and step time of one training step: NTP against MTP K=4 plain, sequential, and
-sequential + activation checkpointing, at a vocabulary-heavy shape where the logits dominate.
+"""Peak memory and step time of one training step: NTP against MTP K=4 plain, sequential,
+sequential + activation checkpointing, and plain with self-distillation, at a vocabulary-heavy
+shape where the logits dominate.
 
 A step is forward + backward (gradients set to None before it; no optimizer), fp32 or bf16
 (``--dtype``), TP=1. Every
@@ -49,6 +50,7 @@ CASES = {
     "mtp": "MTP K={k} plain",
     "sequential": "MTP K={k} sequential",
     "sequential_ckpt": "MTP K={k} sequential + checkpointing",
+    "distill": "MTP K={k} plain + self-distillation (0.5)",
 }
 """``--cases`` keys and their table names."""
 GOAL_MEMORY_RATIO = 1.10
@@ -107,6 +109,7 @@ def _model_config(args: argparse.Namespace, key: str) -> tuple[ModelConfig, MTPT
     training = MTPTrainingConfig(
         sequential_forward=key.startswith("sequential"),
         gradient_checkpointing=key == "sequential_ckpt",
+        distill_weight=0.5 if key == "distill" else 0.0,
     )
     return cfg, training
 
@@ -266,7 +269,8 @@ def report(args: argparse.Namespace, results: dict[str, CaseResult]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m mtp_megatron bench-memory",
-        description="Peak memory and step time of NTP vs MTP plain / sequential / + checkpointing.",
+        description="Peak memory and step time of NTP vs MTP plain / sequential / + checkpointing "
+        "/ + self-distillation.",
     )
     add = parser.add_argument
     add("--vocab", type=int, default=50257, help="vocabulary (GPT-2's by default)")

@@ -203,8 +203,9 @@ class MTPTrainingConfig:
     distribution for the same token, without gradient), so the heads learn to agree with the
     verifier they draft for (FastMTP's self-distilled targets; 0: the data only). The logged and
     evaluated step losses stay the data CE. Memory: the main logits stay alive through the MTP
-    steps, and each step keeps two more fp32 [b, s, V/p] tensors (its softmax terms) until
-    backward; training was 20% slower on the demo. Not with sequential_forward."""
+    steps (the teacher) with a copy of them for the main CE; each step keeps only its softmax,
+    as without distillation (``model/loss.py``: one pass, the teacher expanded chunk by chunk).
+    Not with sequential_forward."""
     curriculum: CurriculumName = "none"
     """Which MTP steps train when (Aynetdinov & Akbik, arXiv:2505.22757): 'none' (all K
     throughout), 'forward' (start as next-token prediction and add one step per stage: K + 1

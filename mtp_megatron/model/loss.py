@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from megatron.core.tensor_parallel import (
-    reduce_from_tensor_model_parallel_region,
-    vocab_parallel_cross_entropy,
-)
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 IGNORE_INDEX = -100
 
@@ -58,36 +55,101 @@ def masked_cross_entropy(
     return (per_token * mask).sum() / mask.sum().clamp_min(1)
 
 
-def _all_reduce_max(t: torch.Tensor, group) -> torch.Tensor:
+CHUNK_ELEMENTS = 1 << 24
+"""Logit elements per chunk (64 MiB of fp32) when a teacher's distribution is expanded: the
+full-vocabulary [b, s, V/p] tensor of it never exists at once."""
+
+
+def _all_reduce(t: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
     if group is not None and group.size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        dist.all_reduce(t, op=op, group=group)
     return t
 
 
-def soft_cross_entropy(
-    logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, tp_group=None
-) -> torch.Tensor:
-    """Mean over ``mask`` of -sum_v p_v log q_v: q = softmax(logits), p = softmax(teacher) (no
-    gradient reaches the teacher). Both [b, s, V/p] vocab shards of this TP rank; mask [b, s].
+def _chunks(t: torch.Tensor) -> list[slice]:
+    """Slices of positions (dim 1 of [b, s, V/p]) holding about CHUNK_ELEMENTS each."""
+    b, s, v = t.shape
+    size = max(1, CHUNK_ELEMENTS // max(b * v, 1))
+    return [slice(i, min(i + size, s)) for i in range(0, s, size)]
 
-    Vocab-parallel like megatron's hard-target CE: the maxima are all-reduced (no gradient),
-    the sum of exponentials and the teacher-weighted sum are all-reduced forward and passed
-    through unchanged backward (every rank then holds the whole, replicated loss).
-    """
+
+def log_normalizer(logits: torch.Tensor, tp_group=None) -> torch.Tensor:
+    """log sum_v exp(logits_v) over the whole (vocab-parallel) vocabulary: [b, s] from
+    [b, s, V/p] shards, in fp32, chunk by chunk, without gradient."""
     with torch.no_grad():
-        t = teacher_logits.float()
-        t = t - _all_reduce_max(t.amax(-1, keepdim=True), tp_group)
-        p = t.exp_()
-        z = p.sum(-1, keepdim=True)
-        if tp_group is not None and tp_group.size() > 1:
-            dist.all_reduce(z, group=tp_group)
-        p = p / z  # [b, s, V/p]: the teacher's distribution, this rank's shard
-    x = logits.float()
-    x = x - _all_reduce_max(x.detach().amax(-1, keepdim=True), tp_group)
-    sum_exp = x.exp().sum(-1)  # [b, s]
-    weighted = (p * x).sum(-1)
-    if tp_group is not None and tp_group.size() > 1:
-        sum_exp = reduce_from_tensor_model_parallel_region(sum_exp, group=tp_group)
-        weighted = reduce_from_tensor_model_parallel_region(weighted, group=tp_group)
-    per_token = sum_exp.log() - weighted  # log sum exp x - sum_v p_v x_v  (sum_v p_v = 1)
-    return (per_token * mask).sum() / mask.sum().clamp_min(1)
+        out = torch.empty(logits.shape[:2], dtype=torch.float32, device=logits.device)
+        for c in _chunks(logits):
+            x = logits[:, c].float()
+            top = _all_reduce(x.amax(-1), tp_group, dist.ReduceOp.MAX)  # [b, c]
+            total = _all_reduce((x - top[..., None]).exp_().sum(-1), tp_group)
+            out[:, c] = total.log_() + top
+    return out
+
+
+class _DistilledCrossEntropy(torch.autograd.Function):
+    """Per token, the data CE and the soft CE against a teacher's distribution p, vocab-parallel
+    and in one pass (module doc of :func:`distilled_cross_entropy`)."""
+
+    @staticmethod
+    def forward(ctx, logits, teacher, teacher_lse, targets, tp_group, inplace):
+        x = logits.float()  # [b, s, V/p]; a copy when bf16
+        if x is logits and not inplace:
+            x = x.clone()  # becomes the softmax kept for backward
+        x.sub_(_all_reduce(x.amax(-1), tp_group, dist.ReduceOp.MAX)[..., None])
+        v = x.shape[-1]
+        start = (tp_group.rank() if tp_group is not None else 0) * v
+        in_range = (targets >= start) & (targets < start + v)  # IGNORE_INDEX is out of range
+        local = (targets - start).clamp(0, v - 1)
+        picked = x.gather(-1, local[..., None]).squeeze(-1) * in_range  # x_t - max, [b, s]
+        expected = torch.empty_like(picked)  # sum_v p_v (x_v - max)
+        for c in _chunks(x):
+            p = (teacher[:, c].float() - teacher_lse[:, c, None]).exp_()
+            expected[:, c] = (p * x[:, c]).sum(-1)
+        sum_exp = x.exp_().sum(-1)
+        picked, expected, sum_exp = _all_reduce(torch.stack([picked, expected, sum_exp]), tp_group)
+        x.div_(sum_exp[..., None])  # the softmax q, in place
+        ctx.tp_group = tp_group
+        ctx.dtype = logits.dtype
+        ctx.save_for_backward(x, teacher, teacher_lse, local, in_range)
+        log_z = sum_exp.log()
+        return log_z - picked, log_z - expected  # CE(data), CE(p, q): Σ_v p_v = 1
+
+    @staticmethod
+    def backward(ctx, grad_data, grad_soft):
+        q, teacher, teacher_lse, local, in_range = ctx.saved_tensors
+        g_data = torch.zeros_like(in_range, dtype=q.dtype) if grad_data is None else grad_data
+        g_soft = torch.zeros_like(g_data) if grad_soft is None else grad_soft
+        grad = q * (g_data + g_soft)[..., None]  # (not in place: a retained graph reuses q)
+        grad.scatter_add_(-1, local[..., None], -(g_data * in_range)[..., None])  # - onehot(t)
+        for c in _chunks(grad):
+            p = (teacher[:, c].float() - teacher_lse[:, c, None]).exp_()
+            grad[:, c] -= g_soft[:, c, None] * p
+        return grad.to(ctx.dtype), None, None, None, None, None
+
+
+def distilled_cross_entropy(
+    logits: torch.Tensor,
+    teacher: torch.Tensor,
+    teacher_lse: torch.Tensor,
+    targets: torch.Tensor,
+    tp_group=None,
+    inplace: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(data CE, soft CE) of a head, each the mean over the positions whose target is not
+    IGNORE_INDEX: CE(targets, q) and -sum_v p_v log q_v, q = softmax(logits), p =
+    softmax(teacher) (no gradient reaches the teacher; ``teacher_lse``: its :func:`log_normalizer`,
+    computed once for every head). logits, teacher: [b, s, V/p] vocab shards of this TP rank;
+    targets: [b, s] global ids.
+
+    One pass, vocab-parallel like megatron's CE (maxima and sums all-reduced forward, the
+    gradient local): what stays alive for backward is q, written over a copy of the logits (over
+    the logits themselves with ``inplace``), [b, s] statistics and a reference to the teacher;
+    p is expanded chunk by chunk when needed, never at once. The gradient is
+    g_data (q - onehot(t)) + g_soft (q - p).
+    """
+    mask = (targets != IGNORE_INDEX).float()  # [b, s]
+    data, soft = _DistilledCrossEntropy.apply(
+        logits, teacher.detach(), teacher_lse, targets, tp_group, inplace
+    )
+    count = mask.sum().clamp_min(1)
+    return (data * mask).sum() / count, (soft * mask).sum() / count

@@ -39,9 +39,9 @@ import torch
 from mtp_megatron.config import ConfigError, MTPConfig, MTPTrainingConfig
 from mtp_megatron.config.mtp import CurriculumName, WeightScheduleName
 from mtp_megatron.model.loss import (
-    IGNORE_INDEX,
+    distilled_cross_entropy,
+    log_normalizer,
     masked_cross_entropy,
-    soft_cross_entropy,
     step_targets,
 )
 from mtp_megatron.model.sequential import sequential_mtp_loss
@@ -280,7 +280,9 @@ class MTPObjective:
         distill = self.distill_weight if self.num_steps and training else 0.0
         # self-distillation reads the main logits after the main CE: that one may not reuse them
         main_loss = masked_cross_entropy(logits, labels, inplace=not (return_logits or distill))
-        teacher = logits.detach() if distill else None
+        teacher = None
+        if distill:  # the main head's distribution, normalised once for every head
+            teacher = (logits.detach(), log_normalizer(logits.detach(), trunk.ctx.tp_group))
         out = MTPOutput(
             loss=main_loss,
             main_loss=main_loss,
@@ -302,27 +304,32 @@ class MTPObjective:
         steps: Iterable[tuple[int, torch.Tensor]],
         labels: torch.Tensor,
         weights: list[float],
-        teacher: torch.Tensor | None,
+        teacher: tuple[torch.Tensor, torch.Tensor] | None,
         detach: bool,
         keep_logits: bool,
     ) -> _StepLosses:
-        """Every step's logits at once (alive until backward); ``teacher``: the main logits
-        [b, s, V/p] for self-distillation (None: the data only)."""
+        """Every step's logits at once (their softmax alive until backward); ``teacher``: the
+        main logits [b, s, V/p] and their log-normalizer [b, s] for self-distillation (None: the
+        data only)."""
         distill = self.distill_weight
         mtp = _StepLosses(torch.zeros((), device=labels.device))
         for k, hidden_k in steps:
             logits_k = trunk.logits(hidden_k, detach_weight=detach)  # [b, s, V/p]
             targets_k = step_targets(labels, k)
-            if teacher is not None:  # before the CE, which may overwrite logits_k
-                # head k at i and the main head at i + k predict the same token t_{i+k+1}
-                soft_k = soft_cross_entropy(
+            if teacher is None:
+                ce_k = masked_cross_entropy(logits_k, targets_k, inplace=not keep_logits)
+                train_k = ce_k
+            else:  # head k at i and the main head at i + k predict the same token t_{i+k+1}
+                main, main_lse = teacher
+                ce_k, soft_k = distilled_cross_entropy(
                     logits_k[:, :-k],
-                    teacher[:, k:],
-                    (targets_k[:, :-k] != IGNORE_INDEX).float(),
+                    main[:, k:],
+                    main_lse[:, k:],
+                    targets_k[:, :-k],  # (the last k positions have no target)
                     trunk.ctx.tp_group,
+                    inplace=not keep_logits,
                 )
-            ce_k = masked_cross_entropy(logits_k, targets_k, inplace=not keep_logits)
-            train_k = ce_k if teacher is None else (1 - distill) * ce_k + distill * soft_k
+                train_k = (1 - distill) * ce_k + distill * soft_k
             mtp.loss = mtp.loss + weights[k - 1] * train_k
             mtp.ce[f"mtp_step_{k}"] = ce_k.detach()
             if keep_logits:

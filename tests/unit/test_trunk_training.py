@@ -118,23 +118,37 @@ def test_trunk_modes_that_would_train_nothing_are_refused():
 # train.mtp.distill_weight: heads trained towards the main head's own distribution
 
 
-def test_soft_cross_entropy_is_torch_cross_entropy_with_probability_targets():
+@pytest.mark.parametrize("chunk", [1 << 24, 11 * 2], ids=["one pass", "chunked"])
+def test_distilled_cross_entropy_is_torch_cross_entropy_with_hard_and_soft_targets(
+    monkeypatch, chunk
+):
+    """Both terms and their gradients against torch's own cross_entropy (class targets, then
+    the teacher's softmax as probability targets), with the teacher expanded at once or two
+    positions at a time."""
     import torch.nn.functional as F
 
-    from mtp_megatron.model.loss import soft_cross_entropy
+    from mtp_megatron.model import loss
+    from mtp_megatron.model.loss import IGNORE_INDEX, distilled_cross_entropy, log_normalizer
 
+    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", chunk)
     g = torch.Generator().manual_seed(0)
     student = torch.randn(2, 5, 11, generator=g, requires_grad=True)
     teacher = torch.randn(2, 5, 11, generator=g, requires_grad=True)
-    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]]).float()
-    ours = soft_cross_entropy(student * 3, teacher * 3, mask)
+    targets = torch.randint(0, 11, (2, 5), generator=g)
+    targets[0, 3:], targets[1, 4] = IGNORE_INDEX, IGNORE_INDEX
+    mask = (targets != IGNORE_INDEX).float()
+    lse = log_normalizer(teacher * 3)
+    data, soft = distilled_cross_entropy(student * 3, teacher * 3, lse, targets)
     p = (teacher.detach() * 3).softmax(-1)
     each = F.cross_entropy((student * 3).transpose(1, 2), p.transpose(1, 2), reduction="none")
-    reference = (each * mask).sum() / mask.sum()
-    torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
-    (grad,) = torch.autograd.grad(ours, student, retain_graph=True)
-    torch.testing.assert_close(grad, torch.autograd.grad(reference, student)[0])
-    ours.backward()
+    soft_ref = (each * mask).sum() / mask.sum()
+    data_ref = F.cross_entropy((student * 3).transpose(1, 2), targets, ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(soft, soft_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(data, data_ref, rtol=1e-6, atol=1e-6)
+    mixed, mixed_ref = 0.3 * data + 0.7 * soft, 0.3 * data_ref + 0.7 * soft_ref
+    (grad,) = torch.autograd.grad(mixed, student, retain_graph=True)
+    torch.testing.assert_close(grad, torch.autograd.grad(mixed_ref, student)[0])
+    mixed.backward()
     assert teacher.grad is None  # the teacher is a target, not trained
 
 
@@ -142,7 +156,9 @@ def test_distillation_pulls_the_heads_towards_the_main_head(single_process):
     """beta = 1: each head's training loss is its CE against the main head's distribution for
     the same token; the logged step losses stay the data CE, and the trunk gets no gradient
     through the teacher."""
-    from mtp_megatron.model.loss import IGNORE_INDEX, soft_cross_entropy, step_targets
+    import torch.nn.functional as F
+
+    from mtp_megatron.model.loss import IGNORE_INDEX, step_targets
 
     plain, distilled = _model(), _model()
     apply_mtp_training(distilled, MTPTrainingConfig(distill_weight=1.0))
@@ -154,8 +170,9 @@ def test_distillation_pulls_the_heads_towards_the_main_head(single_process):
         torch.testing.assert_close(value, ref.mtp_step_losses[name])  # the data CE, logged
     expected = torch.zeros(())
     for k, logits_k in enumerate(ref.mtp_logits, start=1):
-        mask = (step_targets(labels, k)[:, :-k] != IGNORE_INDEX).float()
-        soft = soft_cross_entropy(logits_k[:, :-k], ref.logits[:, k:], mask)
+        valid = step_targets(labels, k)[:, :-k] != IGNORE_INDEX
+        p = ref.logits[:, k:].softmax(-1)  # torch's probability-target CE is the reference
+        soft = F.cross_entropy(logits_k[:, :-k][valid].detach(), p[valid].detach())
         expected = expected + distilled.objective.step_weights()[k - 1] * soft
     torch.testing.assert_close(out.mtp_loss, expected, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(out.mtp_loss, ref.mtp_loss)
