@@ -61,6 +61,19 @@ def _with_curriculum_span(recipe: dict[str, Any]) -> dict[str, Any]:
     return {**recipe, "train": {**train, "mtp": span}}
 
 
+def check_precision(saved: str | None, current: str, where: str, optimizer: str | None) -> None:
+    """A checkpoint's optimizer files belong to its precision (bf16: DeepSpeed's bf16 weights with
+    fp32 master copies; fp32: fp32 states only): refuse to continue it in the other one. A
+    checkpoint that recorded no precision (written before it was recorded) is not checked."""
+    if saved is None or saved == current:
+        return
+    raise ConfigError(
+        f"{where} was trained in {saved} (DeepSpeed's {optimizer or 'optimizer'}); this run would "
+        f"train in {current} (train.precision 'auto' is bf16 on a GPU, fp32 on the CPU): set "
+        f"train.precision: {saved} to continue it, or start a new train.run_dir"
+    )
+
+
 def check_resume(
     saved: dict[str, Any],
     current: dict[str, Any],

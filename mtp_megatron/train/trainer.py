@@ -53,7 +53,7 @@ from mtp_megatron.train.guard import (
 )
 from mtp_megatron.train.logger import RunLogger
 from mtp_megatron.train.preflight import check_free_space, check_writable, estimate_checkpoint_bytes
-from mtp_megatron.train.resume import apply_overrides, check_resume
+from mtp_megatron.train.resume import apply_overrides, check_precision, check_resume
 from mtp_megatron.train.watchdog import StallWatchdog
 
 ResumeMode = Literal["auto", "require", "never"]
@@ -161,10 +161,11 @@ def _plan_resume(ckpt_dir: Path, resume: ResumeMode) -> ResumePlan:
     return plan
 
 
-def _check_against(folder: Path, recipe: Recipe, world: int) -> list[str]:
+def _check_against(folder: Path, recipe: Recipe, world: int, precision: str) -> list[str]:
     """Refuse (ConfigError) resuming ``folder`` with ``recipe`` on ``world`` processes where
     that changes what the checkpoint fixes; the allowed changes, as report lines."""
     saved = read_run_state(folder)
+    check_precision(saved.get("precision"), precision, str(folder), saved.get("optimizer"))
     current = asdict(recipe)
     if current["model"]["vocab_size"] is None:  # the data's, not known yet: its loader state
         current["model"]["vocab_size"] = saved["recipe"]["model"]["vocab_size"]  # is compared
@@ -178,10 +179,12 @@ def _check_against(folder: Path, recipe: Recipe, world: int) -> list[str]:
     )
 
 
-def _resume(engine, recipe: Recipe, plan: ResumePlan, world: int, say) -> tuple[dict, Path]:
+def _resume(
+    engine, recipe: Recipe, plan: ResumePlan, world: int, precision: str, say
+) -> tuple[dict, Path]:
     """Load the newest loadable checkpoint of ``plan`` (collective); (client state, folder)."""
     for i, folder in enumerate(plan.candidates):
-        changes = _check_against(folder, recipe, world)
+        changes = _check_against(folder, recipe, world, precision)
         error = ""
         try:
             state = load_checkpoint(engine, folder)
@@ -216,18 +219,21 @@ class _Trainer:
         self.is_logger = layout.rank == 0
         self.say = log if self.is_logger else (lambda *a, **k: None)
         self.device = layout.device
+        self.precision = "bf16" if use_bf16(self.tcfg, self.device) else "fp32"
+        """What train.precision resolves to here (recorded in every checkpoint)."""
         self.run_dir = run_directory(recipe)
         self.ckpt_dir = self.run_dir / "checkpoints"
         check_writable(self.ckpt_dir)
         plan = _plan_resume(self.ckpt_dir, resume)
         self.say(
             f"[setup] {recipe.name}: {layout.describe()}, ZeRO {self.tcfg.zero_stage}, "
+            f"{self.precision}, "
             f"run dir {self.run_dir}"
         )
         for note in plan.notes:
             self.say(f"[resume] skipped: {note}")
         if plan.candidates:  # refuse a changed recipe before seconds of data and model set-up
-            _check_against(plan.candidates[0], recipe, layout.world_size)
+            _check_against(plan.candidates[0], recipe, layout.world_size, self.precision)
         self._prepare_data()
         self._build(fresh=not plan.candidates)
         self._restore(plan)
@@ -303,11 +309,12 @@ class _Trainer:
         if plan.candidates:
             size = checkpoint_bytes(plan.candidates[0])
         else:
-            size = estimate_checkpoint_bytes(engine.module, use_bf16(self.tcfg, self.device))
+            size = estimate_checkpoint_bytes(engine.module, self.precision == "bf16")
         check_free_space(self.ckpt_dir, size, self.tcfg.keep_last)
         self.start_step, tb_dir, self.latest = 0, None, ""
         if plan.candidates:
-            state, folder = _resume(engine, recipe, plan, self.layout.world_size, self.say)
+            world = self.layout.world_size
+            state, folder = _resume(engine, recipe, plan, world, self.precision, self.say)
             self.start_step = int(state["step"])
             tb_dir = state.get("tb_dir")
             note = self.batches.load_state_dict(
@@ -413,6 +420,8 @@ class _Trainer:
             "world_size": self.layout.world_size,
             "recipe": asdict(self.recipe),
             "tb_dir": self.tb_dir,
+            "precision": self.precision,  # train.precision resolved: a resume must keep it
+            "optimizer": type(self.engine.optimizer).__name__,
         }
         self.latest = save_checkpoint(
             self.engine, self.ckpt_dir, step, client_state, self.tcfg.keep_last, run_state

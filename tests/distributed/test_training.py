@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from mtp_megatron.testing.distributed import run_distributed
 from mtp_megatron.testing.runs import tiny_run_overrides, train_run
@@ -222,3 +223,50 @@ def test_curriculum_and_weight_schedule_resume_exactly_across_their_switches(tmp
     # a step's CE is logged while it trains: step 2 for 3 steps, step 1 for 6
     assert [e.step for e in events.Scalars("train/mtp_step_2")] == [1, 2, 3]
     assert [e.step for e in events.Scalars("train/mtp_step_1")] == list(range(1, 7))
+
+
+def _resume_refused(rank: int, world: int, overrides: list[str]) -> str | None:
+    """The ConfigError a resume with ``overrides`` raises on this rank (None: it trained)."""
+    from mtp_megatron.config import ConfigError
+
+    try:
+        train_run(rank, world, overrides)
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.parametrize(
+    "zero,optimizer", [(1, "BF16_Optimizer"), (2, "DeepSpeedZeroOptimizer")], ids=["zero1", "zero2"]
+)
+def test_bf16_trains_resumes_exactly_consolidates_and_decodes(
+    tmp_path, data_cache, single_process, zero, optimizer
+):
+    """train.precision: bf16, the GPU default, on the CPU (DeepSpeed's bf16 path with fp32
+    gradient accumulation): stopped at step 4 and resumed == uninterrupted, loss for loss; the
+    checkpoint records the precision and its optimizer, and a resume in fp32 is refused; the
+    consolidated model decodes (speculative greedy == plain greedy)."""
+    from mtp_megatron.decoding import generate_plain
+    from mtp_megatron.decoding.load import load_run
+
+    extra = {"train.steps": 8, "train.zero_stage": zero, "train.precision": "bf16"}
+    extra["train.grad_accum"] = 2
+    full = run_distributed(
+        train_run, 2, tiny_run_overrides(tmp_path / "full", data_cache, **extra)
+    )[0]
+    part = tiny_run_overrides(tmp_path / "part", data_cache, **extra)
+    first = run_distributed(train_run, 2, part, 4)[0]
+    state = json.loads((tmp_path / "part/checkpoints/step_000004/run_state.json").read_text())
+    assert (state["precision"], state["optimizer"]) == ("bf16", optimizer)
+    error = run_distributed(_resume_refused, 2, [*part, "train.precision=fp32"])[0]
+    assert error and "was trained in bf16" in error and "train.precision: bf16" in error
+    second = run_distributed(train_run, 2, part)[0]
+    assert sorted(second["losses"]) == list(range(4, 8))
+    for step in range(8):
+        got = first["losses"].get(step, second["losses"].get(step))
+        assert got == full["losses"][step], (step, got, full["losses"][step])
+    run = load_run(tmp_path / "part")  # the consolidated model of the finished run
+    prompt = torch.arange(8)[None] % 400
+    plain, _ = generate_plain(run.model, prompt, 12)
+    spec, stats = run.model.mtp_decoder.generate(prompt, max_new_tokens=12)
+    assert torch.equal(spec, plain) and stats["new_tokens"] == 12
