@@ -7,7 +7,8 @@ dataset (tokenizer, end-of-document token, text field, split, limits). Every lat
 again: it re-hashes the input files and reuses each unchanged shard, so it is a no-op when
 nothing changed and rebuilds only the changed shards when a file changed. Global rank 0
 prepares, under the cache's file lock (another job on the same cache waits); the other ranks
-wait for its verdict, so a failure reaches every rank instead of leaving them in a collective.
+wait for its verdict through the job's store, outside any collective (whose timeout a long
+preparation would pass), so a failure reaches every rank too.
 """
 
 from __future__ import annotations
@@ -19,9 +20,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch.distributed
-
-from mtp_megatron.config import ConfigError
 from mtp_megatron.config.data import (
     BPE_PREFIX,
     DataConfig,
@@ -31,8 +29,8 @@ from mtp_megatron.config.data import (
     resolve_source,
 )
 from mtp_megatron.data.cache import digest, file_lock
-from mtp_megatron.data.gpt_data import world
 from mtp_megatron.data.prepare_indexed import prepare
+from mtp_megatron.parallel.rank_zero import StoreWait, run_on_rank_zero
 
 NOT_STDLIB = ("site-packages", "dist-packages")
 """Third-party packages installed into the interpreter differ between machines."""
@@ -72,24 +70,24 @@ def source_prepare_config(cfg: DataConfig) -> PrepareConfig:
     return PrepareConfig(output=str(output), workers=cfg.prepare_workers, **settings)
 
 
+PREPARE_QUIET_S = 3600.0
+"""The longest the other ranks wait for rank 0's ``prepare`` without a progress line from it
+(it prints one per shard, at most every 10 s; training the project's BPE on a large corpus is one
+long step). A rank 0 that dies or stops is caught sooner by the stall watchdog."""
+
+
 def prepare_source(cfg: DataConfig, log: Callable[[str], None] = print) -> Path:
     """The prepared dataset directory of ``cfg.source`` (made or brought up to date on global
-    rank 0); collective over the default group when one exists."""
+    rank 0, the other ranks waiting outside any collective: ``parallel/rank_zero.py``)."""
     pcfg = source_prepare_config(cfg)
-    rank, size = world()
-    verdict: list = [None]
-    error: BaseException | None = None
-    if rank == 0:
-        try:
-            with file_lock(Path(cfg.cache_dir).resolve() / "datasets.lock", log):
-                prepare(pcfg, log)
-        except Exception as e:  # told to every rank below, so none waits in a collective
-            error = e
-            verdict[0] = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
-    if size > 1:
-        torch.distributed.broadcast_object_list(verdict, src=0)
-    if error is not None:
-        raise error
-    if verdict[0] is not None:
-        raise ConfigError(f"rank 0 could not prepare data.source={cfg.source!r}: {verdict[0]}")
+
+    def work(wait: StoreWait) -> None:
+        def report(line: str) -> None:
+            log(line)
+            wait.progress(line)
+
+        with file_lock(Path(cfg.cache_dir).resolve() / "datasets.lock", report):
+            prepare(pcfg, report)
+
+    run_on_rank_zero(work, f"prepare data.source={cfg.source!r}", PREPARE_QUIET_S)
     return Path(pcfg.output)

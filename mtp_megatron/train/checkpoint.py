@@ -8,6 +8,11 @@ script), writes ``run_state.json`` (step, world size, the recipe the run used) a
 ``complete.json`` (every file's size) into the folder, fsynced; only then does it move ``latest``
 (atomic rename) and prune checkpoints beyond ``keep_last``.
 
+The ranks meet through the job's store, not in collectives (``parallel/rank_zero.py``): the
+slowest writer (rank 0, with the model file) may take longer than a collective may wait, so the
+others wait with a bound sized for the checkpoint (DeepSpeed's own barriers inside its save
+included).
+
 So a folder without ``complete.json``, or whose files no longer have the recorded sizes, is not
 a checkpoint: a crash, preemption or full disk during a save leaves the previous one usable, and
 a resume (:func:`resume_candidates`) finds the newest complete folder even when ``latest`` is
@@ -29,6 +34,11 @@ from typing import Any
 
 import torch.distributed as dist
 
+from mtp_megatron.parallel import rank_zero
+
+SLOW_DISK_BYTES_PER_S = 20e6
+"""The write (or read) rate a checkpoint's waiting bound assumes: a parallel file system under
+load. Bounds are the collective timeout plus the bytes at this rate."""
 LATEST = "latest"
 COMPLETE = "complete.json"
 RUN_STATE = "run_state.json"
@@ -147,6 +157,27 @@ def _recorded_saves(engine) -> Iterator[list[Path]]:
         checkpoint_engine.save = save
 
 
+@contextlib.contextmanager
+def _store_barriers(what: str, bound_s: float) -> Iterator[None]:
+    """DeepSpeed's barriers over the whole world (inside its save) become store barriers bounded
+    by ``bound_s``: a rank that finished its files waits for the one still writing without the
+    process group's timeout."""
+    import deepspeed.comm
+
+    original = deepspeed.comm.barrier
+
+    def barrier(group=None, *args, **kwargs):
+        if group is not None:
+            return original(group, *args, **kwargs)
+        return rank_zero.barrier(what, bound_s)
+
+    deepspeed.comm.barrier = barrier
+    try:
+        yield
+    finally:
+        deepspeed.comm.barrier = original
+
+
 def _prune(ckpt_dir: Path, keep_last: int, current: str) -> None:
     """Keep the newest ``keep_last`` complete checkpoints up to ``current``; delete older step
     folders (complete or not). A newer folder (a save in progress elsewhere) is left alone."""
@@ -170,12 +201,14 @@ def save_checkpoint(
     client_state: dict[str, Any],
     keep_last: int,
     run_state: dict[str, Any],
+    bound_s: float = 600.0,
 ) -> str:
-    """Collective: every rank calls it. Returns the tag written; raises CheckpointError (on every
-    rank) when any rank's save failed, with ``latest`` left where it was."""
+    """Every rank calls it. Returns the tag written; raises CheckpointError (on every rank) when
+    any rank's save failed, with ``latest`` left where it was. ``bound_s``: how long a rank waits
+    for the others' files (sized for the checkpoint by the caller)."""
     tag = tag_for(step)
     folder = ckpt_dir / tag
-    rank = dist.get_rank()
+    rank, world = dist.get_rank(), dist.get_world_size()
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         # a leftover of this step (a save that failed, a run resumed from before it) is not
@@ -183,8 +216,9 @@ def save_checkpoint(
         shutil.rmtree(folder, ignore_errors=True)
     dist.barrier()
     error, written = "", []
+    what = f"write checkpoint {tag}"
     try:
-        with _recorded_saves(engine) as written:
+        with _recorded_saves(engine) as written, _store_barriers(what, bound_s):
             engine.save_checkpoint(
                 str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False
             )
@@ -192,14 +226,24 @@ def save_checkpoint(
             _fsync_file(path)
     except (OSError, RuntimeError) as e:  # torch reports ENOSPC as "unexpected pos ..."
         error = f"rank {rank}: {type(e).__name__}: {e}"
-    reports: list[Any] = [None] * dist.get_world_size()
-    # every shard on disk, or everyone learns who failed
-    dist.all_gather_object(reports, (error, [str(p) for p in written]))
-    failed = [e for e, _ in reports if e]
-    if failed:
-        if rank == 0:
+    # every shard on disk, or everyone learns who failed; rank 0 then marks the checkpoint
+    report = [error, [str(p) for p in written]]
+    wait = rank_zero.StoreWait(what) if world > 1 else None
+    if wait is not None:
+        wait.post(f"rank{rank}", report)
+    if rank == 0:
+        reports = wait.wait([f"rank{r}" for r in range(world)], bound_s) if wait else [report]
+        failed = [e for e, _ in reports if e]
+        if failed:
             shutil.rmtree(folder, ignore_errors=True)
-        dist.barrier()
+        else:
+            _mark_complete(ckpt_dir, folder, step, reports, run_state, keep_last)
+        if wait is not None:
+            wait.post("done", failed)
+    else:
+        assert wait is not None
+        (failed,) = wait.wait(["done"], bound_s)
+    if failed:
         free = shutil.disk_usage(ckpt_dir).free
         raise CheckpointError(
             f"saving checkpoint {folder} failed ({failed[0]}); {free / 2**20:,.0f} MiB are free "
@@ -207,22 +251,32 @@ def save_checkpoint(
             f"removed and {ckpt_dir / LATEST} still names the previous checkpoint: free space "
             "or move train.run_dir, then resume"
         )
-    if rank == 0:
-        claimed = {path for _, paths in reports for path in paths}
-        for path in sorted(folder.rglob("*")):  # what no rank saved (DeepSpeed's script copy)
-            if path.is_file() and str(path) not in claimed:
-                _fsync_file(path)
-        _write_synced(folder / RUN_STATE, json.dumps(run_state, indent=1))
-        files = {
-            str(p.relative_to(folder)): p.stat().st_size
-            for p in sorted(folder.rglob("*"))
-            if p.is_file()
-        }
-        _write_synced(folder / COMPLETE, json.dumps({"step": step, "files": files}, indent=1))
-        _write_synced(ckpt_dir / LATEST, tag)
-        _prune(ckpt_dir, keep_last, tag)
-    dist.barrier()
     return tag
+
+
+def _mark_complete(
+    ckpt_dir: Path,
+    folder: Path,
+    step: int,
+    reports: list[Any],
+    run_state: dict[str, Any],
+    keep_last: int,
+) -> None:
+    """Rank 0, every rank's files on disk: the folder becomes a checkpoint, ``latest`` names
+    it, older ones beyond ``keep_last`` go."""
+    claimed = {path for _, paths in reports for path in paths}
+    for path in sorted(folder.rglob("*")):  # what no rank saved (DeepSpeed's script copy)
+        if path.is_file() and str(path) not in claimed:
+            _fsync_file(path)
+    _write_synced(folder / RUN_STATE, json.dumps(run_state, indent=1))
+    files = {
+        str(p.relative_to(folder)): p.stat().st_size
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+    _write_synced(folder / COMPLETE, json.dumps({"step": step, "files": files}, indent=1))
+    _write_synced(ckpt_dir / LATEST, folder.name)
+    _prune(ckpt_dir, keep_last, folder.name)
 
 
 @dataclass

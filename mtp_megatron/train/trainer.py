@@ -30,9 +30,11 @@ from mtp_megatron.data.loader import Batches, eval_batches, prepare_training_dat
 from mtp_megatron.model import build_model
 from mtp_megatron.model.objective import WeightSchedule
 from mtp_megatron.parallel import initialize_parallel
+from mtp_megatron.parallel.rank_zero import run_on_rank_zero
 from mtp_megatron.recipe import Recipe
 from mtp_megatron.train.apply import apply_training
 from mtp_megatron.train.checkpoint import (
+    SLOW_DISK_BYTES_PER_S,
     CheckpointError,
     ResumePlan,
     checkpoint_bytes,
@@ -311,6 +313,8 @@ class _Trainer:
         else:
             size = estimate_checkpoint_bytes(engine.module, self.precision == "bf16")
         check_free_space(self.ckpt_dir, size, self.tcfg.keep_last)
+        # how long a rank waits for the others' checkpoint files (or rank 0's consolidation)
+        self.io_bound_s = self.tcfg.collective_timeout_s + size / SLOW_DISK_BYTES_PER_S
         self.start_step, tb_dir, self.latest = 0, None, ""
         if plan.candidates:
             world = self.layout.world_size
@@ -424,7 +428,13 @@ class _Trainer:
             "optimizer": type(self.engine.optimizer).__name__,
         }
         self.latest = save_checkpoint(
-            self.engine, self.ckpt_dir, step, client_state, self.tcfg.keep_last, run_state
+            self.engine,
+            self.ckpt_dir,
+            step,
+            client_state,
+            self.tcfg.keep_last,
+            run_state,
+            self.io_bound_s,
         )
         self.say(f"[checkpoint] {self.ckpt_dir / self.latest}")
 
@@ -432,9 +442,13 @@ class _Trainer:
         """A finished run: its TP=1 weights for inference and export, and its final metrics."""
         if result.last_step == self.tcfg.steps and not result.stopped_early and self.latest:
             self.watchdog.update(result.last_step, "consolidation")
-            if self.is_logger:  # decoding reads only these
-                consolidate(self.ckpt_dir / self.latest, out=self.run_dir, log=self.say)
-            dist.barrier()
+            checkpoint = self.ckpt_dir / self.latest
+
+            def work(wait) -> None:  # rank 0; the others wait outside any collective
+                consolidate(checkpoint, out=self.run_dir, log=self.say)
+
+            # it reads the checkpoint and writes the fp32 model: about twice its bytes
+            run_on_rank_zero(work, f"consolidate {checkpoint}", 2 * self.io_bound_s)
         if self.is_logger and result.eval:
             finite = {k: (v if math.isfinite(v) else None) for k, v in result.eval.items()}
             text = json.dumps(finite, indent=2, allow_nan=False)

@@ -1,6 +1,7 @@
 """Faults in multi-process training runs: divergence, broken checkpoints, refusals before step
 1, a stalled rank, SIGTERM to the launcher."""
 
+import contextlib
 import math
 import os
 import re
@@ -466,3 +467,53 @@ def test_each_rank_fsyncs_only_the_checkpoint_files_it_wrote(tmp_path, data_cach
     assert rank0.isdisjoint(rank1) and rank1  # rank 1 synced its own shard, nothing of rank 0's
     files = {str(p) for p in folder.rglob("*") if p.is_file()}
     assert rank0 | rank1 == files - {str(folder / RUN_STATE), str(folder / COMPLETE)}
+
+
+def _slow_rank_zero_run(rank: int, world: int, overrides: list[str], slow_s: float) -> dict:
+    """A run whose process group times out after 3 s, while rank 0 takes ``slow_s`` longer to
+    prepare the data, to write each checkpoint and to consolidate at the end."""
+    import time
+
+    from mtp_megatron.data import sources
+    from mtp_megatron.parallel import initialize_parallel
+    from mtp_megatron.testing.runs import train_run
+    from mtp_megatron.train import checkpoint, trainer
+
+    initialize_parallel(timeout_s=3)  # the trainer's call then keeps this world
+    if rank == 0:
+
+        def slowly(fn):
+            def wrapped(*args, **kwargs):
+                time.sleep(slow_s)
+                return fn(*args, **kwargs)
+
+            return wrapped
+
+        sources.prepare = slowly(sources.prepare)
+        trainer.consolidate = slowly(trainer.consolidate)
+        recorded = checkpoint._recorded_saves
+
+        @contextlib.contextmanager
+        def slow_saves(engine):
+            with recorded(engine) as written:
+                save = engine.checkpoint_engine.save
+                engine.checkpoint_engine.save = slowly(save)
+                try:
+                    yield written
+                finally:
+                    engine.checkpoint_engine.save = save
+
+        checkpoint._recorded_saves = slow_saves
+    return train_run(rank, world, overrides)
+
+
+@pytest.mark.distributed
+def test_no_rank_waits_on_rank_zero_in_a_collective(tmp_path):
+    """Preparing a corpus on first use, writing a checkpoint and consolidating take rank 0 longer
+    than a collective may wait (3 s here): the other ranks wait through the store and the run
+    finishes."""
+    extra = {"train.steps": 2, "train.checkpoint_every": 2, "train.eval_every": 0}
+    overrides = tiny_run_overrides(tmp_path / "run", tmp_path / "fresh_cache", **extra)
+    out = run_distributed(_slow_rank_zero_run, 2, overrides, 5.0)
+    assert out[0]["last_step"] == out[1]["last_step"] == 2
+    assert (tmp_path / "run" / "model.safetensors").is_file()  # consolidated
