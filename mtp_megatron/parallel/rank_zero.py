@@ -40,6 +40,8 @@ _store: dist.Store | None = None
 def _job_store() -> dist.Store:
     """A client of the job's c10d store (made once per process)."""
     global _store
+    if _store is None and dist.is_initialized() and dist.get_world_size() == 1:
+        _store = dist.HashStore()  # a world of one (no torchrun): nobody else waits
     if _store is None:
         if not {"MASTER_ADDR", "MASTER_PORT"} <= set(os.environ):
             raise RuntimeError("waiting on another rank needs MASTER_ADDR / MASTER_PORT (torchrun)")
