@@ -1,399 +1,218 @@
-"""The GPU check: one command that runs what only a GPU can show, under one shared deadline.
+"""The GPU check: one command that runs what only a GPU can show, each stage under a deadline.
 
-    python -m mtp_megatron gpu-check [--budget-s 480] [--out runs/gpu_check] [--stages ...]
-    make gpu-check
+    python -m mtp_megatron gpu-check [--budget-s 540] [--out DIR] [--work DIR] [--stages ...]
+    scripts/gpu_check.sh WHEELS OUT      # on a node without network: docs/gpus.md
 
-Stages (each under what is left of the budget; one failing does not stop the others):
+Stages (``gpu_stages.py``), in order; each runs in a process of its own:
 
 - ``tests``: the ``gpu``-marked tests (``tests/gpu/``): CUDA vs CPU loss and gradient parity in
-  fp32 and bf16, sequential backward and checkpointing vs plain on CUDA, decoding on CUDA.
-- ``train``: the demo recipe on one device, ZeRO-1 (bf16 on a GPU), stopped halfway and resumed.
+  fp32 and bf16, sequential backward and checkpointing vs plain on CUDA, decoding on CUDA, a
+  bf16 ZeRO training run.
+- ``train``: the demo recipe with a GPU's defaults (bf16), stopped halfway and resumed.
 - ``sdpa``: which SDPA kernels (flash, memory-efficient, cuDNN, math) accept a training
   forward + backward and a KV-cached decode step of our attention.
 - ``decode``: the decode tables (plain vs speculative) of the trained run in fp32 and bf16,
   with the host reads per token that decoding made.
-- ``throughput``: tokens/s and MFU of NTP, MTP K=3, sequential and sequential + checkpointing
-  at a ~1.2B shape (h 2048, 16 layers, vocabulary 32k, seq 2048; ``--quick``: a tiny one).
+- ``throughput``: tokens/s and MFU of the trainer's own step (its DeepSpeed optimizer) for NTP,
+  MTP K=3, sequential and sequential + checkpointing at h 2048, 16 layers, vocab 32k, seq 2048
+  (0.94B parameters, 1.00B with the heads; ``--quick``: a tiny shape). FLOPs per token are
+  counted from the model (``flops.py``); the peak comes from the device's name.
 - ``memory``: ``bench-memory`` on this device.
 - ``transformers``: bench-decode's peer table: ours against transformers' ``generate`` (plain,
   ``use_mtp`` with our heads, prompt lookup) on the same weights, batch 1 and 4.
 
-It prints one summary and writes every figure to ``<out>/summary.json``. ``--device cpu``
-(with ``--quick``) runs the stages that can run on a CPU, to check the commands themselves.
+**Deadlines.** Each stage gets a slice of what is left of the budget, in proportion to its
+weight among the stages still to run (time a stage leaves unused goes to the later ones). A
+stage past its slice is stopped (its whole process group) and reported as 'timeout'; the next
+one runs. One summary is printed and written to ``<out>`` with the figures: ``summary.json``,
+``summary.txt``, ``check.log`` (the tail of every stage's output) and ``train_loss.png``; the
+trained run and the full logs stay in ``--work`` (a temporary folder by default).
+``--device cpu --quick`` runs it all on the CPU with tiny shapes, to check the commands.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
-import traceback
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-STAGES = ("tests", "train", "sdpa", "decode", "throughput", "memory", "transformers")
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
-"""Dense bf16 peak by GPU name, for MFU (override with --peak-tflops)."""
+from mtp_megatron.bench.flops import peak_tflops
+from mtp_megatron.bench.gpu_stages import STAGES
 
-
-@dataclass
-class Context:
-    device: torch.device
-    quick: bool
-    out: Path
-    deadline: float
-    peak_tflops: float | None
-
-    def left(self) -> float:
-        return self.deadline - time.monotonic()
-
-    @property
-    def bf16(self) -> bool:
-        return self.device.type == "cuda"
-
-
-def _env(ctx: Context) -> dict[str, str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["MTP_DEVICE"] = ctx.device.type
-    return env
-
-
-def stage_tests(ctx: Context) -> dict:
-    if ctx.device.type != "cuda":
-        return {"status": "skipped", "why": "the gpu-marked tests need CUDA"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", str(REPO / "tests" / "gpu")]
-    proc = subprocess.run(
-        cmd, cwd=REPO, env=_env(ctx), capture_output=True, text=True, timeout=ctx.left()
-    )
-    tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
-    return {"status": "ok" if proc.returncode == 0 else "failed", "output": tail}
-
-
-def _tiny() -> list[str]:
-    return [
-        "data.tokenizer=bpe:512",
-        "model.hidden_size=64",
-        "model.num_layers=2",
-        "model.num_attention_heads=4",
-        "model.max_seq_len=64",
-        "train.micro_batch_size=4",
-        "data.max_files=60",
-    ]
-
-
-def stage_train(ctx: Context) -> dict:
-    from mtp_megatron.recipe import DEMO_RECIPE, load_recipe
-    from mtp_megatron.train.trainer import train
-
-    steps = 20 if ctx.quick else 100
-    overrides = [
-        f"train.steps={steps}",
-        "train.zero_stage=1",
-        f"train.precision={'bf16' if ctx.bf16 else 'fp32'}",
-        "train.eval_every=0",
-        "train.eval_batches=2",
-        f"train.run_dir={ctx.out / 'train'}",
-        "train.log_every=10",
-    ]
-    if ctx.quick:
-        overrides += _tiny()
-    recipe = load_recipe(DEMO_RECIPE, overrides)
-    t0 = time.perf_counter()
-    first = train(recipe, resume="never", stop_after_steps=steps // 2)
-    second = train(recipe, resume="require")
-    wall = time.perf_counter() - t0
-    tokens = recipe.train.micro_batch_size * recipe.seq_len * steps
-    return {
-        "status": "ok"
-        if second.last_step == steps and sorted(second.losses)[0] == steps // 2
-        else "failed",
-        "precision": "bf16" if ctx.bf16 else "fp32",
-        "steps": steps,
-        "first_loss": first.losses[0],
-        "final_loss": second.losses[steps - 1],
-        "val_loss_main": second.eval.get("val/loss_main"),
-        "tokens_per_s_incl_setup": tokens / wall,
-        "run_dir": str(ctx.out / "train"),
-    }
-
-
-def stage_sdpa(ctx: Context) -> dict:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from mtp_megatron import build_model
-    from mtp_megatron.config import ModelConfig, MTPConfig
-    from mtp_megatron.decoding import generate_plain
-    from mtp_megatron.parallel import ensure_parallel_initialized
-
-    ensure_parallel_initialized()
-    cfg = ModelConfig(
-        vocab_size=512,
-        hidden_size=128,
-        num_layers=2,
-        num_attention_heads=2,
-        max_seq_len=128,
-        mtp=MTPConfig(num_predict_tokens=2, speculation_lookahead=2),
-    )  # head_dim 64: what the fused kernels support
-    dtype = torch.bfloat16 if ctx.bf16 else torch.float32
-    torch.manual_seed(0)
-    model = build_model(cfg).to(ctx.device, dtype)
-    ids = torch.randint(0, 512, (2, 128), device=ctx.device)
-    results = {}
-    for backend in (
-        SDPBackend.FLASH_ATTENTION,
-        SDPBackend.EFFICIENT_ATTENTION,
-        SDPBackend.CUDNN_ATTENTION,
-        SDPBackend.MATH,
-    ):
-        row = {}
-        for what, fn in (
-            ("train", lambda: model.train()(ids).loss.backward()),
-            ("decode", lambda: generate_plain(model.eval(), ids[:1, :16], 4)),
-        ):
-            try:
-                with sdpa_kernel(backend):
-                    fn()
-                row[what] = "ok"
-            except Exception as e:  # noqa: BLE001  (a kernel refusing is the finding)
-                row[what] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-        results[backend.name.lower()] = row
-    return {"status": "ok", "dtype": str(dtype), "kernels": results}
-
-
-def stage_decode(ctx: Context) -> dict:
-    from mtp_megatron.bench.decode import run_decode_benchmark, table
-    from mtp_megatron.bench.decode_inputs import benchmark_inputs
-    from mtp_megatron.decoding.host import HostReads
-    from mtp_megatron.decoding.load import load_run
-
-    run_dir = ctx.out / "train"
-    if not (run_dir / "checkpoints").is_dir():
-        return {"status": "skipped", "why": "no trained run (the train stage did not finish)"}
-    result: dict = {"status": "ok", "tables": {}}
-    for dtype in ("fp32", "bf16") if ctx.bf16 else ("fp32",):
-        run = load_run(run_dir, device=ctx.device, dtype=dtype)
-        prompts, _, vocab = benchmark_inputs(run, 4 if ctx.quick else 8, 16 if ctx.quick else 32)
-        new = 16 if ctx.quick else 64
-        before = HostReads.count
-        k = run.model.objective.num_steps
-        rows = run_decode_benchmark(run, prompts, new, list(range(1, k + 1)), vocab)
-        reads = HostReads.count - before
-        print(f"decoding, {dtype}:\n{table(rows)}")
-        result["tables"][dtype] = {
-            "rows": [r.__dict__ for r in rows],
-            "host_reads_per_token": reads / max(1, sum(r.new_tokens for r in rows)),
-        }
-        if dtype == "fp32" and not all(r.identical for r in rows):  # exact only in fp32
-            result["status"] = "failed"
-    return result
-
-
-def _flops_per_token(cfg, seq_len: int, params: int) -> float:
-    """6 N per token for the weights, plus attention scores and values (causal: half)."""
-    attention = 6 * cfg.num_layers * cfg.hidden_size * seq_len
-    return 6 * params + attention
-
-
-def stage_throughput(ctx: Context) -> dict:
-    from mtp_megatron import build_model
-    from mtp_megatron.config import ModelConfig, MTPConfig, MTPTrainingConfig
-    from mtp_megatron.parallel import ensure_parallel_initialized
-    from mtp_megatron.train.apply import apply_mtp_training
-
-    ensure_parallel_initialized()
-    shape: dict[str, Any]
-    if ctx.quick:
-        shape = dict(vocab_size=512, hidden_size=64, num_layers=2, num_attention_heads=4)
-        seq, batch = 64, 2
-    else:
-        shape = dict(vocab_size=32768, hidden_size=2048, num_layers=16, num_attention_heads=16)
-        seq, batch = 2048, 4
-    cases = {
-        "NTP": (None, MTPTrainingConfig()),
-        "MTP K=3": (MTPConfig(num_predict_tokens=3), MTPTrainingConfig()),
-        "MTP K=3 sequential": (
-            MTPConfig(num_predict_tokens=3),
-            MTPTrainingConfig(sequential_forward=True),
-        ),
-        "MTP K=3 sequential + checkpointing": (
-            MTPConfig(num_predict_tokens=3),
-            MTPTrainingConfig(sequential_forward=True, gradient_checkpointing=True),
-        ),
-    }
-    dtype = torch.bfloat16 if ctx.bf16 else torch.float32
-    rows = {}
-    for name, (mtp, training) in cases.items():
-        if ctx.left() < 30:
-            rows[name] = {"status": "skipped", "why": "out of time"}
-            continue
-        cfg = ModelConfig(**shape, max_seq_len=seq, mtp=mtp)
-        torch.manual_seed(0)
-        model = build_model(cfg)
-        apply_mtp_training(model, training)
-        model = model.to(ctx.device, dtype)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        ids = torch.randint(0, cfg.known_vocab_size, (batch, seq), device=ctx.device)
-        if ctx.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        times = []
-        for i in range(2 + (2 if ctx.quick else 5)):
-            _sync(ctx.device)
-            t0 = time.perf_counter()
-            model(ids, return_logits=False).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            _sync(ctx.device)
-            if i >= 2:
-                times.append(time.perf_counter() - t0)
-        step = sorted(times)[len(times) // 2]
-        params = sum(p.numel() for p in model.parameters())
-        tps = batch * seq / step
-        row = {"params": params, "step_s": step, "tokens_per_s": tps}
-        if ctx.peak_tflops:
-            row["mfu"] = tps * _flops_per_token(cfg, seq, params) / (ctx.peak_tflops * 1e12)
-        if ctx.device.type == "cuda":
-            row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        rows[name] = row
-        del model, opt
-    return {
-        "status": "ok",
-        "dtype": str(dtype),
-        "shape": {**shape, "seq": seq, "batch": batch},
-        "cases": rows,
-    }
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def stage_memory(ctx: Context) -> dict:
-    dtype = "bf16" if ctx.bf16 else "fp32"
-    cmd = [sys.executable, "-m", "mtp_megatron", "bench-memory", "--device", ctx.device.type]
-    cmd += ["--dtype", dtype]
-    if ctx.quick:
-        cmd += ["--vocab", "512", "--hidden", "64", "--layers", "2", "--seq-len", "64"]
-    proc = subprocess.run(
-        cmd, cwd=REPO, env=_env(ctx), capture_output=True, text=True, timeout=ctx.left()
-    )
-    lines = (proc.stdout + proc.stderr).strip().splitlines()
-    return {
-        "status": "ok" if proc.returncode == 0 else "failed",
-        "output": lines[-12:],
-        "dtype": dtype,
-    }
-
-
-def stage_transformers(ctx: Context) -> dict:
-    """bench-decode's peer table on this device: ours and transformers' generate (plain,
-    use_mtp, prompt lookup) on the same weights, batch 1 and 4, with lookahead="auto"."""
-    from mtp_megatron.bench.decode import peer_speedups, run_decode_benchmark, table
-    from mtp_megatron.bench.decode_inputs import benchmark_inputs
-    from mtp_megatron.bench.decode_peers import TransformersPeer
-    from mtp_megatron.decoding.load import load_run
-
-    run_dir = ctx.out / "train"
-    if not (run_dir / "checkpoints").is_dir():
-        return {"status": "skipped", "why": "no trained run (the train stage did not finish)"}
-    run = load_run(run_dir, device=ctx.device)
-    peer = TransformersPeer(run.folder, device=ctx.device)
-    prompts, calibration, _ = benchmark_inputs(run, 4 if ctx.quick else 8, 16 if ctx.quick else 32)
-    k = run.model.objective.num_steps
-    rows = run_decode_benchmark(
-        run,
-        prompts,
-        16 if ctx.quick else 64,
-        list(range(1, k + 1)),
-        None,
-        (1, 4),
-        peer,
-        calibration,
-    )
-    print(f"decoding against transformers ({peer.family}):\n{table(rows)}")
-    return {
-        "status": "ok" if all(r.identical for r in rows) else "failed",
-        "rows": [r.__dict__ for r in rows],
-        "speedup_vs_transformers": {b: s for b, (s, _) in peer_speedups(rows).items()},
-    }
-
-
-RUNNERS: dict[str, Callable[[Context], dict]] = {
-    "tests": stage_tests,
-    "train": stage_train,
-    "sdpa": stage_sdpa,
-    "decode": stage_decode,
-    "throughput": stage_throughput,
-    "memory": stage_memory,
-    "transformers": stage_transformers,
+STAGE_WEIGHTS = {
+    "tests": 100,
+    "train": 110,
+    "sdpa": 20,
+    "decode": 60,
+    "throughput": 120,
+    "memory": 60,
+    "transformers": 60,
 }
+"""Expected seconds of each stage on one H100 (relative: the budget is shared out by them)."""
+LOG_TAIL_LINES = 80
+"""Lines of each stage's output kept in ``check.log`` and the summary."""
+STOP_GRACE_S = 10.0
+"""After SIGTERM, seconds a stopped stage has before SIGKILL."""
+
+
+def _slice_s(left_s: float, stage: str, remaining: list[str]) -> float:
+    """This stage's share of what is left, by weight among the stages still to run."""
+    return left_s * STAGE_WEIGHTS[stage] / sum(STAGE_WEIGHTS[s] for s in remaining)
+
+
+def run_stage(
+    stage: str, argv: list[str], deadline_s: float, log: Path
+) -> tuple[dict[str, Any], list[str]]:
+    """Run one stage's process until it ends or ``deadline_s`` passes; (result, output tail).
+    Its output streams to this process's stdout and to ``log``."""
+    result_file = log.with_suffix(".json")
+    result_file.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "mtp_megatron.bench.gpu_stages", stage, *argv]
+    cmd += ["--result", str(result_file)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
+    with open(log, "w") as log_file:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            start_new_session=True,  # its own process group: stopping it stops its children
+        )
+
+        def pump() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                sys.stdout.write(f"  | {line}")
+                sys.stdout.flush()
+                log_file.write(line)
+                tail.append(line.rstrip("\n"))
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        try:
+            proc.wait(timeout=max(1.0, deadline_s))
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _stop(proc)
+        reader.join(timeout=5)
+    if timed_out:
+        return {"status": "timeout", "why": f"stopped after its {deadline_s:.0f} s slice"}, [*tail]
+    if proc.returncode != 0 or not result_file.is_file():
+        last = tail[-1] if tail else ""
+        return {"status": "failed", "why": f"exit code {proc.returncode}: {last[:200]}"}, [*tail]
+    return json.loads(result_file.read_text()), [*tail]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    for sig, wait_s in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def summary_text(summary: dict[str, Any]) -> str:
+    """The printed summary: one line per stage, then each stage's figures."""
+    lines = [
+        f"gpu-check on {summary['device']}, torch {summary['torch']}, "
+        f"{summary['budget_s']:.0f} s budget, {summary['seconds']:.0f} s used",
+        "",
+        f"  {'stage':13s} {'status':8s} {'seconds':>7s} / slice",
+    ]
+    for name, r in summary["stages"].items():
+        note = r.get("why", "")
+        lines.append(
+            f"  {name:13s} {r['status']:8s} {r['seconds']:7.1f} / {r['slice_s']:.0f}  {note}"
+        )
+    for name, r in summary["stages"].items():
+        if r.get("lines"):
+            lines += ["", f"[{name}]", *r["lines"]]
+    return "\n".join(lines)
 
 
 def main_gpu_check(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="mtp_megatron gpu-check", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--budget-s", type=float, default=480.0, help="shared deadline")
-    parser.add_argument("--out", type=Path, default=REPO / "runs" / "gpu_check")
-    parser.add_argument("--stages", default=",".join(STAGES), help=f"subset of {STAGES}")
+    parser.add_argument("--budget-s", type=float, default=540.0, help="all stages together")
+    parser.add_argument("--out", type=Path, default=Path("runs") / "gpu_check")
+    parser.add_argument("--work", type=Path, default=None, help="scratch (default: a temp dir)")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"subset of {list(STAGES)}")
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None)
     parser.add_argument("--quick", action="store_true", help="tiny shapes (a CPU dry run)")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="for MFU")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16, for MFU")
     args = parser.parse_args(argv)
     stages = [s for s in args.stages.split(",") if s]
-    unknown = [s for s in stages if s not in RUNNERS]
+    unknown = [s for s in stages if s not in STAGES]
     if unknown:
-        print(f"error: unknown stages {unknown}; choose from {STAGES}", file=sys.stderr)
+        print(f"error: unknown stages {unknown}; choose from {list(STAGES)}", file=sys.stderr)
         return 2
-    device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device_type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print(
+            f"error: --device cuda, but torch {torch.__version__} sees no CUDA device",
+            file=sys.stderr,
+        )
         return 2
-    os.environ["MTP_DEVICE"] = device_type
-    device = torch.device("cuda", 0) if device_type == "cuda" else torch.device("cpu")
-    peak = args.peak_tflops
-    if peak is None and device_type == "cuda":
-        name = torch.cuda.get_device_name(0)
-        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-    args.out.mkdir(parents=True, exist_ok=True)
-    ctx = Context(device, args.quick, args.out, time.monotonic() + args.budget_s, peak)
+    name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
+    peak = args.peak_tflops or (peak_tflops(name) if device == "cuda" else None)
+    if device == "cuda" and peak is None:
+        print(f"note: no peak TFLOP/s known for {name!r}: pass --peak-tflops for MFU")
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    work = (args.work or Path(tempfile.mkdtemp(prefix="mtp_gpu_check_"))).resolve()
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    common = ["--work", str(work), "--out", str(out), "--device", device]
+    common += ["--quick"] if args.quick else []
+    common += ["--peak-tflops", str(peak)] if peak else []
+    start = time.monotonic()
     summary: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(0) if device_type == "cuda" else "cpu",
+        "device": name,
         "torch": torch.__version__,
+        "peak_tflops": peak,
+        "budget_s": args.budget_s,
+        "work": str(work),
         "stages": {},
     }
-    for name in stages:
-        if ctx.left() <= 0:
-            summary["stages"][name] = {
-                "status": "skipped",
-                "why": "the budget ran out",
-                "seconds": 0,
-            }
-            continue
+    check_log = []
+    for i, stage in enumerate(stages):
+        left = args.budget_s - (time.monotonic() - start)
+        slice_s = _slice_s(left, stage, stages[i:])
         t0 = time.monotonic()
-        print(f"[gpu-check] {name} ({ctx.left():.0f} s left)", flush=True)
-        try:
-            result = RUNNERS[name](ctx)
-        except Exception as e:  # noqa: BLE001  (record it, go on with the next stage)
-            result = {
-                "status": "failed",
-                "error": f"{type(e).__name__}: {e}",
-                "traceback": traceback.format_exc().splitlines()[-8:],
-            }
-        result["seconds"] = round(time.monotonic() - t0, 1)
-        summary["stages"][name] = result
-        (args.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    print("\n[gpu-check] summary")
-    for name, result in summary["stages"].items():
-        extra = result.get("why") or result.get("error") or ""
-        print(f"  {name:13s} {result['status']:8s} {result['seconds']:7.1f} s  {extra}")
-    print(f"figures: {args.out / 'summary.json'}")
-    return 0 if all(r["status"] != "failed" for r in summary["stages"].values()) else 1
+        result: dict[str, Any]
+        tail: list[str]
+        if slice_s < 5:
+            result, tail = {"status": "skipped", "why": "the budget ran out"}, []
+        else:
+            print(f"[gpu-check] {stage}: {slice_s:.0f} s of {left:.0f} s left", flush=True)
+            result, tail = run_stage(stage, common, slice_s, work / "logs" / f"{stage}.log")
+        result.update(seconds=round(time.monotonic() - t0, 1), slice_s=round(slice_s))
+        summary["stages"][stage] = result
+        summary["seconds"] = time.monotonic() - start
+        check_log += [f"===== {stage}: {result['status']} =====", *tail]
+        (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    text = summary_text(summary)
+    (out / "summary.txt").write_text(text + "\n")
+    (out / "check.log").write_text("\n".join(check_log) + "\n")
+    print(f"\n[gpu-check] summary\n{text}\nfigures: {out}  (run and full logs: {work})")
+    failed = [s for s, r in summary["stages"].items() if r["status"] in ("failed", "timeout")]
+    return 1 if failed else 0

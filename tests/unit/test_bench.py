@@ -54,19 +54,20 @@ def test_cli_subset_and_errors(single_process, capsys):
     assert "vocab 1000" in capsys.readouterr().out
 
 
-@pytest.mark.slow  # trains and decodes in subprocesses: about 80 s here
+@pytest.mark.slow  # trains and decodes in subprocesses: about 60 s here
 def test_gpu_check_runs_its_stages_on_the_cpu(tmp_path):
     """The GPU check's commands, dry-run on the CPU with tiny shapes (a GPU runs them for real)."""
     import json
     import subprocess
     import sys
 
+    out, work = tmp_path / "out", tmp_path / "work"
     stages = "tests,train,sdpa,decode,throughput,transformers"
     cmd = [sys.executable, "-m", "mtp_megatron", "gpu-check", "--device", "cpu", "--quick"]
-    cmd += ["--stages", stages, "--out", str(tmp_path), "--budget-s", "300"]
+    cmd += ["--stages", stages, "--out", str(out), "--work", str(work), "--budget-s", "300"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     status = {name: s["status"] for name, s in summary["stages"].items()}
     assert status == {
         "tests": "skipped",  # needs CUDA
@@ -79,13 +80,65 @@ def test_gpu_check_runs_its_stages_on_the_cpu(tmp_path):
     assert set(summary["stages"]["transformers"]["speedup_vs_transformers"]) == {"1", "4"}
     assert summary["stages"]["sdpa"]["kernels"]["math"] == {"train": "ok", "decode": "ok"}
     assert summary["stages"]["decode"]["tables"]["fp32"]["host_reads_per_token"] <= 2
-    assert set(summary["stages"]["throughput"]["cases"]) == {
+    cases = summary["stages"]["throughput"]["cases"]
+    assert set(cases) == {
         "NTP",
         "MTP K=3",
         "MTP K=3 sequential",
         "MTP K=3 sequential + checkpointing",
     }
+    # the trainer's own optimizer is timed, and the heads' FLOPs are counted
+    assert cases["NTP"]["optimizer"] == "DeepSpeedZeroOptimizer"
+    assert cases["MTP K=3"]["gflops_per_token"] > 1.2 * cases["NTP"]["gflops_per_token"]
+    assert summary["stages"]["train"]["precision"] == "fp32"
+    # the reported folder holds the summary and figures only; the run stays in the work folder
+    assert sorted(p.name for p in out.iterdir()) == [
+        "check.log",
+        "summary.json",
+        "summary.txt",
+        "train_loss.png",
+    ]
+    assert (work / "train" / "model.safetensors").is_file()
     assert "[gpu-check] summary" in proc.stdout
+    assert (out / "summary.txt").read_text() in proc.stdout
+
+
+@pytest.mark.slow  # starts two stage processes: about 20 s here
+def test_a_gpu_check_stage_past_its_slice_is_stopped_and_the_next_runs(tmp_path, monkeypatch):
+    """A stage gets its share of the budget; past it, its process group is stopped, it is
+    reported as 'timeout', and the next stage still runs in what is left."""
+    import json
+    import subprocess
+
+    from mtp_megatron.bench import gpu_check
+
+    # memory (five measuring processes: about 30 s here) gets 6 s of the 60; sdpa the rest
+    weights = {**gpu_check.STAGE_WEIGHTS, "memory": 2, "sdpa": 18}
+    monkeypatch.setattr(gpu_check, "STAGE_WEIGHTS", weights)
+    monkeypatch.setattr(gpu_check, "STOP_GRACE_S", 2.0)
+    out = tmp_path / "out"
+    argv = ["--device", "cpu", "--quick", "--stages", "memory,sdpa", "--budget-s", "60"]
+    code = gpu_check.main_gpu_check([*argv, "--out", str(out), "--work", str(tmp_path / "w")])
+    summary = json.loads((out / "summary.json").read_text())
+    memory, sdpa = summary["stages"]["memory"], summary["stages"]["sdpa"]
+    assert code == 1  # a stage that timed out fails the check
+    assert memory["status"] == "timeout" and memory["slice_s"] == 6, memory
+    assert memory["seconds"] < 6 + 5, memory  # stopped, not waited for
+    # its whole process group went with it: no measuring child is left
+    left = subprocess.run(["pgrep", "-f", "mtp_megatron.bench.memory"], capture_output=True)
+    assert left.returncode == 1, left.stdout
+    assert sdpa["status"] == "ok" and sdpa["slice_s"] > 40, sdpa
+    assert "timeout" in (out / "summary.txt").read_text()
+
+
+def test_gpu_check_shares_the_budget_by_weight():
+    from mtp_megatron.bench.gpu_check import STAGE_WEIGHTS, _slice_s
+
+    stages = list(STAGE_WEIGHTS)
+    total = sum(STAGE_WEIGHTS.values())
+    assert _slice_s(540, "train", stages) == pytest.approx(540 * STAGE_WEIGHTS["train"] / total)
+    # what an earlier stage left unused goes to the ones still to run
+    assert _slice_s(300, stages[-1], stages[-1:]) == 300
 
 
 @pytest.mark.slow
