@@ -6,7 +6,9 @@ STAMP  := $(VENV)/.installed
 # one ninja (the venv's) for every process, so DeepSpeed's CPU extension is built once, not per PATH
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo test test-fast lint install clean gpu-check
+GPU_WHEELS ?= gpu-wheels
+
+.PHONY: demo test test-fast lint install clean gpu-check gpu-wheels
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,9 +36,15 @@ test-fast: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -ra tests/unit -m "not slow"
 
-# on a GPU machine: one command, about 8 minutes on one H100 / H200 (figures: runs/gpu_check/)
-gpu-check: $(STAMP)
-	$(BIN)/python -m mtp_megatron gpu-check
+# where the package registry is reachable: the wheels (about 21 MiB) a GPU node without
+# network needs beside its own torch; copy gpu-wheels/ to the node with the checkout
+gpu-wheels: $(STAMP)
+	scripts/gpu_wheels.sh $(GPU_WHEELS) $(BIN)/python
+
+# on a GPU node, no network and no venv needed (the node's python3 and torch): at most 9
+# minutes in all, a deadline per stage; summary and figures in runs/gpu_check/ (docs/gpus.md)
+gpu-check:
+	scripts/gpu_check.sh $(GPU_WHEELS) runs/gpu_check
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check mtp_megatron tests
