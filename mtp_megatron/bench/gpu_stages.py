@@ -20,12 +20,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
 import torch
-
-if TYPE_CHECKING:
-    from mtp_megatron.data.loader import Batches
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -212,22 +209,11 @@ def _throughput_shape(quick: bool) -> tuple[dict[str, Any], int, int]:
     return shape, 2048, 4
 
 
-class _RandomBatches:
-    """The trainer's batch source, with random tokens (no corpus needed)."""
-
-    def __init__(self, vocab: int, batch_size: int, seq: int):
-        self.vocab, self.batch_size, self.seq = vocab, batch_size, seq
-
-    def batch(self, step: int, micro_step: int, grad_accum: int):
-        g = torch.Generator().manual_seed(step * grad_accum + micro_step)
-        ids = torch.randint(0, self.vocab, (self.batch_size, self.seq + 1), generator=g)
-        return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
-
-
 def stage_throughput(ctx: Context) -> dict:
     """Tokens/s and MFU of the trainer's own step (DeepSpeed engine, optimizer, ZeRO stage and
     precision of a GPU run) for NTP and MTP K=3 with each memory-saving schedule."""
     from mtp_megatron import build_model
+    from mtp_megatron.bench.batches import random_batches
     from mtp_megatron.bench.flops import model_flops
     from mtp_megatron.config import ModelConfig, MTPConfig, MTPTrainingConfig, TrainConfig
     from mtp_megatron.config.train import Precision
@@ -256,8 +242,7 @@ def stage_throughput(ctx: Context) -> dict:
         tcfg = TrainConfig(steps=100, micro_batch_size=batch, precision=precision, mtp=training)
         torch.manual_seed(0)
         setup = apply_training(build_model(cfg), tcfg, ParallelConfig(), ctx.device)
-        # the runner reads only .batch(step, micro, grad_accum) of the trainer's Batches
-        batches = cast("Batches", _RandomBatches(cfg.known_vocab_size, batch, seq))
+        batches = random_batches(cfg.known_vocab_size, batch, seq)
         if ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         times = []
