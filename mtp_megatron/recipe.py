@@ -129,7 +129,7 @@ class Recipe:
                 f"({self.model.max_seq_len}); raise max_seq_len or shorten seq_len"
             )
         pp = self.parallel.pipeline_parallel_size
-        if self.train.zero_stage > 1 and pp > 1:
+        if self.train.zero_stage in (2, 3) and pp > 1:
             raise ConfigError(
                 f"train.zero_stage={self.train.zero_stage} is invalid with "
                 f"parallel.pipeline_parallel_size={pp}: with pipeline parallelism DeepSpeed runs "

@@ -113,13 +113,13 @@ def stage_train(ctx: Context) -> dict:
         "status": "ok" if resumed and finite else "failed",
         "precision": state["precision"],
         "optimizer": state["optimizer"],
-        "zero_stage": recipe.train.zero_stage,
+        "zero_stage": state["zero_stage"],
         "steps": steps,
         "first_loss": first.losses[0],
         "final_loss": second.losses[steps - 1],
         "tokens_per_s_incl_setup": tokens / wall,
         "lines": [
-            f"{state['precision']} ZeRO-{recipe.train.zero_stage} ({state['optimizer']}), "
+            f"{state['precision']} ZeRO-{state['zero_stage']} ({state['optimizer']}), "
             f"{steps} steps, stopped at {steps // 2} and resumed: loss {first.losses[0]:.3f} -> "
             f"{second.losses[steps - 1]:.3f}; {tokens / wall:,.0f} tokens/s with set-up"
         ],
@@ -276,7 +276,8 @@ def stage_throughput(ctx: Context) -> dict:
         if ctx.device.type == "cuda":
             torch.cuda.empty_cache()
     dims = f"h {shape['hidden_size']}, {shape['num_layers']} layers, vocab {shape['vocab_size']}"
-    header = f"{precision} ZeRO-{TrainConfig().zero_stage}, {dims}, batch {batch} x seq {seq}"
+    stage = TrainConfig().resolved_zero_stage(ctx.device.type == "cuda")
+    header = f"{precision} ZeRO-{stage}, {dims}, batch {batch} x seq {seq}"
     return {
         "status": "ok",
         "precision": precision,

@@ -21,7 +21,7 @@ scale is applied here, in this order, each step needing what the one before left
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -88,6 +88,8 @@ def apply_training(
     from mtp_megatron.train.pipeline_engine import PipelineSteps, build_pipeline_engine
     from mtp_megatron.train.steps import SingleStageSteps
 
+    pp = parallel.pipeline_parallel_size
+    train = replace(train, zero_stage=train.resolved_zero_stage(device.type == "cuda", pp))
     # 2. the objective, checkpointing, a frozen trunk; a curriculum spans the run by default
     apply_mtp_training(model, train.mtp, total_steps=train.steps, tokens_per_step=tokens_per_step)
     if parallel.pipeline_parallel_size > 1:  # 3. + 4.

@@ -45,7 +45,12 @@ def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
     return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
 
-def deepspeed_config(cfg: TrainConfig, data_parallel_size: int, device: torch.device) -> dict:
+def deepspeed_config(
+    cfg: TrainConfig,
+    data_parallel_size: int,
+    device: torch.device,
+    pipeline_parallel_size: int = 1,
+) -> dict:
     """The DeepSpeed JSON config of a run.
 
     Under bf16, micro-batch gradients accumulate in fp32 and the data-parallel reduction runs in
@@ -53,7 +58,8 @@ def deepspeed_config(cfg: TrainConfig, data_parallel_size: int, device: torch.de
     DeepSpeed's BF16_Optimizer, ZeRO-2/3 keep fp32 gradient partitions. DeepSpeed has no fp32
     accumulation without ZeRO, so bf16 needs ZeRO >= 1."""
     bf16 = use_bf16(cfg, device)
-    if bf16 and cfg.zero_stage == 0:
+    stage = cfg.resolved_zero_stage(device.type == "cuda", pipeline_parallel_size)
+    if bf16 and stage == 0:
         raise ConfigError(
             "train.zero_stage=0 is invalid in bf16 (train.precision="
             f"{cfg.precision!r} on {device.type}): without ZeRO, DeepSpeed accumulates and "
@@ -75,13 +81,15 @@ def deepspeed_config(cfg: TrainConfig, data_parallel_size: int, device: torch.de
                 "torch_adam": True,  # the fused CUDA / CPU-extension Adams need a compiler
             },
         },
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": {"stage": stage},
         "bf16": {"enabled": bf16},
         "steps_per_print": 10**9,  # we print our own progress line
         "wall_clock_breakdown": False,
     }
-    if device.type == "cuda" and data_parallel_size > 1 and cfg.zero_stage in (1, 2):
-        # reduce gradient buckets on a side stream while backward runs (ZeRO-3 does by default)
+    if device.type == "cuda" and data_parallel_size > 1 and stage == 2:
+        # reduce-scatter gradient buckets on a side stream while backward runs (ZeRO-3 does by
+        # default). Not ZeRO-1: in bf16 its BF16_Optimizer all-reduces the full fp32 gradients
+        # after backward whatever this says, and in fp32 the flag would double its buckets
         config["zero_optimization"]["overlap_comm"] = True
     if bf16:
         config["data_types"] = {"grad_accum_dtype": "fp32"}

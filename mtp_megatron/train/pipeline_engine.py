@@ -41,7 +41,8 @@ def build_pipeline_engine(
     # PipelineModule talks through deepspeed.comm: adopt our torch.distributed world first
     deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
     module = MTPPipelineModule(model, pipeline_topology(), partition)
-    config = deepspeed_config(cfg, parallel_state.get_data_parallel_world_size(), device)
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    config = deepspeed_config(cfg, parallel_state.get_data_parallel_world_size(), device, pp)
     # TP ranks hold the same z: send it whole instead of DeepSpeed's scatter / all-gather split
     config["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
     engine, _, _, _ = deepspeed.initialize(

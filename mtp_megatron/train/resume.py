@@ -61,17 +61,22 @@ def _with_curriculum_span(recipe: dict[str, Any]) -> dict[str, Any]:
     return {**recipe, "train": {**train, "mtp": span}}
 
 
-def check_precision(saved: str | None, current: str, where: str, optimizer: str | None) -> None:
-    """A checkpoint's optimizer files belong to its precision (bf16: DeepSpeed's bf16 weights with
-    fp32 master copies; fp32: fp32 states only): refuse to continue it in the other one. A
-    checkpoint that recorded no precision (written before it was recorded) is not checked."""
-    if saved is None or saved == current:
-        return
-    raise ConfigError(
-        f"{where} was trained in {saved} (DeepSpeed's {optimizer or 'optimizer'}); this run would "
-        f"train in {current} (train.precision 'auto' is bf16 on a GPU, fp32 on the CPU): set "
-        f"train.precision: {saved} to continue it, or start a new train.run_dir"
-    )
+def check_resolved(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
+    """A checkpoint's optimizer files belong to the precision and ZeRO stage that wrote them
+    (bf16: bf16 weights with fp32 master copies, ZeRO-1 bf16: BF16_Optimizer's layout; fp32:
+    fp32 states only): refuse to continue it with either resolved otherwise ('auto' differs
+    between the CPU and a GPU). A setting the checkpoint did not record (one written before it
+    was recorded) is not checked."""
+    for key in ("precision", "zero_stage"):
+        if saved.get(key) is None or saved[key] == current[key]:
+            continue
+        optimizer = saved.get("optimizer") or "optimizer"
+        raise ConfigError(
+            f"{where} was trained with train.{key} {saved[key]} (DeepSpeed's {optimizer}); this "
+            f"run would use {current[key]} ('auto' is bf16 and ZeRO-2 on a GPU, fp32 and ZeRO-1 "
+            f"on the CPU): set train.{key}: {saved[key]} to continue it, or start a new "
+            "train.run_dir"
+        )
 
 
 def check_resume(

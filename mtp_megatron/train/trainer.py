@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -55,7 +55,7 @@ from mtp_megatron.train.guard import (
 )
 from mtp_megatron.train.logger import RunLogger
 from mtp_megatron.train.preflight import check_free_space, check_writable, estimate_checkpoint_bytes
-from mtp_megatron.train.resume import apply_overrides, check_precision, check_resume
+from mtp_megatron.train.resume import apply_overrides, check_resolved, check_resume
 from mtp_megatron.train.watchdog import StallWatchdog
 
 ResumeMode = Literal["auto", "require", "never"]
@@ -163,11 +163,12 @@ def _plan_resume(ckpt_dir: Path, resume: ResumeMode) -> ResumePlan:
     return plan
 
 
-def _check_against(folder: Path, recipe: Recipe, world: int, precision: str) -> list[str]:
+def _check_against(folder: Path, recipe: Recipe, world: int, resolved: dict[str, Any]) -> list[str]:
     """Refuse (ConfigError) resuming ``folder`` with ``recipe`` on ``world`` processes where
-    that changes what the checkpoint fixes; the allowed changes, as report lines."""
+    that changes what the checkpoint fixes (``resolved``: the precision and ZeRO stage 'auto'
+    became here); the allowed changes, as report lines."""
     saved = read_run_state(folder)
-    check_precision(saved.get("precision"), precision, str(folder), saved.get("optimizer"))
+    check_resolved(saved, resolved, str(folder))
     current = asdict(recipe)
     if current["model"]["vocab_size"] is None:  # the data's, not known yet: its loader state
         current["model"]["vocab_size"] = saved["recipe"]["model"]["vocab_size"]  # is compared
@@ -182,11 +183,11 @@ def _check_against(folder: Path, recipe: Recipe, world: int, precision: str) -> 
 
 
 def _resume(
-    engine, recipe: Recipe, plan: ResumePlan, world: int, precision: str, say
+    engine, recipe: Recipe, plan: ResumePlan, world: int, resolved: dict[str, Any], say
 ) -> tuple[dict, Path]:
     """Load the newest loadable checkpoint of ``plan`` (collective); (client state, folder)."""
     for i, folder in enumerate(plan.candidates):
-        changes = _check_against(folder, recipe, world, precision)
+        changes = _check_against(folder, recipe, world, resolved)
         error = ""
         try:
             state = load_checkpoint(engine, folder)
@@ -223,22 +224,30 @@ class _Trainer:
         self.device = layout.device
         self.precision = "bf16" if use_bf16(self.tcfg, self.device) else "fp32"
         """What train.precision resolves to here (recorded in every checkpoint)."""
+        pp = recipe.parallel.pipeline_parallel_size
+        self.zero_stage = self.tcfg.resolved_zero_stage(self.device.type == "cuda", pp)
+        """What train.zero_stage resolves to here (recorded in every checkpoint)."""
         self.run_dir = run_directory(recipe)
         self.ckpt_dir = self.run_dir / "checkpoints"
         check_writable(self.ckpt_dir)
         plan = _plan_resume(self.ckpt_dir, resume)
         self.say(
-            f"[setup] {recipe.name}: {layout.describe()}, ZeRO {self.tcfg.zero_stage}, "
+            f"[setup] {recipe.name}: {layout.describe()}, ZeRO {self.zero_stage}, "
             f"{self.precision}, "
             f"run dir {self.run_dir}"
         )
         for note in plan.notes:
             self.say(f"[resume] skipped: {note}")
         if plan.candidates:  # refuse a changed recipe before seconds of data and model set-up
-            _check_against(plan.candidates[0], recipe, layout.world_size, self.precision)
+            _check_against(plan.candidates[0], recipe, layout.world_size, self.resolved)
         self._prepare_data()
         self._build(fresh=not plan.candidates)
         self._restore(plan)
+
+    @property
+    def resolved(self) -> dict[str, Any]:
+        """The settings 'auto' resolved here that a checkpoint's optimizer files depend on."""
+        return {"precision": self.precision, "zero_stage": self.zero_stage}
 
     # -- set-up ----------------------------------------------------------------------------------
     def _prepare_data(self) -> None:
@@ -318,7 +327,7 @@ class _Trainer:
         self.start_step, tb_dir, self.latest = 0, None, ""
         if plan.candidates:
             world = self.layout.world_size
-            state, folder = _resume(engine, recipe, plan, world, self.precision, self.say)
+            state, folder = _resume(engine, recipe, plan, world, self.resolved, self.say)
             self.start_step = int(state["step"])
             tb_dir = state.get("tb_dir")
             note = self.batches.load_state_dict(
@@ -424,7 +433,7 @@ class _Trainer:
             "world_size": self.layout.world_size,
             "recipe": asdict(self.recipe),
             "tb_dir": self.tb_dir,
-            "precision": self.precision,  # train.precision resolved: a resume must keep it
+            **self.resolved,  # precision and ZeRO stage: a resume must keep them
             "optimizer": type(self.engine.optimizer).__name__,
         }
         self.latest = save_checkpoint(

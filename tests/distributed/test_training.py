@@ -244,8 +244,9 @@ def test_bf16_trains_resumes_exactly_consolidates_and_decodes(
 ):
     """train.precision: bf16, the GPU default, on the CPU (DeepSpeed's bf16 path with fp32
     gradient accumulation): stopped at step 4 and resumed == uninterrupted, loss for loss; the
-    checkpoint records the precision and its optimizer, and a resume in fp32 is refused; the
-    consolidated model decodes (speculative greedy == plain greedy)."""
+    checkpoint records the precision, ZeRO stage and optimizer, and a resume in fp32 or at the
+    other stage is refused; the consolidated model decodes (speculative greedy == plain
+    greedy)."""
     from mtp_megatron.decoding import generate_plain
     from mtp_megatron.decoding.load import load_run
 
@@ -257,9 +258,16 @@ def test_bf16_trains_resumes_exactly_consolidates_and_decodes(
     part = tiny_run_overrides(tmp_path / "part", data_cache, **extra)
     first = run_distributed(train_run, 2, part, 4)[0]
     state = json.loads((tmp_path / "part/checkpoints/step_000004/run_state.json").read_text())
-    assert (state["precision"], state["optimizer"]) == ("bf16", optimizer)
+    assert (state["precision"], state["zero_stage"], state["optimizer"]) == (
+        "bf16",
+        zero,
+        optimizer,
+    )
     error = run_distributed(_resume_refused, 2, [*part, "train.precision=fp32"])[0]
-    assert error and "was trained in bf16" in error and "train.precision: bf16" in error
+    assert error and "train.precision bf16" in error and "set train.precision: bf16" in error
+    other = 3 - zero  # ZeRO-1 <-> 2: BF16_Optimizer's files and DeepSpeedZeroOptimizer's
+    error = run_distributed(_resume_refused, 2, [*part, f"train.zero_stage={other}"])[0]
+    assert error and f"set train.zero_stage: {zero}" in error
     second = run_distributed(train_run, 2, part)[0]
     assert sorted(second["losses"]) == list(range(4, 8))
     for step in range(8):

@@ -91,7 +91,16 @@ def test_bf16_accumulates_and_reduces_gradients_in_fp32():
     auto = deepspeed_config(TrainConfig(precision="auto"), 2, torch.device("cuda", 0))
     assert auto["data_types"] == {"grad_accum_dtype": "fp32"}  # auto is bf16 on a GPU
     assert "data_types" not in deepspeed_config(TrainConfig(), 2, torch.device("cpu"))  # fp32
-    assert auto["zero_optimization"] == {"stage": 1, "overlap_comm": True}  # GPU, DP 2
+    # zero_stage 'auto': ZeRO-2 on a GPU, reduce-scattering while backward runs at DP > 1
+    assert auto["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    assert deepspeed_config(TrainConfig(), 2, torch.device("cpu"))["zero_optimization"] == {
+        "stage": 1  # the CPU
+    }
+    piped = deepspeed_config(TrainConfig(), 2, torch.device("cuda", 0), pipeline_parallel_size=2)
+    assert piped["zero_optimization"] == {"stage": 1}  # DeepSpeed's pipeline engine: ZeRO <= 1
+    # ZeRO-1 in bf16 all-reduces after backward (BF16_Optimizer): no overlap is claimed
+    zero1 = deepspeed_config(cfg, 2, torch.device("cuda", 0))["zero_optimization"]
+    assert zero1 == {"stage": 1}
     assert "overlap_comm" not in deepspeed_config(cfg, 2, torch.device("cpu"))["zero_optimization"]
     with pytest.raises(ConfigError, match="zero_stage=0 is invalid in bf16"):
         deepspeed_config(TrainConfig(precision="bf16", zero_stage=0), 1, torch.device("cpu"))
