@@ -19,6 +19,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("cli.train:main_train", "Train a recipe (under torchrun for several processes)."),
     "check": ("cli.train:main_check", "Validate a recipe (and its layout) without starting."),
     "dry-run": ("cli.train:main_dry_run", "Print the resolved recipe, layout and parameters."),
+    "plan": (
+        "cli.train:main_plan",
+        "Per-GPU memory of a recipe before launch, and the change that makes it fit.",
+    ),
     "params": ("cli.train:main_params", "MTP head parameter overhead at the OLMo-2 1B shape."),
     "consolidate": ("cli.train:main_consolidate", "A checkpoint as TP=1 model.safetensors."),
     "prepare": (

@@ -221,6 +221,16 @@ def measure(args: argparse.Namespace, progress=None) -> dict[str, CaseResult]:
     return results
 
 
+def planned_mib(args: argparse.Namespace, key: str) -> float:
+    """The memory plan's trace of the same step (``train/memory_plan.py``), gradients kept."""
+    from mtp_megatron.train.memory_plan import trace_step
+
+    cfg, training = _model_config(args, key)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    trace = trace_step(cfg, training, args.batch, args.seq_len, dtype, keep_grads=True)
+    return trace.peak_bytes / MIB
+
+
 def report(args: argparse.Namespace, results: dict[str, CaseResult]) -> str:
     """The header, the markdown table and the two goal lines."""
     cfg, _ = _model_config(args, "mtp")
@@ -234,9 +244,9 @@ def report(args: argparse.Namespace, results: dict[str, CaseResult]) -> str:
         f"warm-up + {args.steps} timed steps per case, each case in a fresh process; "
         f"{torch.get_num_threads()} threads",
         "",
-        "| case | params | model MiB | peak step memory MiB | vs NTP | step s | vs NTP "
-        "| step CPU s | vs NTP |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| case | params | model MiB | peak step memory MiB | vs NTP | plan MiB | plan / "
+        "measured | step s | vs NTP | step CPU s | vs NTP |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     ntp = results.get("ntp")
 
@@ -244,9 +254,11 @@ def report(args: argparse.Namespace, results: dict[str, CaseResult]) -> str:
         return f"{a / b:.2f}x" if b else "-"
 
     for key, r in results.items():
+        plan = planned_mib(args, key)
         lines.append(
             f"| {CASES[key].format(k=args.k)} | {r.params / 1e6:.1f}M | {r.base_mib:,.0f} | "
             f"{r.peak_mib:,.0f} | {ratio(r.peak_mib, ntp.peak_mib if ntp else None)} | "
+            f"{plan:,.0f} | {plan / r.peak_mib:.2f} | "
             f"{r.median_s:.2f} | {ratio(r.median_s, ntp.median_s if ntp else None)} | "
             f"{r.median_cpu_s:.2f} | {ratio(r.median_cpu_s, ntp.median_cpu_s if ntp else None)} |"
         )

@@ -1,4 +1,4 @@
-"""Commands around a recipe and its run: ``train``, ``check``, ``dry-run``, ``params``,
+"""Commands around a recipe and its run: ``train``, ``check``, ``dry-run``, ``plan``, ``params``,
 ``consolidate`` and ``demo`` (the main job: train the demo recipe, then decode with it)."""
 
 from __future__ import annotations
@@ -25,14 +25,88 @@ def _fmt_params(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
+def _add_plan_arguments(p, nproc_default: int | None) -> None:
+    p.add_argument("--nproc", type=int, default=nproc_default, help="processes (GPUs) per node")
+    p.add_argument("--nnodes", type=int, default=1, help="nodes")
+    p.add_argument(
+        "--gpu-mem",
+        type=float,
+        default=None,
+        help="GiB per GPU to plan for (an H100 80GB has 79.6; default: this node's GPU)",
+    )
+
+
+def _world(args) -> int:
+    for flag, value in (("--nproc (NPROC)", args.nproc), ("--nnodes (NNODES)", args.nnodes)):
+        if value < 1:
+            raise ConfigError(f"{flag}={value} is invalid: must be at least 1")
+    return args.nproc * args.nnodes
+
+
+def _gpu_bytes(gpu_mem: float | None) -> float | None:
+    """--gpu-mem in bytes, else this node's first GPU's memory when a GPU is in use."""
+    if gpu_mem is not None:
+        if not gpu_mem > 0:
+            raise ConfigError(f"--gpu-mem={gpu_mem} is invalid: GiB per GPU, > 0")
+        return gpu_mem * 2**30
+    from mtp_megatron.parallel.state import uses_cuda
+
+    if uses_cuda():
+        import torch
+
+        return float(torch.cuda.get_device_properties(0).total_memory)
+    return None
+
+
+def _resolved_vocab(recipe) -> str:
+    """Set ``model.vocab_size`` None to the data's (as the trainer will); a note saying so."""
+    if recipe.model.vocab_size is not None:
+        return ""
+    from mtp_megatron.data.loader import data_vocab_size
+
+    recipe.model = replace(recipe.model, vocab_size=data_vocab_size(recipe.data))
+    return f" (the tokenizer's {recipe.model.vocab_size})"
+
+
+def main_plan(argv: list[str]) -> int:
+    """Per-GPU memory of a recipe before launch (weights, gradients, optimizer states by ZeRO
+    stage and precision, activations and logits), and the change that makes it fit if it does
+    not; exit 1 then. docs/memory-plan.md says how it is counted and how close it comes."""
+    from mtp_megatron.recipe import load_recipe
+    from mtp_megatron.train.memory_plan import GIB, make_it_fit, plan_recipe
+
+    p = _recipe_parser("plan", main_plan.__doc__)
+    _add_plan_arguments(p, 1)
+    args = p.parse_args(argv)
+    recipe = load_recipe(args.recipe, args.overrides)
+    world = _world(args)
+    _resolved_vocab(recipe)
+    device_bytes = _gpu_bytes(args.gpu_mem) or 80.0 * GIB
+    plan = plan_recipe(recipe, world)
+    print(f"recipe {recipe.name} on {world} GPU(s):\n{plan.table(device_bytes)}")
+    if plan.fits(device_bytes):
+        return 0
+    fix, fixed = make_it_fit(recipe, world, device_bytes)
+    if fix:
+        print(f"to fit: {' '.join(fix)}\n{fixed.table(device_bytes)}")
+    else:
+        print("no change of ZeRO stage, checkpointing, schedule or micro-batch makes it fit: ")
+        print("raise parallel.tensor_parallel_size / pipeline_parallel_size, or use more GPUs")
+    return 1
+
+
 def main_dry_run(argv: list[str]) -> int:
-    """Print the resolved recipe, the parallel layout and the parameter count."""
+    """Print the resolved recipe, the parallel layout, the parameter count and the memory plan
+    per GPU (for --nproc x --nnodes processes)."""
     import yaml
 
     from mtp_megatron.model.params import count_parameters
     from mtp_megatron.recipe import load_recipe
+    from mtp_megatron.train.memory_plan import plan_recipe
 
-    args = _recipe_parser("dry-run", main_dry_run.__doc__).parse_args(argv)
+    parser = _recipe_parser("dry-run", main_dry_run.__doc__)
+    _add_plan_arguments(parser, None)
+    args = parser.parse_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
     print(f"# recipe {recipe.name}: {recipe.description}")
     print(yaml.safe_dump(asdict(recipe), sort_keys=False).rstrip())
@@ -42,18 +116,19 @@ def main_dry_run(argv: list[str]) -> int:
         f"# layout: world = PP {par.pipeline_parallel_size} x TP {par.tensor_parallel_size} x DP "
         f"(processes / {mp}); launch a multiple of {mp} processes"
     )
-    model, vocab_note = recipe.model, ""
-    if model.vocab_size is None:  # the trainer takes the tokenizer's
-        from mtp_megatron.data.loader import data_vocab_size
-
-        model = replace(model, vocab_size=data_vocab_size(recipe.data))
-        vocab_note = f" (the tokenizer's {model.vocab_size})"
+    vocab_note = _resolved_vocab(recipe)  # the trainer takes the tokenizer's
+    model = recipe.model
     count = count_parameters(model)
     print(
         f"# parameters: trunk {_fmt_params(count.trunk)}, MTP heads {_fmt_params(count.heads)} "
         f"({100 * count.overhead:.1f}% overhead), padded vocab {model.padded_vocab_size}"
         f"{vocab_note}"
     )
+    world = _world(args) if args.nproc is not None else mp
+    plan = plan_recipe(recipe, world)
+    table = plan.table(_gpu_bytes(args.gpu_mem))
+    print(f"# on {world} GPU(s) ('auto' resolved as on a GPU; --nproc N for another count)")
+    print("\n".join(f"# {line}" for line in table.splitlines()))
     return 0
 
 
@@ -83,19 +158,23 @@ def main_check(argv: list[str]) -> int:
     from mtp_megatron.recipe import load_recipe
 
     p = _recipe_parser("check", main_check.__doc__)
-    p.add_argument("--nproc", type=int, default=None, help="processes per node")
-    p.add_argument("--nnodes", type=int, default=1, help="nodes")
+    _add_plan_arguments(p, None)
     args = p.parse_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
-    if os.environ.get("MTP_DEVICE", "").strip():  # launch/train.sh sets it where GPUs are listed
-        from mtp_megatron.parallel.state import uses_cuda
-
-        uses_cuda()  # the device the workers would train on exists
+    gpu_bytes = None
+    if os.environ.get("MTP_DEVICE", "").strip() or args.gpu_mem is not None:
+        # launch/train.sh sets MTP_DEVICE where GPUs are listed: the device the workers would
+        # train on exists, and the recipe fits it
+        gpu_bytes = _gpu_bytes(args.gpu_mem)
     if args.nproc is not None:
-        for flag, value in (("--nproc (NPROC)", args.nproc), ("--nnodes (NNODES)", args.nnodes)):
-            if value < 1:
-                raise ConfigError(f"{flag}={value} is invalid: must be at least 1")
-        recipe.dims(args.nproc * args.nnodes)
+        recipe.dims(_world(args))
+    if gpu_bytes is not None:
+        from mtp_megatron.train.memory_plan import GIB, check_fits
+
+        _resolved_vocab(recipe)
+        world = _world(args) if args.nproc is not None else 1
+        plan = check_fits(recipe, world, gpu_bytes, "each GPU")
+        print(f"recipe {recipe.name}: about {plan.total / GIB:.1f} GiB per GPU ({plan.what})")
     print(f"recipe {recipe.name}: ok")
     return 0
 

@@ -241,6 +241,8 @@ class _Trainer:
         if plan.candidates:  # refuse a changed recipe before seconds of data and model set-up
             _check_against(plan.candidates[0], recipe, layout.world_size, self.resolved)
         self._prepare_data()
+        if self.device.type == "cuda":
+            self._check_memory()
         self._build(fresh=not plan.candidates)
         self._restore(plan)
 
@@ -275,6 +277,18 @@ class _Trainer:
             layout.data_parallel_size,
         )
         self._val_batches()  # raises now, not at the first evaluation, when too small
+
+    def _check_memory(self) -> None:
+        """Refuse, before the model is built, a run that the memory plan says will not fit
+        this GPU (``train/memory_plan.py``), with the change that makes it fit."""
+        from mtp_megatron.train.memory_plan import GIB, check_fits
+
+        if self.layout.tensor_parallel_size > 1:  # the plan traces at TP=1, in its own world
+            self.say("[memory] TP > 1: see `python -m mtp_megatron plan` (checked at launch)")
+            return
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        plan = check_fits(self.recipe, self.layout.world_size, total, "this GPU")
+        self.say(f"[memory] plan: about {plan.total / GIB:.1f} of {total / GIB:.1f} GiB per GPU")
 
     def _val_batches(self):
         # every DP rank runs the same number of batches (ZeRO-3 gathers are collective)

@@ -1,6 +1,7 @@
 """On a CUDA device: the same numbers as on the CPU (fp32; bf16 within a stated bound), the
-memory-saving paths equal to the plain one, decoding greedy-equal and sync-lean, and a short
-bf16 ZeRO-1 training run. Marked ``gpu``: skipped where torch sees no CUDA device."""
+memory-saving paths equal to the plain one, decoding greedy-equal and sync-lean, a short bf16
+ZeRO-1 training run, and a run too big for the GPU refused. Marked ``gpu``: skipped where torch
+sees no CUDA device."""
 
 import pytest
 import torch
@@ -99,3 +100,22 @@ def test_bf16_zero1_training_on_one_gpu(tmp_path):
     losses = out[0]["losses"]
     assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
     assert losses[19] < losses[0] - 0.5, losses
+
+
+def _refused_on_cuda(rank: int, world: int, overrides: list[str]):
+    try:
+        _train_on_cuda(rank, world, overrides)
+    except Exception as e:  # noqa: BLE001 - the refusal's text is the result
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+@pytest.mark.distributed
+def test_a_run_too_big_for_the_gpu_is_refused_before_the_model_is_built(tmp_path):
+    """The memory plan at start-up: a micro-batch of 8192 x 64 tokens does not fit any GPU."""
+    extra = {"train.micro_batch_size": 8192, "train.steps": 2}
+    overrides = tiny_run_overrides(tmp_path / "run", tmp_path / "c", **extra)
+    error = run_distributed(_refused_on_cuda, 1, overrides)[0]
+    assert error and error.startswith("ConfigError") and "needs about" in error, error
+    assert "set train." in error or "no change of ZeRO stage" in error
+    assert not list((tmp_path / "run").glob("checkpoints/step_*"))  # nothing trained
