@@ -57,9 +57,9 @@ class StateBytes:
     """Between steps, besides the weights: fp32 master weights, Adam's two moments, and
     buffers that live through the step (BF16_Optimizer's full fp32 gradient buffer)."""
     backward: tuple[float, float]
-    """Added at the backward's peak: gradients and their partitions."""
+    """Gradients kept once reduced (all of them, or this rank's fp32 partition)."""
     bucket: float
-    """Also at the backward's peak, per parameter up to BUCKET_ELEMENTS: reduction buckets."""
+    """Per gradient element while in a reduction bucket (until BUCKET_ELEMENTS fill it)."""
     optimizer_step: tuple[float, float]
     """Everything at the optimizer step's peak (weights, states, gradients, temporaries)."""
 
@@ -96,6 +96,11 @@ class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
     def _freed(self, key: int, nbytes: int) -> None:
         self._known.discard(key)
         self.live -= nbytes
+
+    def hold(self, nbytes: float) -> None:
+        """Count memory no op of the trace allocates (DeepSpeed's gradient buffers)."""
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -159,20 +164,45 @@ def _meta_model(cfg: ModelConfig, training: MTPTrainingConfig, dtype: torch.dtyp
     return model.to(dtype).train()
 
 
+class _Reduction:
+    """DeepSpeed's gradient handling as memory: each gradient, once accumulated, is copied into
+    a reduction bucket and the model-dtype gradient dropped; a full bucket (``BUCKET_ELEMENTS``)
+    is reduced into the kept gradients (all of them, or this rank's partition) and freed. So
+    gradients build up while backward frees the activations, and the two peaks do not add."""
+
+    def __init__(self, counter: _LiveBytes, kept: float, bucket: float):
+        self.counter, self.kept, self.bucket = counter, kept, bucket
+        self.in_bucket = 0
+
+    def __call__(self, p: torch.Tensor) -> None:
+        p.grad = None
+        n = p.numel()
+        self.counter.hold(n * (self.kept + self.bucket))
+        self.in_bucket += n
+        if self.in_bucket >= BUCKET_ELEMENTS:
+            self.counter.hold(-self.in_bucket * self.bucket)
+            self.in_bucket = 0
+
+
 def _drop_grad(p: torch.Tensor) -> None:
     p.grad = None
 
 
-def _trace(model, batch: int, seq: int, keep_grads: bool) -> tuple[int, int]:
-    """(peak, held after forward) of one forward + backward on the meta device."""
+def _trace(
+    model, batch: int, seq: int, keep_grads: bool, reduction: tuple[float, float] | None = None
+) -> tuple[int, int]:
+    """(peak, held after forward) of one forward + backward on the meta device. Gradients stay
+    (``keep_grads``), are dropped as they are made, or go through ``reduction`` (bytes per
+    element kept after reduction, bytes per element while in a bucket: :class:`_Reduction`)."""
     ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
     existing = [t.untyped_storage() for t in (*model.parameters(), *model.buffers(), ids)]
+    counter = _LiveBytes(existing)
     hooks = []
-    if not keep_grads:  # ZeRO's hooks take each gradient as it is made
+    if not keep_grads:
+        take = _Reduction(counter, *reduction) if reduction else _drop_grad
         for p in model.parameters():
             if p.requires_grad:
-                hooks.append(p.register_post_accumulate_grad_hook(_drop_grad))
-    counter = _LiveBytes(existing)
+                hooks.append(p.register_post_accumulate_grad_hook(take))
     try:
         with _fused_sdpa(), counter:
             out = model(ids, return_logits=False)
@@ -191,13 +221,15 @@ def trace_step(
     seq: int,
     dtype: torch.dtype,
     keep_grads: bool = False,
+    reduction: tuple[float, float] | None = None,
 ) -> StepTrace:
     """Trace one training micro-batch of ``cfg`` on the meta device. ``keep_grads``: the
-    parameters' gradients stay (as in a bare forward + backward, ``bench-memory``). Remembered
-    per process: finding the change that makes a recipe fit plans it several times."""
-    key = repr((cfg, training, batch, seq, dtype, keep_grads))
+    parameters' gradients stay (as in a bare forward + backward, ``bench-memory``);
+    ``reduction``: they go through DeepSpeed's buckets (:func:`_trace`). Remembered per process:
+    finding the change that makes a recipe fit plans it several times."""
+    key = repr((cfg, training, batch, seq, dtype, keep_grads, reduction))
     if key not in _TRACES:
-        _TRACES[key] = _trace_step(cfg, training, batch, seq, dtype, keep_grads)
+        _TRACES[key] = _trace_step(cfg, training, batch, seq, dtype, keep_grads, reduction)
     return _TRACES[key]
 
 
@@ -211,9 +243,10 @@ def _trace_step(
     seq: int,
     dtype: torch.dtype,
     keep_grads: bool,
+    reduction: tuple[float, float] | None,
 ) -> StepTrace:
     model = _meta_model(cfg, training, dtype)
-    peak, saved = _trace(model, batch, seq, keep_grads)
+    peak, saved = _trace(model, batch, seq, keep_grads, reduction)
     layer_saved = 0
     if cfg.num_layers > 1:  # one layer fewer: what one decoder layer keeps for backward
         fewer = _meta_model(replace(cfg, num_layers=cfg.num_layers - 1), training, dtype)
@@ -232,8 +265,9 @@ def _trace_step(
 # -- the plan -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class MemoryPlan:
-    """Bytes per device of the most loaded pipeline stage, at the step's two peaks: the end
-    of the backward (activations still held, gradients being reduced) and the optimizer step."""
+    """Bytes per device of the most loaded pipeline stage, at the step's two peaks: forward +
+    backward (activations, and gradients building up as backward frees them) and the optimizer
+    step."""
 
     what: str
     """The run in words (layout, precision, ZeRO stage, micro-batch)."""
@@ -245,7 +279,8 @@ class MemoryPlan:
     optimizer: float
     """fp32 master weights, Adam's moments, buffers kept between steps (this device's share)."""
     gradients: float
-    """Gradients, their partitions and reduction buckets at the backward's peak."""
+    """What gradients, their partitions and reduction buckets add at the backward's peak (they
+    build up while backward frees activations: at most all of them, often less)."""
     activations: float
     """The step's activations, logits and transient tensors (micro-batches in flight)."""
     logits: float
@@ -272,10 +307,10 @@ class MemoryPlan:
         rows = [
             ("weights", self.weights),
             ("optimizer states (master, Adam, buffers)", self.optimizer),
-            ("gradients and reduction buckets", self.gradients),
+            ("gradients, buckets (added at the step's peak)", self.gradients),
             ("activations, logits (micro-batches in flight)", self.activations),
             ("  of which outside the decoder layers", self.logits),
-            ("peak at the end of backward", self.backward_peak),
+            ("peak in forward + backward", self.backward_peak),
             ("peak in the optimizer step", self.optimizer_step),
         ]
         frozen = self.params - self.trainable
@@ -335,9 +370,12 @@ def plan_memory(
     trainable = round(params * trace.trainable / trace.params)
     states = STATE_BYTES[(precision, zero_stage)]
     weights = params * _on_device(states.weights, dp)
-    gradients = trainable * _on_device(states.backward, dp) + states.bucket * min(
-        trainable, BUCKET_ELEMENTS
-    )
+    # gradients build up through DeepSpeed's buckets while backward frees the activations: what
+    # they add at the step's peak is traced, scaled to this device's share of the parameters
+    reduction = (_on_device(states.backward, dp), states.bucket)
+    with_grads = trace_step(cfg, training, micro_batch, seq_len, dtype, reduction=reduction)
+    added = max(0, with_grads.peak_bytes - trace.peak_bytes)
+    gradients = added * trainable / max(1, trace.trainable)
     what = (
         f"{precision} ZeRO-{zero_stage}, TP {tp} x PP {pp} x DP {dp}, micro-batch {micro_batch}"
         f" x {seq_len}"
