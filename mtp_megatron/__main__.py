@@ -44,6 +44,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "bench.memory:main_bench_memory",
         "Peak memory and step time: NTP vs MTP K=4 plain / sequential / + checkpointing.",
     ),
+    "bench-plan": (
+        "bench.plan_check:main_bench_plan",
+        "The memory plan against a real DeepSpeed step, per precision and ZeRO stage.",
+    ),
     "bench-data": (
         "bench.data_startup:main_bench_data",
         "Start-up time and peak RSS of the indexed-data path for 10M / 100M / 1B-token corpora.",
