@@ -98,8 +98,9 @@ class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
         self.live -= nbytes
 
     def hold(self, nbytes: float) -> None:
-        """Count memory no op of the trace allocates (DeepSpeed's gradient buffers)."""
-        self.live += nbytes
+        """Count memory no op of the trace allocates (DeepSpeed's gradient buffers); negative:
+        release it."""
+        self.live += round(nbytes)
         self.peak = max(self.peak, self.live)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
