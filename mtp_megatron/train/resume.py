@@ -61,20 +61,28 @@ def _with_curriculum_span(recipe: dict[str, Any]) -> dict[str, Any]:
     return {**recipe, "train": {**train, "mtp": span}}
 
 
+RESOLVED_FIELDS = ("precision", "zero_stage")
+"""train.* settings whose 'auto' resolves per device: compared by the value a run resolved
+(:func:`check_resolved`), not as written in the recipe."""
+
+
 def check_resolved(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
     """A checkpoint's optimizer files belong to the precision and ZeRO stage that wrote them
     (bf16: bf16 weights with fp32 master copies, ZeRO-1 bf16: BF16_Optimizer's layout; fp32:
     fp32 states only): refuse to continue it with either resolved otherwise ('auto' differs
-    between the CPU and a GPU). A setting the checkpoint did not record (one written before it
-    was recorded) is not checked."""
-    for key in ("precision", "zero_stage"):
-        if saved.get(key) is None or saved[key] == current[key]:
+    between the CPU and a GPU), whether the recipe says 'auto' or a value. A checkpoint written
+    before they were recorded is compared by its recipe's value, unless that was 'auto'."""
+    for key in RESOLVED_FIELDS:
+        recorded = saved.get(key)
+        if recorded is None:
+            recorded = saved.get("recipe", {}).get("train", {}).get(key)
+        if recorded in (None, "auto") or recorded == current[key]:
             continue
         optimizer = saved.get("optimizer") or "optimizer"
         raise ConfigError(
-            f"{where} was trained with train.{key} {saved[key]} (DeepSpeed's {optimizer}); this "
+            f"{where} was trained with train.{key} {recorded} (DeepSpeed's {optimizer}); this "
             f"run would use {current[key]} ('auto' is bf16 and ZeRO-2 on a GPU, fp32 and ZeRO-1 "
-            f"on the CPU): set train.{key}: {saved[key]} to continue it, or start a new "
+            f"on the CPU): set train.{key}: {recorded} to continue it, or start a new "
             "train.run_dir"
         )
 
@@ -88,7 +96,8 @@ def check_resume(
     where: str,
 ) -> list[str]:
     """Refuse (ConfigError) a resume that changes what the checkpoint at ``where`` fixes; the
-    lines to report for the changes that are allowed."""
+    lines to report for the changes that are allowed. Call :func:`check_resolved` first: the
+    precision and ZeRO stage are compared there, by their resolved values."""
     if saved_world != world:
         raise ConfigError(
             f"{where} was saved by {saved_world} processes; this run has {world}. DeepSpeed's "
@@ -109,7 +118,9 @@ def check_resume(
     for name, (old, new) in changes.items():
         section, _, field = name.partition(".")
         free = name in FREE_TOP_LEVEL or (section == "train" and field in FREE_TRAIN_FIELDS)
-        if free:
+        if section == "train" and field in RESOLVED_FIELDS:  # check_resolved compared these
+            lines.append(f"{name}: {old!r} -> {new!r} (resolves as the checkpoint's did)")
+        elif free:
             lines.append(f"{name}: {old!r} -> {new!r}")
         elif section == "train" and field in overrides:
             lines.append(f"{name}: {old!r} -> {new!r} (train.resume_overrides: applied)")

@@ -126,3 +126,24 @@ def test_free_space_check_names_the_sizes(tmp_path):
     check_free_space(tmp_path, free // 4, keep_last=2)
     with pytest.raises(ConfigError, match=r"less than 3 checkpoints .* train.keep_last=2"):
         check_free_space(tmp_path, free // 2, keep_last=2)
+
+
+def test_a_resume_compares_precision_and_zero_stage_as_resolved():
+    """'auto' written in the recipe or the value it resolved to: the same run either way; a
+    checkpoint that recorded neither (written before they were) by its recipe's value."""
+    from mtp_megatron.train.resume import check_resolved, check_resume
+
+    def saved(zero_stage, recorded=None):
+        state = {"recipe": {"train": {"zero_stage": zero_stage, "precision": "auto"}}}
+        return {**state, **({"zero_stage": recorded} if recorded is not None else {})}
+
+    cpu = {"precision": "fp32", "zero_stage": 1}
+    old = saved(1)  # base.yaml said 1 before 'auto'; the run resolves 'auto' to 1 on the CPU
+    check_resolved(old, cpu, "ckpt")
+    lines = check_resume(old["recipe"], saved("auto")["recipe"], [], 1, 1, "ckpt")
+    assert lines == ["train.zero_stage: 1 -> 'auto' (resolves as the checkpoint's did)"]
+    check_resolved(saved("auto", recorded=2), {"precision": "bf16", "zero_stage": 2}, "ckpt")
+    with pytest.raises(ConfigError, match="set train.zero_stage: 2 to continue"):
+        check_resolved(saved("auto", recorded=2), cpu, "ckpt")  # a GPU run resumed on the CPU
+    with pytest.raises(ConfigError, match="set train.zero_stage: 1 to continue"):
+        check_resolved(old, {"precision": "bf16", "zero_stage": 2}, "ckpt")
