@@ -23,6 +23,7 @@ estimates; the TP=1, PP=1 step is measured against ``bench-memory`` in ``docs/me
 
 from __future__ import annotations
 
+import os
 import weakref
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -43,6 +44,20 @@ CONTEXT_GIB = 1.0
 BUCKET_ELEMENTS = 5e8
 """DeepSpeed's reduce bucket (``reduce_bucket_size``, ZeRO and plain data parallel alike), in
 elements: what bounds the gradients held for reduction at once."""
+
+
+MEMORY_CHECK_ENV = "MTP_MEMORY_CHECK"
+"""Set to 0 to skip the refusal of a run the plan says will not fit (``check``, start-up)."""
+
+
+def memory_check() -> bool:
+    """Whether ``check`` and a GPU run's start-up refuse what the plan says will not fit."""
+    return os.environ.get(MEMORY_CHECK_ENV, "1").strip() != "0"
+
+
+class PlanUnavailable(ConfigError):
+    """The model cannot be planned (its step does not trace on the meta device): the callers
+    that plan on the way to something else (dry-run, check, start-up) note it and go on."""
 
 
 @dataclass(frozen=True)
@@ -167,12 +182,13 @@ def _meta_model(cfg: ModelConfig, training: MTPTrainingConfig, dtype: torch.dtyp
 
 class _Reduction:
     """DeepSpeed's gradient handling as memory: each gradient, once accumulated, is copied into
-    a reduction bucket and the model-dtype gradient dropped; a full bucket (``BUCKET_ELEMENTS``)
-    is reduced into the kept gradients (all of them, or this rank's partition) and freed. So
-    gradients build up while backward frees the activations, and the two peaks do not add."""
+    a reduction bucket and the model-dtype gradient dropped; a full bucket (``flush_at``
+    elements) is reduced into the kept gradients (all of them, or this rank's partition) and
+    freed. So gradients build up while backward frees the activations, and the two peaks do not
+    add."""
 
-    def __init__(self, counter: _LiveBytes, kept: float, bucket: float):
-        self.counter, self.kept, self.bucket = counter, kept, bucket
+    def __init__(self, counter: _LiveBytes, kept: float, bucket: float, flush_at: float):
+        self.counter, self.kept, self.bucket, self.flush_at = counter, kept, bucket, flush_at
         self.in_bucket = 0
 
     def __call__(self, p: torch.Tensor) -> None:
@@ -180,7 +196,7 @@ class _Reduction:
         n = p.numel()
         self.counter.hold(n * (self.kept + self.bucket))
         self.in_bucket += n
-        if self.in_bucket >= BUCKET_ELEMENTS:
+        if self.in_bucket >= self.flush_at:
             self.counter.hold(-self.in_bucket * self.bucket)
             self.in_bucket = 0
 
@@ -190,11 +206,16 @@ def _drop_grad(p: torch.Tensor) -> None:
 
 
 def _trace(
-    model, batch: int, seq: int, keep_grads: bool, reduction: tuple[float, float] | None = None
+    model,
+    batch: int,
+    seq: int,
+    keep_grads: bool,
+    reduction: tuple[float, float, float] | None = None,
 ) -> tuple[int, int]:
     """(peak, held after forward) of one forward + backward on the meta device. Gradients stay
     (``keep_grads``), are dropped as they are made, or go through ``reduction`` (bytes per
-    element kept after reduction, bytes per element while in a bucket: :class:`_Reduction`)."""
+    element kept after reduction, bytes per element while in a bucket, elements that flush a
+    bucket: :class:`_Reduction`)."""
     ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
     existing = [t.untyped_storage() for t in (*model.parameters(), *model.buffers(), ids)]
     counter = _LiveBytes(existing)
@@ -222,7 +243,7 @@ def trace_step(
     seq: int,
     dtype: torch.dtype,
     keep_grads: bool = False,
-    reduction: tuple[float, float] | None = None,
+    reduction: tuple[float, float, float] | None = None,
 ) -> StepTrace:
     """Trace one training micro-batch of ``cfg`` on the meta device. ``keep_grads``: the
     parameters' gradients stay (as in a bare forward + backward, ``bench-memory``);
@@ -244,10 +265,15 @@ def _trace_step(
     seq: int,
     dtype: torch.dtype,
     keep_grads: bool,
-    reduction: tuple[float, float] | None,
+    reduction: tuple[float, float, float] | None,
 ) -> StepTrace:
+    if cfg.etd is not None:  # its expert routing (bincount) has no meta-device kernel
+        raise PlanUnavailable("no memory plan for ETD models yet: ETD's routing cannot be traced")
     model = _meta_model(cfg, training, dtype)
-    peak, saved = _trace(model, batch, seq, keep_grads, reduction)
+    try:
+        peak, saved = _trace(model, batch, seq, keep_grads, reduction)
+    except NotImplementedError as e:  # an op without a meta kernel
+        raise PlanUnavailable(f"no memory plan: the step cannot be traced ({e})") from e
     layer_saved = 0
     if cfg.num_layers > 1:  # one layer fewer: what one decoder layer keeps for backward
         fewer = _meta_model(replace(cfg, num_layers=cfg.num_layers - 1), training, dtype)
@@ -373,7 +399,9 @@ def plan_memory(
     weights = params * _on_device(states.weights, dp)
     # gradients build up through DeepSpeed's buckets while backward frees the activations: what
     # they add at the step's peak is traced, scaled to this device's share of the parameters
-    reduction = (_on_device(states.backward, dp), states.bucket)
+    # ZeRO-2/3 reduce a bucket as it fills; ZeRO-0/1 and the pipeline engine after backward
+    flush_at = BUCKET_ELEMENTS if zero_stage in (2, 3) and pp == 1 else float("inf")
+    reduction = (_on_device(states.backward, dp), states.bucket, flush_at)
     with_grads = trace_step(cfg, training, micro_batch, seq_len, dtype, reduction=reduction)
     added = max(0, with_grads.peak_bytes - trace.peak_bytes)
     gradients = added * trainable / max(1, trace.trainable)
@@ -502,5 +530,6 @@ def check_fits(recipe: Recipe, world: int, device_bytes: float, where: str) -> M
             "parallel.tensor_parallel_size or pipeline_parallel_size, or use more GPUs"
         )
     raise ConfigError(
-        f"recipe {recipe.name} {need}; {have}: {how}. The plan:\n{plan.table(device_bytes)}"
+        f"recipe {recipe.name} {need}; {have}: {how} ({MEMORY_CHECK_ENV}=0 skips this check; "
+        f"docs/memory-plan.md). The plan:\n{plan.table(device_bytes)}"
     )

@@ -242,7 +242,7 @@ class _Trainer:
             _check_against(plan.candidates[0], recipe, layout.world_size, self.resolved)
         self._prepare_data()
         if self.device.type == "cuda":
-            self._check_memory()
+            self._check_memory(resuming=bool(plan.candidates))
         self._build(fresh=not plan.candidates)
         self._restore(plan)
 
@@ -278,16 +278,26 @@ class _Trainer:
         )
         self._val_batches()  # raises now, not at the first evaluation, when too small
 
-    def _check_memory(self) -> None:
+    def _check_memory(self, resuming: bool) -> None:
         """Refuse, before the model is built, a run that the memory plan says will not fit
-        this GPU (``train/memory_plan.py``), with the change that makes it fit."""
-        from mtp_megatron.train.memory_plan import GIB, check_fits
+        this GPU (``train/memory_plan.py``), with the change that makes it fit; a resumed run
+        (whose batch and ZeRO stage the checkpoint fixes) is only warned."""
+        from mtp_megatron.train.memory_plan import GIB, PlanUnavailable, check_fits, memory_check
 
         if self.layout.tensor_parallel_size > 1:  # the plan traces at TP=1, in its own world
-            self.say("[memory] TP > 1: see `python -m mtp_megatron plan` (checked at launch)")
+            self.say("[memory] TP > 1: no plan at start-up; see `python -m mtp_megatron plan`")
             return
         total = torch.cuda.get_device_properties(self.device).total_memory
-        plan = check_fits(self.recipe, self.layout.world_size, total, "this GPU")
+        try:
+            plan = check_fits(self.recipe, self.layout.world_size, total, "this GPU")
+        except PlanUnavailable as e:
+            self.say(f"[memory] plan not available: {e}")
+            return
+        except ConfigError as e:
+            if resuming or not memory_check():
+                self.say(f"[memory] warning: {str(e).splitlines()[0]}")
+                return
+            raise
         self.say(f"[memory] plan: about {plan.total / GIB:.1f} of {total / GIB:.1f} GiB per GPU")
 
     def _val_batches(self):
