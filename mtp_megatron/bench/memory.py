@@ -123,13 +123,15 @@ def _proc_status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-class _Meter:
-    """Memory before a step and the peak during it (RSS on CPU, the allocator's on GPU)."""
+class MemoryMeter:
+    """Memory before a step and the peak during it, in MiB (RSS on CPU, the allocator's on
+    GPU); ``bench-plan`` measures with it too."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
 
     def start(self) -> float:
+        """The memory now; the peak starts again from it."""
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -166,7 +168,7 @@ def run_case(args: argparse.Namespace, key: str) -> CaseResult:
     input_ids = torch.randint(0, vocab, (args.batch, args.seq_len), generator=generator)
     input_ids = input_ids.to(device)
     labels = labels_from_input_ids(input_ids)
-    meter = _Meter(device)
+    meter = MemoryMeter(device)
 
     def step() -> tuple[float, float]:
         start, start_cpu = time.perf_counter(), time.process_time()

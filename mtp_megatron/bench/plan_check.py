@@ -28,12 +28,12 @@ from typing import cast
 import torch
 
 from mtp_megatron.bench.batches import random_batches
+from mtp_megatron.bench.memory import MIB, MMAP_THRESHOLD, MemoryMeter
 from mtp_megatron.config import ConfigError, ModelConfig, MTPConfig, MTPTrainingConfig
 from mtp_megatron.train.memory_plan import MemoryPlan, plan_memory
 
 CONFIGS = ("fp32:0", "fp32:1", "fp32:2", "fp32:3", "bf16:1", "bf16:2", "bf16:3")
 """``--configs``: precision:ZeRO stage."""
-MIB = 2**20
 
 
 def _shape(args: argparse.Namespace) -> ModelConfig:
@@ -49,39 +49,6 @@ def _shape(args: argparse.Namespace) -> ModelConfig:
 
 
 # -- the child (one rank of a torchrun job) -------------------------------------------------------
-class _Memory:
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    @staticmethod
-    def _status(field: str) -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError(f"/proc/self/status has no {field}")
-
-    def now(self) -> int:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return torch.cuda.memory_allocated()
-        return self._status("VmRSS")
-
-    def reset_peak(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # VmHWM back to the current RSS
-
-    def peak(self) -> int:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated()
-        return self._status("VmHWM")
-
-
 def run_child(args: argparse.Namespace) -> dict:
     """Measure one configuration on this rank (under torchrun)."""
     from mtp_megatron.config import TrainConfig
@@ -98,14 +65,14 @@ def run_child(args: argparse.Namespace) -> dict:
     train = TrainConfig(
         steps=10, micro_batch_size=args.batch, zero_stage=zero_stage, precision=precision
     )
-    meter = _Memory(device)
+    meter = MemoryMeter(device)
     # a tiny engine first: DeepSpeed's lazy imports and extensions load outside the baseline
     tiny = ModelConfig(vocab_size=256, hidden_size=64, num_layers=1, num_attention_heads=2)
     warm = apply_training(build_model(tiny), train, ParallelConfig(), device)
     warm.runner.train_step(random_batches(256, 1, 16), 0, 1)
     del warm
     gc.collect()
-    base = meter.now()
+    base = meter.start()
     torch.manual_seed(0)
     cfg = _shape(args)
     setup = apply_training(build_model(cfg), train, ParallelConfig(), device)
@@ -113,8 +80,7 @@ def run_child(args: argparse.Namespace) -> dict:
     for step in range(2):  # Adam's states exist after the first step
         setup.runner.train_step(batches, step, 1)
     gc.collect()
-    steady = meter.now() - base
-    meter.reset_peak()
+    steady = meter.start() - base  # and the peak starts again for the measured step
     setup.runner.train_step(batches, 2, 1)
     peak = meter.peak() - base
     return {
@@ -123,8 +89,8 @@ def run_child(args: argparse.Namespace) -> dict:
         "optimizer": type(setup.engine.optimizer).__name__,
         # ZeRO-3 partitions the parameters: their full size is ds_numel
         "params": sum(getattr(p, "ds_numel", p.numel()) for p in setup.module.parameters()),
-        "steady": steady,
-        "peak": peak,
+        "steady_mib": steady,
+        "peak_mib": peak,
     }
 
 
@@ -139,7 +105,7 @@ def _child_cmd(args: argparse.Namespace, config: str) -> list[str]:
 
 
 def measure(args: argparse.Namespace, config: str) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONWARNINGS="ignore")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD), PYTHONWARNINGS="ignore")
     env.setdefault("MTP_DEVICE", "cpu")
     proc = subprocess.run(_child_cmd(args, config), env=env, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -164,9 +130,9 @@ def report(args: argparse.Namespace, rows: list[tuple[dict, MemoryPlan]]) -> str
         planned_peak = plan.total / MIB
         lines.append(
             f"| {m['config'].replace(':', ', ZeRO-')} | {m['optimizer']} | "
-            f"{m['params'] / 1e6:.1f}M | {m['steady'] / MIB:,.0f} | {planned_steady:,.0f} | "
-            f"{planned_steady / (m['steady'] / MIB):.2f} | {m['peak'] / MIB:,.0f} | "
-            f"{planned_peak:,.0f} | {planned_peak / (m['peak'] / MIB):.2f} |"
+            f"{m['params'] / 1e6:.1f}M | {m['steady_mib']:,.0f} | {planned_steady:,.0f} | "
+            f"{planned_steady / m['steady_mib']:.2f} | {m['peak_mib']:,.0f} | "
+            f"{planned_peak:,.0f} | {planned_peak / m['peak_mib']:.2f} |"
         )
     return "\n".join(lines)
 
