@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import weakref
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from unittest import mock
 
 import torch
@@ -459,37 +459,30 @@ def plan_recipe(recipe: Recipe, world: int, on_gpu: bool = True) -> MemoryPlan:
     )
 
 
-def _changes(recipe: Recipe) -> list[tuple[str, dict[str, Any]]]:
-    """Changes that lower the memory without changing the losses, in the order to try them:
-    (override, train.* / train.mtp.* fields)."""
+def _changes(recipe: Recipe) -> list[str]:
+    """Changes that lower the memory without changing the losses, in the order to try them, as
+    the overrides a user would pass."""
     train, out = recipe.train, []
     if recipe.parallel.pipeline_parallel_size == 1 and train.zero_stage in (0, 1):  # 'auto': 2
-        out.append(("train.zero_stage=2", {"zero_stage": 2}))
+        out.append("train.zero_stage=2")
     if not train.mtp.gradient_checkpointing:
-        out.append(("train.mtp.gradient_checkpointing=true", {"gradient_checkpointing": True}))
+        out.append("train.mtp.gradient_checkpointing=true")
     sequential_allowed = train.mtp.distill_weight == 0  # distillation needs the plain schedule
     if recipe.model.mtp is not None and not train.mtp.sequential_forward and sequential_allowed:
-        out.append(("train.mtp.sequential_forward=true", {"sequential_forward": True}))
+        out.append("train.mtp.sequential_forward=true")
     batch, accum = train.micro_batch_size, train.grad_accum
     while batch > 1 and batch % 2 == 0:
         batch, accum = batch // 2, accum * 2
-        out.append(
-            (
-                f"train.micro_batch_size={batch} train.grad_accum={accum}",
-                {"micro_batch_size": batch, "grad_accum": accum},
-            )
-        )
+        out.append(f"train.micro_batch_size={batch} train.grad_accum={accum}")
     return out
 
 
-def _with(recipe: Recipe, fields: dict[str, Any]) -> Recipe:
-    """``recipe`` changed as :func:`_changes` says, validated (a change must leave it valid)."""
-    mtp_fields = {
-        k: v for k, v in fields.items() if k in ("gradient_checkpointing", "sequential_forward")
-    }
-    train_fields = {k: v for k, v in fields.items() if k not in mtp_fields}
-    train = replace(recipe.train, mtp=replace(recipe.train.mtp, **mtp_fields), **train_fields)
-    changed = replace(recipe, train=train)
+def _with(recipe: Recipe, override: str) -> Recipe:
+    """``recipe`` with ``override`` applied as the command line would, validated."""
+    from mtp_megatron.config import from_dict, to_dict
+    from mtp_megatron.recipe import Recipe, apply_overrides
+
+    changed = from_dict(Recipe, apply_overrides(to_dict(recipe), override.split()))
     changed.validate()
     return changed
 
@@ -497,16 +490,15 @@ def _with(recipe: Recipe, fields: dict[str, Any]) -> Recipe:
 def make_it_fit(recipe: Recipe, world: int, device_bytes: float) -> tuple[list[str], MemoryPlan]:
     """The fewest of :func:`_changes` (the first single one that fits, else the first ones
     taken together) that make ``recipe`` fit; ([], plan) when none does."""
-    plans = []
-    for override, fields in _changes(recipe):
-        plan = plan_recipe(_with(recipe, fields), world)
+    changes = _changes(recipe)
+    for override in changes:
+        plan = plan_recipe(_with(recipe, override), world)
         if plan.fits(device_bytes):
             return [override], plan
-        plans.append((override, fields))
     taken: list[str] = []
     current = recipe
-    for override, fields in plans:
-        current = _with(current, fields)
+    for override in changes:
+        current = _with(current, override)
         taken = [t for t in taken if not t.startswith("train.micro_batch_size")] + [override]
         plan = plan_recipe(current, world)
         if plan.fits(device_bytes):
