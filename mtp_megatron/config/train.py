@@ -140,3 +140,9 @@ class TrainConfig:
         if self.zero_stage != "auto":
             return self.zero_stage
         return 2 if on_gpu and pipeline_parallel_size == 1 else 1
+
+    def resolved_precision(self, on_gpu: bool) -> Literal["fp32", "bf16"]:
+        """The precision a run uses: ``precision``, with 'auto' resolved (bf16 on a GPU)."""
+        if self.precision != "auto":
+            return self.precision
+        return "bf16" if on_gpu else "fp32"

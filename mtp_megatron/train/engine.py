@@ -41,10 +41,6 @@ class MegatronMPU:
         return parallel_state.get_data_parallel_group()
 
 
-def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
-    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-
-
 def deepspeed_config(
     cfg: TrainConfig,
     data_parallel_size: int,
@@ -57,7 +53,7 @@ def deepspeed_config(
     fp32, as megatron does (DeepSpeed's default would do both in bf16): ZeRO-1 then runs
     DeepSpeed's BF16_Optimizer, ZeRO-2/3 keep fp32 gradient partitions. DeepSpeed has no fp32
     accumulation without ZeRO, so bf16 needs ZeRO >= 1."""
-    bf16 = use_bf16(cfg, device)
+    bf16 = cfg.resolved_precision(device.type == "cuda") == "bf16"
     stage = cfg.resolved_zero_stage(device.type == "cuda", pipeline_parallel_size)
     if bf16 and stage == 0:
         raise ConfigError(

@@ -444,7 +444,7 @@ def plan_recipe(recipe: Recipe, world: int, on_gpu: bool = True) -> MemoryPlan:
         raise ConfigError("the memory plan needs model.vocab_size (the tokenizer's): resolve it")
     dims = recipe.dims(world)
     train = recipe.train
-    precision = train.precision if train.precision != "auto" else ("bf16" if on_gpu else "fp32")
+    precision = train.resolved_precision(on_gpu)
     return plan_memory(
         recipe.model,
         train.mtp,

@@ -44,7 +44,6 @@ from mtp_megatron.train.checkpoint import (
     save_checkpoint,
 )
 from mtp_megatron.train.consolidate import consolidate
-from mtp_megatron.train.engine import use_bf16
 from mtp_megatron.train.evaluate import validation_line
 from mtp_megatron.train.guard import (
     NonFiniteError,
@@ -222,7 +221,7 @@ class _Trainer:
         self.is_logger = layout.rank == 0
         self.say = log if self.is_logger else (lambda *a, **k: None)
         self.device = layout.device
-        self.precision = "bf16" if use_bf16(self.tcfg, self.device) else "fp32"
+        self.precision = self.tcfg.resolved_precision(self.device.type == "cuda")
         """What train.precision resolves to here (recorded in every checkpoint)."""
         pp = recipe.parallel.pipeline_parallel_size
         self.zero_stage = self.tcfg.resolved_zero_stage(self.device.type == "cuda", pp)
